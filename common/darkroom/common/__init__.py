@@ -1,0 +1,56 @@
+"""Darkroom's shared contract: job and result models, status, events, names, storage layout, errors.
+
+Light by design: importing it never pulls torch or diffusers.
+"""
+
+from .errors import (
+    ConfigurationError,
+    DarkroomError,
+    ErrorCode,
+    FieldError,
+    InvalidJobError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    TransientError,
+    WaitTimeout,
+    WorkerFatalError,
+)
+from .events import EventType, JobEvent
+from .jobs import Img2ImgJob, OutputFormat, validate_job
+from .jobstore import JobRecord, JobStore
+from .queues import GENERAL_QUEUE, TASK_IMG2IMG, model_queue
+from .results import JobResult, OutputImage, Timings
+from .settings import Settings
+from .status import JobStatus
+from .storage import S3Uri
+
+__all__ = [
+    "ConfigurationError",
+    "DarkroomError",
+    "ErrorCode",
+    "EventType",
+    "FieldError",
+    "GENERAL_QUEUE",
+    "Img2ImgJob",
+    "InvalidJobError",
+    "JobCancelled",
+    "JobError",
+    "JobEvent",
+    "JobFailed",
+    "JobRecord",
+    "JobResult",
+    "JobStatus",
+    "JobStore",
+    "OutputFormat",
+    "OutputImage",
+    "S3Uri",
+    "Settings",
+    "TASK_IMG2IMG",
+    "Timings",
+    "TransientError",
+    "WaitTimeout",
+    "WorkerFatalError",
+    "model_queue",
+    "validate_job",
+]

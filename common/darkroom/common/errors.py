@@ -1,0 +1,146 @@
+"""Darkroom's errors: one root, three outcomes, stable machine-readable codes.
+
+Every error a job can end with carries an :class:`ErrorCode`. The classes say
+what the system should *do* about the error, which is what matters at a fleet's
+scale::
+
+    DarkroomError                 root of everything raised by Darkroom
+    ├── InvalidJobError           refused at submit time (field, value, allowed range)
+    ├── ConfigurationError        settings or registry are wrong; fix and restart
+    ├── JobError                  the job failed for good (bad input, unknown model); never retried
+    ├── TransientError            try again later (storage 5xx, broker blip); retried with backoff, bounded
+    ├── WorkerFatalError          the process is unusable (CUDA OOM, corrupt state); requeue, recycle
+    ├── StorageError              object storage said no
+    │   ├── ObjectNotFoundError   the object does not exist
+    │   └── ObjectTooLargeError   the object is larger than allowed
+    └── SDK outcomes (raised to producers)
+        ├── JobFailed             the job ended ``failed`` (carries code and message)
+        ├── JobCancelled          the job ended ``cancelled``
+        └── WaitTimeout           the job was not terminal before the timeout
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "DarkroomError",
+    "ErrorCode",
+    "FieldError",
+    "InvalidJobError",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "ObjectNotFoundError",
+    "ObjectTooLargeError",
+    "StorageError",
+    "TransientError",
+    "WaitTimeout",
+    "WorkerFatalError",
+]
+
+
+class ErrorCode(StrEnum):
+    """Stable codes a failed job can carry. Clients may switch on them."""
+
+    INVALID_JOB = "invalid_job"
+    INPUT_NOT_FOUND = "input_not_found"
+    INPUT_TOO_LARGE = "input_too_large"
+    INPUT_UNREADABLE = "input_unreadable"
+    INPUT_UNSUPPORTED = "input_unsupported"
+    BUCKET_NOT_ALLOWED = "bucket_not_allowed"
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    OUTPUT_WRITE_FAILED = "output_write_failed"
+    TRANSIENT_EXHAUSTED = "transient_exhausted"
+    WORKER_FATAL = "worker_fatal"
+    INTERNAL_ERROR = "internal_error"
+
+
+class DarkroomError(Exception):
+    """Raised when anything in Darkroom goes wrong; the root of the tree above."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One refused field: where it is, what was sent and what is allowed."""
+
+    field: str
+    value: Any
+    message: str
+    allowed: str | None = None
+
+    def __str__(self) -> str:
+        allowed = f"; allowed: {self.allowed}" if self.allowed else ""
+        return f"{self.field}={self.value!r}: {self.message}{allowed}"
+
+
+class InvalidJobError(DarkroomError, ValueError):
+    """Raised when a job is refused at submit time; lists every bad field."""
+
+    code = ErrorCode.INVALID_JOB
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"invalid job ({len(errors)} field error(s)):\n{lines}")
+
+
+class ConfigurationError(DarkroomError):
+    """Raised when settings or the model registry are wrong; the process cannot start."""
+
+
+class JobError(DarkroomError):
+    """Raised when a job must end ``failed`` with a code; it is never retried."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"[{code}] {message}")
+
+
+class TransientError(DarkroomError):
+    """Raised when an operation may succeed if retried later (storage 5xx, timeouts)."""
+
+
+class WorkerFatalError(DarkroomError):
+    """Raised when the worker process is unusable (e.g. CUDA out of memory) and must recycle."""
+
+
+class StorageError(DarkroomError):
+    """Raised when object storage refuses a request for a reason retrying will not fix."""
+
+
+class ObjectNotFoundError(StorageError):
+    """Raised when an object (or its bucket) does not exist."""
+
+
+class ObjectTooLargeError(StorageError):
+    """Raised when an object is larger than the caller allows; nothing was downloaded."""
+
+
+@dataclass(eq=False)
+class _Outcome(DarkroomError):
+    job_id: str
+    code: str | None = None
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        code = f" [{self.code}]" if self.code else ""
+        return f"job {self.job_id}{code}: {self.message}"
+
+
+class JobFailed(_Outcome):
+    """Raised by the SDK when a job ended ``failed``; ``code`` says why."""
+
+
+class JobCancelled(_Outcome):
+    """Raised by the SDK when a job ended ``cancelled``."""
+
+
+class WaitTimeout(_Outcome, TimeoutError):
+    """Raised by the SDK when a job did not finish within the given timeout."""

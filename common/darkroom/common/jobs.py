@@ -1,0 +1,197 @@
+"""The job contract: what a producer may ask a worker to do.
+
+:class:`Img2ImgJob` is validated on both sides: at submit time (so a bad value
+never reaches a queue) and again by the worker (so a message from an older or
+foreign producer cannot crash it). Unknown fields and non-finite numbers are
+refused; every refusal names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import FieldError, InvalidJobError
+from .storage import S3Uri
+
+__all__ = ["Img2ImgJob", "OutputFormat", "MAX_SEED", "validate_job", "allowed_range"]
+
+MAX_SEED = 2**63 - 1
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class OutputFormat(StrEnum):
+    """Encoding of the output images."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class Img2ImgJob(BaseModel):
+    """One SDEdit image-to-image request. Defaults follow diffusers' img2img pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_strip_whitespace=False)
+
+    job_id: str | None = Field(
+        None,
+        description="Unique id; assigned at submit when omitted. Letters, digits, '_', '.', '-' (1..128).",
+    )
+    model: str = Field(description="Model id from the workers' model registry.")
+    image: str = Field(description="Input image as s3://bucket/key (PNG, JPEG, WebP...).")
+    prompt: Annotated[str, MaxLen(4000)] = Field(description="Text guiding the generation.")
+    negative_prompt: Annotated[str, MaxLen(4000)] | None = Field(
+        None, description="Text to steer away from (needs guidance_scale > 1)."
+    )
+    strength: Annotated[float, Ge(0.0), Le(1.0)] = Field(
+        0.8, description="How much the input is transformed: 0 keeps it, 1 ignores it."
+    )
+    num_inference_steps: Annotated[int, Ge(1), Le(1000)] = Field(
+        50, description="Denoising steps for strength 1; int(steps * strength) actually run."
+    )
+    guidance_scale: Annotated[float, Ge(0.0), Le(100.0)] = Field(
+        7.5, description="Classifier-free guidance; on when > 1."
+    )
+    seed: Annotated[int, Ge(0), Le(MAX_SEED)] | None = Field(
+        None, description="Seed of image 0 (image i uses seed + i); drawn at submit when omitted."
+    )
+    num_images_per_prompt: Annotated[int, Ge(1), Le(16)] = Field(1, description="Images to make.")
+    output_prefix: str | None = Field(
+        None, description="s3:// prefix for outputs; the producer's default when omitted."
+    )
+    output_format: OutputFormat = Field(OutputFormat.PNG, description="png, jpeg or webp.")
+    output_quality: Annotated[int, Ge(1), Le(100)] = Field(
+        95, description="JPEG/WebP quality (ignored for PNG)."
+    )
+    callback_url: Annotated[str, MinLen(1), MaxLen(2048)] | None = Field(
+        None, description="https:// URL that receives signed status webhooks."
+    )
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str | None) -> str | None:
+        if v is not None and not _ID.match(v):
+            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        S3Uri.parse(v)
+        return v
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _output_prefix(cls, v: str | None) -> str | None:
+        if v is not None:
+            S3Uri.parse(v, allow_empty_key=True)
+            return v.rstrip("/")
+        return v
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s):// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _runs_at_least_one_step(self) -> Self:
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(
+                f"strength × num_inference_steps = {self.strength} × {self.num_inference_steps} "
+                "runs no denoising step; raise strength or num_inference_steps so that "
+                "int(num_inference_steps * strength) >= 1"
+            )
+        return self
+
+    @property
+    def steps_to_run(self) -> int:
+        """Denoising steps diffusers actually runs: ``int(num_inference_steps * strength)``."""
+        return int(self.num_inference_steps * self.strength)
+
+    def seeds(self) -> list[int]:
+        """One seed per output image (``seed + i``); requires ``seed`` to be set."""
+        if self.seed is None:
+            raise ValueError("seed is not set")
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images_per_prompt)]
+
+
+def allowed_range(model: type[BaseModel], field: str) -> str | None:
+    """Describe a field's constraints for humans, e.g. ``0.0 <= strength <= 1.0``."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    low = high = None
+    low_op, high_op = "<=", "<="
+    max_len = None
+    for meta in info.metadata:
+        if isinstance(meta, Ge):
+            low = meta.ge
+        elif isinstance(meta, Gt):
+            low, low_op = meta.gt, "<"
+        elif isinstance(meta, Le):
+            high = meta.le
+        elif isinstance(meta, Lt):
+            high, high_op = meta.lt, "<"
+        elif isinstance(meta, MaxLen):
+            max_len = meta.max_length
+    annotation = info.annotation
+    for arg in getattr(annotation, "__args__", ()):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Ge):
+                low = meta.ge
+            elif isinstance(meta, Le):
+                high = meta.le
+            elif isinstance(meta, MaxLen):
+                max_len = meta.max_length
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return "one of " + ", ".join(m.value for m in annotation)
+    if low is not None and high is not None:
+        return f"{low} {low_op} {field} {high_op} {high}"
+    if low is not None:
+        return f"{field} >= {low}" if low_op == "<=" else f"{field} > {low}"
+    if high is not None:
+        return f"{field} <= {high}" if high_op == "<=" else f"{field} < {high}"
+    if max_len is not None:
+        return f"at most {max_len} characters"
+    return None
+
+
+def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldError]:
+    """Turn a pydantic error into field-level messages with allowed ranges."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(job)"
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field; known fields: {', '.join(model.model_fields)}"
+        allowed = allowed_range(model, name) if name else None
+        out.append(FieldError(loc, err.get("input"), msg, allowed))
+    return out
+
+
+def validate_job(data: Img2ImgJob | dict[str, Any]) -> Img2ImgJob:
+    """Validate a job or a JSON-like mapping; raise :class:`InvalidJobError` listing every bad field."""
+    if isinstance(data, Img2ImgJob):
+        data = data.model_dump(mode="json", exclude_unset=True)
+    try:
+        return Img2ImgJob.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(field_errors(Img2ImgJob, exc)) from None

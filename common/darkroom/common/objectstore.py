@@ -1,0 +1,120 @@
+"""A small object-store collaborator over an S3 client.
+
+It speaks in :class:`~darkroom.common.storage.S3Uri` and turns botocore's
+errors into Darkroom's three outcomes: not found / too large (the caller
+decides what that means), transient (retry later), anything else (storage error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ObjectNotFoundError, ObjectTooLargeError, StorageError, TransientError
+from .storage import S3Uri
+
+__all__ = ["ObjectStore"]
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+
+
+class ObjectStore:
+    """Get and put whole objects by URI. Thread-safe (boto3 clients are)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def head(self, uri: S3Uri) -> dict[str, Any]:
+        with _translated(uri):
+            return dict(self.client.head_object(Bucket=uri.bucket, Key=uri.key))
+
+    def exists(self, uri: S3Uri) -> bool:
+        try:
+            self.head(uri)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def get_bytes(self, uri: S3Uri, *, max_bytes: int | None = None) -> bytes:
+        """Download an object; with ``max_bytes`` refuse larger ones before downloading."""
+        with _translated(uri):
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            size = int(response.get("ContentLength", 0))
+            body = response["Body"]
+            try:
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLargeError(f"{uri} is {size} bytes; the limit is {max_bytes} bytes")
+                data: bytes = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            finally:
+                body.close()
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLargeError(f"{uri} is over the limit of {max_bytes} bytes")
+            return data
+
+    def put_bytes(
+        self,
+        uri: S3Uri,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> bool:
+        """Upload an object. With ``if_absent`` write only if no object exists there
+        (a conditional put); return False when one already did."""
+        kwargs: dict[str, Any] = {
+            "Bucket": uri.bucket,
+            "Key": uri.key,
+            "Body": data,
+            "ContentType": content_type,
+            "Metadata": dict(metadata or {}),
+        }
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            with _translated(uri):
+                self.client.put_object(**kwargs)
+        except StorageError as exc:
+            if if_absent and getattr(exc, "aws_code", None) in _PRECONDITION:
+                return False
+            raise
+        return True
+
+    def ensure_bucket(self, bucket: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.create_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise
+
+
+class _translated:
+    """Context manager mapping botocore errors onto Darkroom's error tree."""
+
+    def __init__(self, uri: S3Uri) -> None:
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in _NOT_FOUND or status == 404:
+                raise ObjectNotFoundError(f"{self.uri} does not exist") from None
+            if status >= 500 or code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
+                raise TransientError(f"object storage unavailable for {self.uri}: {code or status}") from exc
+            error = StorageError(f"object storage refused {self.uri}: {code or status}")
+            error.aws_code = code if code else str(status)  # type: ignore[attr-defined]
+            raise error from exc
+        if isinstance(exc, BotoCoreError):  # connection refused, timeouts, ...
+            raise TransientError(f"object storage unreachable for {self.uri}: {exc}") from exc
+        return False

@@ -1,0 +1,47 @@
+"""Queue and task names, and the Celery settings both sides must agree on.
+
+Plain data only: this module does not import Celery, so the contract stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+
+__all__ = ["TASK_IMG2IMG", "GENERAL_QUEUE", "model_queue", "celery_config"]
+
+TASK_IMG2IMG = "darkroom.img2img"
+GENERAL_QUEUE = "darkroom.img2img"
+
+
+def model_queue(model_id: str) -> str:
+    """The queue that carries jobs for one model; workers serving it consume it."""
+    return f"darkroom.img2img.model.{model_id}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration: JSON only, late acks, one job prefetched, Redis priorities 0..9 (0 first)."""
+    return {
+        "broker_url": settings.redis_url.get_secret_value(),
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": GENERAL_QUEUE,
+        "task_create_missing_queues": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+    }

@@ -1,0 +1,51 @@
+"""Settings shared by producers and workers (environment variables ``DARKROOM_*``).
+
+Built once in an entrypoint with :meth:`Settings.load` and passed down; nothing
+reads the environment at import time. When no Redis/S3 is configured, the
+embedded services' env file (``<state_dir>/services.env``, written by
+``darkroom services up``) supplies them; real environment variables win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "DEFAULT_STATE_DIR"]
+
+DEFAULT_STATE_DIR = Path(".darkroom")
+
+
+class Settings(BaseSettings):
+    """Connection and policy settings. Secrets are ``SecretStr`` so they never print."""
+
+    model_config = SettingsConfigDict(env_prefix="DARKROOM_", extra="ignore", env_file_encoding="utf-8")
+
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Folder for embedded services, caches and demo output.")
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), description="Broker and status store.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS.")
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    allowed_buckets: list[str] = Field(
+        default_factory=list, description="Buckets jobs may read and write; empty allows any."
+    )
+    default_output_prefix: str = Field("s3://darkroom/outputs", description="Where outputs go when a job names no prefix.")
+    status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="How long job status stays in Redis.")
+    visibility_timeout_seconds: int = Field(
+        3600, ge=10, description="Broker redelivers an unacknowledged job after this long; keep above the longest job."
+    )
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Build settings from the environment, the embedded services' env file, then ``overrides``."""
+        state_dir = Path(overrides.get("state_dir") or os.environ.get("DARKROOM_STATE_DIR") or DEFAULT_STATE_DIR)
+        env_file = state_dir / "services.env"
+        return cls(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+
+    def bucket_allowed(self, bucket: str) -> bool:
+        return not self.allowed_buckets or bucket in self.allowed_buckets

@@ -1,0 +1,29 @@
+"""Darkroom producer SDK: :class:`Client` submits img2img jobs; :class:`JobHandle` follows one.
+
+Installs and imports without torch or diffusers.
+"""
+
+from darkroom.common.errors import InvalidJobError, JobCancelled, JobFailed, WaitTimeout
+from darkroom.common.jobs import Img2ImgJob, OutputFormat
+from darkroom.common.jobstore import JobNotFound, JobRecord
+from darkroom.common.results import JobResult
+from darkroom.common.settings import Settings
+from darkroom.common.status import JobStatus
+
+from .client import Client, JobHandle
+
+__all__ = [
+    "Client",
+    "Img2ImgJob",
+    "InvalidJobError",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobNotFound",
+    "JobRecord",
+    "JobResult",
+    "JobStatus",
+    "OutputFormat",
+    "Settings",
+    "WaitTimeout",
+]

@@ -1,0 +1,243 @@
+"""The ``darkroom`` command line.
+
+Sub-commands come from the ``darkroom.commands`` entry-point group, so the
+producer package offers ``submit``, ``status``, ``wait`` and ``services`` and the
+worker package, when installed, adds ``worker``, ``models`` and ``demo`` without
+the producer importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+
+from darkroom.common.errors import DarkroomError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
+from darkroom.common.events import EventType, JobEvent
+from darkroom.common.jobs import Img2ImgJob, allowed_range
+from darkroom.common.jobstore import JobNotFound, JobRecord
+from darkroom.common.settings import Settings
+
+_WORKER_COMMANDS = {"worker", "models", "demo"}
+
+
+class _Commands(click.Group):
+    """A group whose commands are entry points, loaded only when used or listed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({ep.name for ep in entry_points(group="darkroom.commands")})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        for ep in entry_points(group="darkroom.commands"):
+            if ep.name == name:
+                command = ep.load()
+                assert isinstance(command, click.Command)
+                return command
+        if name in _WORKER_COMMANDS:
+            raise click.UsageError(f"'darkroom {name}' needs the worker package: pip install darkroom-worker")
+        return None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Darkroom: distributed img2img (SDEdit) jobs on Redis, Celery workers and S3.
+
+    Connection settings come from DARKROOM_* environment variables (DARKROOM_REDIS_URL,
+    DARKROOM_S3_ENDPOINT_URL, DARKROOM_S3_ACCESS_KEY_ID, DARKROOM_S3_SECRET_ACCESS_KEY, ...);
+    when none are set, from the embedded services started by 'darkroom services up'.
+    """
+
+
+# -- submit ---------------------------------------------------------------
+def _job_options(command: Any) -> Any:
+    """Add one --option per scalar Img2ImgJob field, with its description, default and range."""
+    for name, info in reversed(list(Img2ImgJob.model_fields.items())):
+        annotation = info.annotation
+        types = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+        base = types[0]
+        if getattr(base, "__origin__", None) is not None:  # Annotated[...] inside Optional
+            base = get_args(base)[0]
+        base = getattr(base, "__origin__", base)
+        if isinstance(base, type) and issubclass(base, Enum):
+            click_type: Any = click.Choice([m.value for m in base])
+        elif base in (int, float, str):
+            click_type = base
+        else:
+            continue
+        help_text = info.description or ""
+        allowed = allowed_range(Img2ImgJob, name)
+        if allowed:
+            help_text += f" [{allowed}]"
+        if not info.is_required() and info.default is not None:
+            default = info.default.value if isinstance(info.default, Enum) else info.default
+            help_text += f" [default: {default}]"
+        flag = "--" + name.replace("_", "-")
+        command = click.option(flag, name, type=click_type, default=None, help=help_text)(command)
+    return command
+
+
+@main.command()
+@_job_options
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the job and print its output URIs.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def submit(wait_: bool, timeout: float | None, as_json: bool, **fields: Any) -> None:
+    """Submit one img2img job; print its id (and, with --wait, its outputs).
+
+    Example: darkroom submit --model tiny --image s3://darkroom/inputs/cat.png --prompt "a cat" --wait
+    """
+    from .client import Client
+
+    job = {k: v for k, v in fields.items() if v is not None}
+    with _client(Client) as client:
+        try:
+            handle = client.submit(job)
+        except InvalidJobError as exc:
+            raise click.BadParameter(str(exc)) from None
+        if not as_json:
+            click.echo(f"submitted {handle.job_id}")
+        if wait_:
+            _wait_and_print(client, handle.job_id, timeout, as_json)
+        elif as_json:
+            click.echo(json.dumps({"job_id": handle.job_id}))
+
+
+# -- status / wait ----------------------------------------------------------
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job's status (and its outputs or error)."""
+    from .client import Client
+
+    with _client(Client) as client:
+        try:
+            record = client.status(job_id)
+        except JobNotFound:
+            raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
+        click.echo(record.model_dump_json(indent=2) if as_json else _describe(record))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit code 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a job to finish, with a progress bar; print its output URIs."""
+    from .client import Client
+
+    with _client(Client) as client:
+        _wait_and_print(client, job_id, timeout, as_json)
+
+
+def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bool) -> None:
+    bar = _ProgressLine(enabled=not as_json and sys.stderr.isatty())
+    try:
+        result = client.wait(job_id, timeout=timeout, on_event=bar.update)
+    except JobFailed as exc:
+        bar.close()
+        click.echo(f"failed [{exc.code}]: {exc.message}", err=True)
+        sys.exit(1)
+    except JobCancelled:
+        bar.close()
+        click.echo("cancelled", err=True)
+        sys.exit(2)
+    except WaitTimeout as exc:
+        bar.close()
+        click.echo(f"timed out: {exc.message}", err=True)
+        sys.exit(3)
+    bar.close()
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    click.echo(f"succeeded in {result.timings.total:.2f} s on {result.worker} ({result.device})")
+    for output in result.outputs:
+        click.echo(f"  {output.uri}  seed={output.seed}")
+    click.echo(f"  {result.result_uri}")
+
+
+class _ProgressLine:
+    """A one-line progress bar on stderr fed by job events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.dirty = False
+
+    def update(self, event: JobEvent) -> None:
+        if not self.enabled:
+            return
+        if event.type is EventType.PROGRESS and event.step and event.total_steps:
+            done = int(30 * event.step / event.total_steps)
+            line = f"[{'#' * done}{'.' * (30 - done)}] step {event.step}/{event.total_steps}"
+        else:
+            line = event.type.value
+        elapsed = time.monotonic() - self.started
+        click.echo(f"\r{line}  {elapsed:5.1f}s\x1b[K", nl=False, err=True)
+        self.dirty = True
+
+    def close(self) -> None:
+        if self.dirty:
+            click.echo("", err=True)
+            self.dirty = False
+
+
+def _describe(record: JobRecord) -> str:
+    lines = [f"{record.job_id}: {record.status.value} (attempt {record.attempt}, worker {record.worker or '-'})"]
+    if record.error_code:
+        lines.append(f"  error [{record.error_code}]: {record.error_message}")
+    if record.result:
+        lines.extend(f"  {uri}" for uri in record.result.uris)
+    return "\n".join(lines)
+
+
+# -- services -----------------------------------------------------------------
+@main.group()
+def services() -> None:
+    """Start, stop or inspect the embedded Redis and S3 server (for laptops, demos and tests)."""
+
+
+@services.command("up")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Default: DARKROOM_STATE_DIR or .darkroom")
+def services_up(state_dir: Path | None) -> None:
+    """Start a private Redis and a SeaweedFS S3 server on 127.0.0.1; print the settings to use."""
+    embedded = _embedded(state_dir)
+    endpoints = embedded.up()
+    click.echo(f"# embedded services are up; settings written to {embedded.env_file}")
+    click.echo(f"# use them from a shell with: set -a; . {embedded.env_file}; set +a")
+    for key, value in endpoints.redacted().items():
+        click.echo(f"{key}={value}")
+
+
+@services.command("down")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+def services_down(state_dir: Path | None) -> None:
+    """Stop the embedded services (data stays under the state folder)."""
+    _embedded(state_dir).down()
+    click.echo("embedded services stopped")
+
+
+@services.command("status")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+def services_status(state_dir: Path | None) -> None:
+    """Show whether the embedded services are running."""
+    click.echo(json.dumps(_embedded(state_dir).status(), indent=2, default=str))
+
+
+def _embedded(state_dir: Path | None) -> Any:
+    from .embedded import EmbeddedServices
+
+    return EmbeddedServices(state_dir or Settings.load().state_dir)
+
+
+def _client(client_cls: Any) -> Any:
+    try:
+        return client_cls(Settings.load())
+    except DarkroomError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,105 @@
+"""Worker-side ``darkroom`` commands: ``worker``, ``models make-tiny`` and ``demo``.
+
+Registered through the ``darkroom.commands`` entry points; heavy imports
+(torch, diffusers) happen inside the commands, so ``darkroom --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from darkroom.common.errors import ConfigurationError
+from darkroom.common.queues import model_queue
+
+
+@click.command()
+@click.option("--model", "models", multiple=True, metavar="ID=SOURCE",
+              help="Serve model ID from SOURCE (a diffusers folder or s3:// prefix). Repeatable.")
+@click.option("--models-file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Model registry TOML file (also DARKROOM_MODELS_FILE).")
+@click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps (also DARKROOM_DEVICE).")
+@click.option("--dtype", default=None, help="auto (default: fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")
+@click.option("--name", default=None, help="Worker name (default darkroom-<host>-<pid>).")
+@click.option("--preload/--no-preload", default=True, show_default=True,
+              help="Load every registry model at start-up so the first job is warm.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(models: tuple[str, ...], models_file: Path | None, device: str | None, dtype: str | None,
+           name: str | None, preload: bool, loglevel: str) -> None:
+    """Run a worker process: consume the queues of its models, keep their pipelines resident.
+
+    Example: darkroom worker --model tiny=.darkroom/models/tiny
+    """
+    from .app import create_app
+    from .context import Heartbeat, WorkerContext
+    from .registry import ModelRegistry
+    from .settings import WorkerSettings
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
+    try:
+        settings = WorkerSettings.load(**overrides)
+        registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
+        ctx = WorkerContext.build(settings, registry)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    log = logging.getLogger("darkroom.worker")
+    log.info("worker %s on %s (%s, %s), models: %s", ctx.name, ctx.device.device, ctx.device.name,
+             ctx.device.dtype, ", ".join(registry.ids))
+    if preload:
+        for model_id in registry.ids[: ctx.models.max_models]:
+            ctx.models.get(model_id)
+    heartbeat = Heartbeat(ctx)
+    heartbeat.start()
+    app = create_app(ctx)
+    queues = [model_queue(model_id) for model_id in registry.ids]
+    celery_worker = app.Worker(
+        hostname=ctx.name, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel.upper(),
+        without_gossip=True, without_mingle=True, optimization="fair",
+    )
+    try:
+        celery_worker.start()
+    finally:
+        heartbeat.stop()
+    sys.exit(celery_worker.exitcode or 0)
+
+
+@click.group()
+def models() -> None:
+    """Model utilities."""
+
+
+@models.command("make-tiny")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model in DIRECTORY.")
+def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
+    """Write a tiny Stable-Diffusion-architecture model with RANDOM weights to DIRECTORY.
+
+    Built offline from configs (no hub). Its outputs are noise-like: it exists to
+    exercise the whole system fast. Point --model at a real diffusers folder for real images.
+    """
+    from .tiny import make_tiny_model
+
+    path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+    click.echo(str(path))
+
+
+@click.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Where services, the tiny model and the contact sheet live (default .darkroom).")
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Use this diffusers model folder instead of building the tiny random one.")
+@click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
+@click.option("--prompt", default="a watercolor painting of a lighthouse at dusk", show_default=True)
+def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str) -> None:
+    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet."""
+    from .demo import run_demo
+
+    values = [float(s) for s in strengths.split(",") if s.strip()]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(run_demo(state_dir=state_dir, model_dir=model_dir, strengths=values, prompt=prompt))

@@ -1,0 +1,169 @@
+"""``make demo``: the main job end to end on embedded services and a tiny random model.
+
+Starts what is missing (Redis + S3 server, the tiny model, a worker), submits
+one job per strength on a picture drawn in code, waits, prints the output URIs
+and writes a contact sheet (input beside the outputs, labelled by strength) to
+the output bucket and to a local file. Stops what it started.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from darkroom.common.errors import DarkroomError
+from darkroom.common.settings import Settings
+from darkroom.producer.client import Client
+from darkroom.producer.embedded import EmbeddedServices
+
+from .process import WorkerProcess
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = ["run_demo", "sample_image", "contact_sheet"]
+
+MODEL_ID = "tiny"
+
+
+def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[float], prompt: str) -> int:
+    settings = Settings.load(**({"state_dir": state_dir} if state_dir else {}))
+    state = settings.state_dir
+    embedded = EmbeddedServices(state)
+    started_services = embedded.endpoints() is None or not _running(embedded)
+    step = _Steps()
+    step("starting embedded Redis and S3 server" if started_services else "using running embedded services")
+    endpoints = embedded.up()
+    settings = Settings.load(state_dir=state, **_connection(endpoints.as_env()))
+    worker: WorkerProcess | None = None
+    try:
+        model_path = model_dir or _tiny_model(state / "models" / "tiny", step)
+        step(f"starting a worker for model {MODEL_ID!r} ({model_path})")
+        worker = WorkerProcess(
+            f"demo-{uuid.uuid4().hex[:6]}", ["--model", f"{MODEL_ID}={model_path}"],
+            env={**endpoints.as_env(), "DARKROOM_STATE_DIR": str(state)},
+            redis_url=endpoints.redis_url, log_path=state / "logs" / "demo-worker.log",
+        ).start()
+        with Client(settings) as client:
+            return _run_jobs(client, settings, strengths, prompt, state, step)
+    except DarkroomError as exc:
+        click.echo(f"demo failed: {exc}", err=True)
+        return 1
+    finally:
+        if worker is not None:
+            step("stopping the worker")
+            worker.stop()
+        if started_services:
+            step("stopping the embedded services")
+            embedded.down()
+
+
+def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt: str, state: Path,
+              step: _Steps) -> int:
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    source = sample_image()
+    input_uri = client.upload(source, f"s3://darkroom/inputs/demo-{run_id}.png")
+    step(f"uploaded a sample picture drawn in code to {input_uri}")
+    prefix = f"{settings.default_output_prefix.rstrip('/')}/demo-{run_id}"
+    handles = [
+        client.submit({"model": MODEL_ID, "image": input_uri, "prompt": prompt, "strength": s,
+                       "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 1234, "output_prefix": prefix})
+        for s in strengths
+    ]
+    step(f"submitted {len(handles)} jobs (strengths {', '.join(map(str, strengths))}); waiting")
+    outputs = []
+    for strength, handle in zip(strengths, handles, strict=True):
+        result = handle.wait(timeout=300)
+        outputs.append((strength, client.open_images(result)[0]))
+        click.echo(f"  strength {strength:.2f}: {result.uris[0]}  "
+                   f"({result.timings.inference:.2f} s inference, seed {result.seeds[0]})")
+    sheet = contact_sheet(source, outputs, prompt)
+    local = state / "demo" / f"contact-sheet-{run_id}.png"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(local)
+    sheet_uri = client.upload(local, f"{prefix}/contact-sheet.png")
+    click.echo(f"contact sheet: {sheet_uri}")
+    click.echo(f"contact sheet (local): {local.resolve()}")
+    click.echo(
+        "note: the tiny model has RANDOM weights, so outputs look like noise that grows with strength.\n"
+        "      For real pictures run: darkroom demo --model-dir /path/to/stable-diffusion-v1-5 (a diffusers folder)."
+    )
+    return 0
+
+
+def sample_image(size: int = 256) -> Image:
+    """A small landscape drawn in code: sky gradient, sun, sea, a lighthouse."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    image = PILImage.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    horizon = int(size * 0.62)
+    for y in range(horizon):
+        t = y / horizon
+        draw.line([(0, y), (size, y)], fill=(int(40 + 200 * t), int(60 + 120 * t), int(160 - 40 * t)))
+    for y in range(horizon, size):
+        t = (y - horizon) / (size - horizon)
+        draw.line([(0, y), (size, y)], fill=(int(20 + 20 * t), int(70 + 40 * t), int(120 + 40 * t)))
+    r = size // 10
+    draw.ellipse([size * 0.7 - r, horizon * 0.55 - r, size * 0.7 + r, horizon * 0.55 + r], fill=(255, 200, 90))
+    base, top, width = horizon + 6, int(size * 0.25), size // 14
+    draw.polygon([(size * 0.3 - width, base), (size * 0.3 + width, base), (size * 0.3 + width * 0.6, top),
+                  (size * 0.3 - width * 0.6, top)], fill=(235, 235, 230))
+    for k in range(3):
+        y = top + (base - top) * (k * 2 + 1) // 7
+        draw.rectangle([size * 0.3 - width, y, size * 0.3 + width, y + (base - top) // 10], fill=(200, 40, 40))
+    draw.rectangle([size * 0.3 - width * 0.7, top - width, size * 0.3 + width * 0.7, top], fill=(255, 240, 150))
+    return image
+
+
+def contact_sheet(source: Image, outputs: list[tuple[float, Image]], prompt: str) -> Image:
+    """The input beside each output, labelled ('input', 'strength 0.30', ...)."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    tiles = [("input", source)] + [(f"strength {s:.2f}", im) for s, im in outputs]
+    w, h = source.size
+    pad, label_h, title_h = 8, 22, 26
+    sheet = PILImage.new("RGB", (pad + len(tiles) * (w + pad), title_h + h + label_h + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=14)
+    draw.text((pad, 6), f"darkroom img2img: {prompt}"[:120], fill=(230, 230, 230), font=font)
+    for i, (label, tile) in enumerate(tiles):
+        x = pad + i * (w + pad)
+        sheet.paste(tile.convert("RGB").resize((w, h)), (x, title_h))
+        draw.text((x, title_h + h + 4), label, fill=(230, 230, 230), font=font)
+    return sheet
+
+
+def _tiny_model(path: Path, step: _Steps) -> Path:
+    from .tiny import make_tiny_model
+
+    step(f"building the tiny random-weight model in {path}" if not path.exists() else f"using tiny model {path}")
+    return make_tiny_model(path)
+
+
+def _running(embedded: EmbeddedServices) -> bool:
+    status = embedded.status()
+    return all(bool(part.get("running")) for part in status.values() if isinstance(part, dict))
+
+
+def _connection(env: dict[str, str]) -> dict[str, str]:
+    prefix = "DARKROOM_"
+    return {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)}
+
+
+class _Steps:
+    """Numbered, timed progress lines."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.t0 = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.n += 1
+        click.echo(f"[{self.n}] {text}  (+{time.monotonic() - self.t0:.1f}s)")

@@ -1,0 +1,240 @@
+"""One job's life on a worker: validate, start, fetch, decode, infer, encode, upload, commit.
+
+Outcomes are kept apart (see :mod:`darkroom.common.errors`): a :class:`JobError`
+ends the job ``failed`` with its code; a :class:`TransientError` propagates so
+the task can retry later; anything unexpected fails the job with
+``internal_error`` and is logged with its traceback. The worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from darkroom.common.errors import (
+    ErrorCode,
+    InvalidJobError,
+    JobError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    StorageError,
+    TransientError,
+)
+from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
+from darkroom.common.jobstore import JobRecord
+from darkroom.common.results import JobResult, OutputImage, Timings
+from darkroom.common.status import IllegalTransition, JobStatus
+from darkroom.common.storage import S3Uri, output_image_uri, result_uri
+
+from .context import WorkerContext
+from .engine import WorkItem, run_batch
+from .images import decode_image, encode_image
+
+__all__ = ["JobRunner"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stopwatch:
+    timings: Timings
+
+    def time(self, stage: str) -> _Stage:
+        return _Stage(self.timings, stage)
+
+
+class _Stage:
+    def __init__(self, timings: Timings, stage: str) -> None:
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.started
+        setattr(self.timings, self.stage, getattr(self.timings, self.stage) + elapsed)
+
+
+class JobRunner:
+    """Runs jobs against a :class:`WorkerContext`."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    # -- entry points ----------------------------------------------------
+    def run(self, payload: dict[str, Any]) -> JobRecord | None:
+        """Run one job message to a terminal state (or raise TransientError to retry it)."""
+        started = time.perf_counter()
+        job = self._parse(payload)
+        if job is None:
+            return None
+        record = self._start(job)
+        if record is None:
+            return None
+        try:
+            result = self._execute(record, job, started)
+        except JobError as exc:
+            log.info("job %s failed [%s]: %s", job.job_id, exc.code, exc.message)
+            return self.fail(job, exc.code, exc.message)
+        except TransientError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad job must not take the worker down
+            log.exception("job %s failed unexpectedly", job.job_id)
+            return self.fail(job, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        self.ctx.jobs_done += 1
+        return self.ctx.jobs.transition(job.job_id or "", JobStatus.SUCCEEDED, job=job, result=result)
+
+    def fail(self, job: Img2ImgJob, code: ErrorCode | str, message: str) -> JobRecord | None:
+        try:
+            return self.ctx.jobs.transition(
+                job.job_id or "", JobStatus.FAILED, job=job, error_code=str(code), error_message=message
+            )
+        except IllegalTransition:
+            return None
+
+    def requeue(self, payload: dict[str, Any], note: str) -> None:
+        """Mark a started job ``queued`` again before a retry."""
+        job = self._parse(payload, record_failure=False)
+        if job is not None:
+            try:
+                self.ctx.jobs.transition(job.job_id or "", JobStatus.QUEUED, job=job, error_message=note)
+            except IllegalTransition:
+                pass
+
+    # -- stages ----------------------------------------------------------
+    def _parse(self, payload: dict[str, Any], *, record_failure: bool = True) -> Img2ImgJob | None:
+        try:
+            job = validate_job(payload)
+        except InvalidJobError as exc:
+            job_id = payload.get("job_id") if isinstance(payload, dict) else None
+            log.warning("refusing invalid job %s: %s", job_id, exc)
+            if record_failure and isinstance(job_id, str) and self.ctx.jobs.get(job_id) is not None:
+                record = self.ctx.jobs.require(job_id)
+                self.fail(record.job, ErrorCode.INVALID_JOB, str(exc))
+            return None
+        if job.job_id is None:
+            log.warning("refusing a job without job_id")
+            return None
+        if job.seed is None:
+            job = job.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
+        if job.output_prefix is None:
+            job = job.model_copy(update={"output_prefix": self.ctx.settings.default_output_prefix.rstrip("/")})
+        return job
+
+    def _start(self, job: Img2ImgJob) -> JobRecord | None:
+        assert job.job_id is not None
+        current = self.ctx.jobs.get(job.job_id)
+        if current is not None and current.status.is_terminal:
+            log.info("job %s is already %s; skipping the message", job.job_id, current.status.value)
+            return None
+        attempt = (current.attempt if current else 0) + 1
+        return self.ctx.jobs.transition(
+            job.job_id, JobStatus.STARTED, job=job, attempt=attempt, worker=self.ctx.name,
+            error_code=None, error_message=None,
+        )
+
+    def _execute(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobResult:
+        timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
+        clock = _Stopwatch(timings)
+        self._check_bucket(job.image, "image")
+        self._check_bucket(job.output_prefix or "", "output_prefix")
+        with clock.time("download"):
+            data = self._fetch_input(job)
+        with clock.time("decode"):
+            image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
+        with clock.time("model_load"):
+            loaded = self.ctx.models.get(job.model)
+        item = WorkItem(job, image, job.seeds())
+        progress = _ProgressReporter(self.ctx, record)
+        with clock.time("inference"):
+            batch = run_batch(loaded.pipeline, [item], on_step=progress)
+        outputs = self._store_outputs(job, batch.images[0], item.seeds, clock)
+        timings.total = time.perf_counter() - started
+        result = JobResult(
+            job_id=record.job_id,
+            model=job.model,
+            outputs=outputs,
+            result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
+            parameters={**job.model_dump(mode="json"), "steps_run": batch.steps_run,
+                        "scheduler": type(loaded.pipeline.scheduler).__name__},
+            timings=timings,
+            worker=self.ctx.name,
+            device=self.ctx.device.device,
+            attempt=record.attempt,
+            finished_at=datetime.now(UTC),
+        )
+        return self._commit(result, clock)
+
+    def _fetch_input(self, job: Img2ImgJob) -> bytes:
+        try:
+            return self.ctx.store.get_bytes(S3Uri.parse(job.image), max_bytes=self.ctx.settings.max_image_bytes)
+        except ObjectNotFoundError:
+            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"input {job.image} does not exist; upload it first") from None
+        except ObjectTooLargeError as exc:
+            raise JobError(ErrorCode.INPUT_TOO_LARGE, str(exc)) from None
+        except StorageError as exc:
+            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {job.image}: {exc}") from None
+
+    def _store_outputs(
+        self, job: Img2ImgJob, images: list[Any], seeds: list[int], clock: _Stopwatch
+    ) -> list[OutputImage]:
+        assert job.job_id is not None and job.output_prefix is not None
+        outputs = []
+        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            with clock.time("encode"):
+                data = encode_image(image, job.output_format, job.output_quality)
+            uri = output_image_uri(job.output_prefix, job.job_id, index, _extension(job))
+            with clock.time("upload"):
+                self._put(uri, data, job.output_format.content_type, {"job-id": job.job_id, "seed": str(seed)})
+            outputs.append(OutputImage(index=index, uri=str(uri), seed=seed, width=image.width,
+                                       height=image.height, content_type=job.output_format.content_type))
+        return outputs
+
+    def _commit(self, result: JobResult, clock: _Stopwatch) -> JobResult:
+        """Write ``result.json`` once (conditional put); if an earlier attempt already did, keep that one."""
+        uri = S3Uri.parse(result.result_uri)
+        with clock.time("upload"):
+            written = self._put(uri, result.model_dump_json(indent=2).encode(), "application/json", {}, if_absent=True)
+        if written:
+            return result
+        log.info("job %s: result already committed by an earlier attempt; keeping it", result.job_id)
+        return JobResult.model_validate_json(self.ctx.store.get_bytes(uri))
+
+    def _put(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str], *,
+             if_absent: bool = False) -> bool:
+        try:
+            return self.ctx.store.put_bytes(uri, data, content_type=content_type, metadata=metadata,
+                                            if_absent=if_absent)
+        except StorageError as exc:
+            raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: {exc}") from None
+
+    def _check_bucket(self, uri: str, field: str) -> None:
+        bucket = S3Uri.parse(uri, allow_empty_key=True).bucket
+        if not self.ctx.settings.bucket_allowed(bucket):
+            raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
+
+
+class _ProgressReporter:
+    """Publishes throttled progress events (always the last step)."""
+
+    def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
+        self.ctx, self.record = ctx, record
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self.last < self.ctx.settings.progress_interval_seconds:
+            return
+        self.last = now
+        try:
+            self.ctx.jobs.report_progress(self.record, step, total)
+        except Exception as exc:  # noqa: BLE001 - progress is best effort
+            log.debug("progress event lost: %s", exc)
+
+
+def _extension(job: Img2ImgJob) -> str:
+    return {"png": "png", "jpeg": "jpg", "webp": "webp"}[job.output_format.value]
