@@ -15,10 +15,11 @@ import pytest
 import redis
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from darkroom.producer import embedded
-from darkroom.producer.embedded import EmbeddedServices, EmbeddedServicesError, Endpoints
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from darkroom.producer import embedded
+from darkroom.producer.embedded import EmbeddedServices, EmbeddedServicesError, Endpoints
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 from darkroom.worker.tiny import is_tiny_model_dir, make_tiny_model
 
 

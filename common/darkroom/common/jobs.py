@@ -137,7 +137,8 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
     info = model.model_fields.get(field)
     if info is None:
         return None
-    low = high = None
+    low: Any = None
+    high: Any = None
     low_op, high_op = "<=", "<="
     max_len = None
     for meta in info.metadata:

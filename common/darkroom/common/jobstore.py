@@ -121,7 +121,7 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
                     raw = pipe.get(key)
                     now = _now()
                     if raw is None:
@@ -165,7 +165,7 @@ class JobStore:
         a message across a reconnect. Raises :class:`WaitTimeout`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(event_channel(job_id))
         try:
             record = self.require(job_id)

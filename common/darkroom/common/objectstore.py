@@ -7,7 +7,8 @@ decides what that means), transient (retry later), anything else (storage error)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import ObjectNotFoundError, ObjectTooLargeError, StorageError, TransientError
@@ -91,30 +92,22 @@ class ObjectStore:
                 raise
 
 
-class _translated:
-    """Context manager mapping botocore errors onto Darkroom's error tree."""
+@contextmanager
+def _translated(uri: S3Uri) -> Iterator[None]:
+    """Map botocore's errors onto Darkroom's error tree."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    def __init__(self, uri: S3Uri) -> None:
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None:
-            return False
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _NOT_FOUND or status == 404:
-                raise ObjectNotFoundError(f"{self.uri} does not exist") from None
-            if status >= 500 or code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
-                raise TransientError(f"object storage unavailable for {self.uri}: {code or status}") from exc
-            error = StorageError(f"object storage refused {self.uri}: {code or status}")
-            error.aws_code = code if code else str(status)  # type: ignore[attr-defined]
-            raise error from exc
-        if isinstance(exc, BotoCoreError):  # connection refused, timeouts, ...
-            raise TransientError(f"object storage unreachable for {self.uri}: {exc}") from exc
-        return False
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _NOT_FOUND or status == 404:
+            raise ObjectNotFoundError(f"{uri} does not exist") from None
+        if status >= 500 or code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
+            raise TransientError(f"object storage unavailable for {uri}: {code or status}") from exc
+        error = StorageError(f"object storage refused {uri}: {code or status}")
+        error.aws_code = code if code else str(status)  # type: ignore[attr-defined]
+        raise error from exc
+    except BotoCoreError as exc:  # connection refused, timeouts, ...
+        raise TransientError(f"object storage unreachable for {uri}: {exc}") from exc

@@ -26,11 +26,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", extra="ignore", env_file_encoding="utf-8")
 
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Folder for embedded services, caches and demo output.")
-    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), description="Broker and status store.")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Broker and status store, redis:// or rediss:// (TLS), password inside (never logged).",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS.")
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
-    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = Field(None, description="S3 access key; None uses boto3's usual chain.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key (never logged).")
+    s3_region: str = Field("us-east-1", description="S3 region name.")
     allowed_buckets: list[str] = Field(
         default_factory=list, description="Buckets jobs may read and write; empty allows any."
     )

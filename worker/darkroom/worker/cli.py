@@ -7,6 +7,7 @@ Registered through the ``darkroom.commands`` entry points; heavy imports
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ import click
 
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.queues import model_queue
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' torchvision fallback notice and save progress bars out of our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @click.command()
@@ -34,6 +42,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
 
     Example: darkroom worker --model tiny=.darkroom/models/tiny
     """
+    _quiet_libraries()
     from .app import create_app
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
@@ -83,6 +92,7 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
     Built offline from configs (no hub). Its outputs are noise-like: it exists to
     exercise the whole system fast. Point --model at a real diffusers folder for real images.
     """
+    _quiet_libraries()
     from .tiny import make_tiny_model
 
     path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
@@ -98,6 +108,7 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 @click.option("--prompt", default="a watercolor painting of a lighthouse at dusk", show_default=True)
 def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str) -> None:
     """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet."""
+    _quiet_libraries()
     from .demo import run_demo
 
     values = [float(s) for s in strengths.split(",") if s.strip()]

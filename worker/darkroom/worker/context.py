@@ -5,6 +5,7 @@ Tasks receive them through :class:`WorkerContext`, like arq's ``ctx``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,10 +97,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.ctx.redis.delete(worker_key(self.ctx.name))
-        except redis.RedisError:
-            pass
 
     def beat(self) -> None:
         ttl = max(3, int(self.ctx.settings.heartbeat_seconds * 3))

@@ -150,7 +150,7 @@ class PipelineCache:
             pipeline = load_pipeline(path, self.device, spec.dtype or self.device.dtype, allow_pickle=self.allow_pickle)
         except ObjectNotFoundError as exc:
             raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {exc}") from exc
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r} from {spec.source}: {exc}") from exc
         seconds = time.perf_counter() - started
         size = parameter_bytes(pipeline)

@@ -8,6 +8,7 @@ the task can retry later; anything unexpected fails the job with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -100,10 +101,8 @@ class JobRunner:
         """Mark a started job ``queued`` again before a retry."""
         job = self._parse(payload, record_failure=False)
         if job is not None:
-            try:
+            with contextlib.suppress(IllegalTransition):
                 self.ctx.jobs.transition(job.job_id or "", JobStatus.QUEUED, job=job, error_message=note)
-            except IllegalTransition:
-                pass
 
     # -- stages ----------------------------------------------------------
     def _parse(self, payload: dict[str, Any], *, record_failure: bool = True) -> Img2ImgJob | None:
