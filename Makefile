@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint typecheck services-up services-down clean help
+.PHONY: setup demo test test-unit test-integration lint docs services-up services-down clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,8 +39,11 @@ test-integration: setup
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: setup  ## ruff + mypy (strict on common and producer)
-	$(BIN)/ruff check common producer worker tests bench
+	$(BIN)/ruff check common producer worker tests bench scripts
 	$(BIN)/mypy
+
+docs: setup  ## Regenerate the README's job-field and settings tables from the code
+	$(BIN)/python scripts/update_readme.py
 
 services-up: setup  ## Start the embedded Redis + S3 server (.darkroom/)
 	$(BIN)/darkroom services up

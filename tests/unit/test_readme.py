@@ -19,7 +19,7 @@ def block(name: str) -> str:
 
 
 def test_job_field_table_matches_the_model() -> None:
-    assert block("job-fields") == job_fields_markdown(), "regenerate: python -m darkroom.common.reference"
+    assert block("job-fields") == job_fields_markdown(), "regenerate with: make docs"
 
 
 def test_settings_tables_match_the_settings() -> None:

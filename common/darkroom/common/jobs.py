@@ -16,6 +16,7 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FieldError, InvalidJobError
+from .events import EventType
 from .storage import S3Uri
 
 __all__ = ["Img2ImgJob", "OutputFormat", "MAX_SEED", "validate_job", "allowed_range"]
@@ -74,10 +75,23 @@ class Img2ImgJob(BaseModel):
     callback_url: Annotated[str, MinLen(1), MaxLen(2048)] | None = Field(
         None, description="https:// URL that receives signed status webhooks."
     )
+    webhook_events: list[EventType] | None = Field(
+        None, description="Which events to send to callback_url; all when omitted."
+    )
+    producer: str | None = Field(
+        None, description="Producer id (selects the webhook signing secret); the client's setting when omitted."
+    )
 
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, v: str | None) -> str | None:
+        if v is not None and not _ID.match(v):
+            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        return v
+
+    @field_validator("producer")
+    @classmethod
+    def _producer(cls, v: str | None) -> str | None:
         if v is not None and not _ID.match(v):
             raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
         return v

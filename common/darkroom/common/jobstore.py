@@ -24,6 +24,7 @@ from .events import ALL_EVENTS_CHANNEL, EventType, JobEvent, event_channel
 from .jobs import Img2ImgJob
 from .results import JobResult
 from .status import JobStatus
+from .webhooks import outbox_push
 
 __all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key"]
 
@@ -97,7 +98,7 @@ class JobStore:
         record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
         target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         target.set(job_key(job.job_id), record.model_dump_json(), ex=self.ttl, nx=True)
-        self._publish(target, self._event(record))
+        self._publish(target, record, self._event(record))
         if pipe is None:
             ok = target.execute()[0]
             if not ok:
@@ -137,7 +138,7 @@ class JobStore:
                     record = JobRecord.model_validate(record.model_dump())
                     pipe.multi()
                     pipe.set(key, record.model_dump_json(), ex=self.ttl)
-                    self._publish(pipe, self._event(record))
+                    self._publish(pipe, record, self._event(record))
                     pipe.execute()
                     return record
                 except redis.WatchError:
@@ -148,7 +149,7 @@ class JobStore:
         event = self._event(record, EventType.PROGRESS, step=step, total_steps=total_steps)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(job_key(record.job_id) + ":progress", event.model_dump_json(), ex=self.ttl)
-        self._publish(pipe, event)
+        self._publish(pipe, record, event)
         pipe.execute()
 
     # -- waiting ---------------------------------------------------------
@@ -202,7 +203,9 @@ class JobStore:
         )
 
     @staticmethod
-    def _publish(pipe: Any, event: JobEvent) -> None:
+    def _publish(pipe: Any, record: JobRecord, event: JobEvent) -> None:
+        """Publish the event to waiters and queue its webhook, in the caller's transaction."""
         data = event.model_dump_json()
         pipe.publish(event_channel(event.job_id), data)
         pipe.publish(ALL_EVENTS_CHANNEL, data)
+        outbox_push(pipe, record, event)

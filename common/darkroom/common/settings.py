@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     )
     default_output_prefix: str = Field("s3://darkroom/outputs", description="Where outputs go when a job names no prefix.")
     status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="How long job status stays in Redis.")
+    producer_id: str = Field("default", description="This producer's id; receivers verify webhooks with its secret.")
+    allow_private_callbacks: bool = Field(
+        False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
+    )
     visibility_timeout_seconds: int = Field(
         3600, ge=10, description="Broker redelivers an unacknowledged job after this long; keep above the longest job."
     )
