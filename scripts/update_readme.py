@@ -7,6 +7,7 @@ from pathlib import Path
 
 from darkroom.common.reference import job_fields_markdown, settings_markdown
 from darkroom.common.settings import Settings
+from darkroom.producer.dispatcher import DispatcherSettings
 from darkroom.worker.settings import WorkerSettings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,6 +19,7 @@ def main() -> None:
         "job-fields": job_fields_markdown(),
         "settings": settings_markdown(),
         "worker-settings": settings_markdown(WorkerSettings, skip=Settings),
+        "dispatcher-settings": settings_markdown(DispatcherSettings, skip=Settings),
     }
     for name, body in blocks.items():
         text, count = re.subn(

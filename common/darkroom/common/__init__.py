@@ -19,11 +19,12 @@ from .errors import (
 from .events import EventType, JobEvent
 from .jobs import Img2ImgJob, OutputFormat, validate_job
 from .jobstore import JobRecord, JobStore
-from .queues import GENERAL_QUEUE, TASK_IMG2IMG, model_queue
+from .queues import TASK_IMG2IMG, cold_queue, hot_queue
 from .results import JobResult, OutputImage, Timings
 from .settings import Settings
 from .status import JobStatus
 from .storage import S3Uri
+from .webhooks import WebhookVerificationError, verify
 
 __all__ = [
     "ConfigurationError",
@@ -31,7 +32,6 @@ __all__ = [
     "ErrorCode",
     "EventType",
     "FieldError",
-    "GENERAL_QUEUE",
     "Img2ImgJob",
     "InvalidJobError",
     "JobCancelled",
@@ -51,6 +51,9 @@ __all__ = [
     "TransientError",
     "WaitTimeout",
     "WorkerFatalError",
-    "model_queue",
+    "cold_queue",
+    "hot_queue",
     "validate_job",
+    "verify",
+    "WebhookVerificationError",
 ]

@@ -10,6 +10,7 @@ scale::
     ├── JobError                  the job failed for good (bad input, unknown model); never retried
     ├── TransientError            try again later (storage 5xx, broker blip); retried with backoff, bounded
     ├── WorkerFatalError          the process is unusable (CUDA OOM, corrupt state); requeue, recycle
+    ├── WebhookVerificationError  a webhook's signature or timestamp is wrong (darkroom.common.webhooks)
     ├── StorageError              object storage said no
     │   ├── ObjectNotFoundError   the object does not exist
     │   └── ObjectTooLargeError   the object is larger than allowed
@@ -54,6 +55,10 @@ class ErrorCode(StrEnum):
     BUCKET_NOT_ALLOWED = "bucket_not_allowed"
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_TOO_LARGE = "model_too_large"
+    ADAPTER_NOT_FOUND = "adapter_not_found"
+    ADAPTER_NOT_ALLOWED = "adapter_not_allowed"
+    ADAPTER_INVALID = "adapter_invalid"
     OUTPUT_WRITE_FAILED = "output_write_failed"
     TRANSIENT_EXHAUSTED = "transient_exhausted"
     WORKER_FATAL = "worker_fatal"

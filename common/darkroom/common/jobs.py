@@ -19,9 +19,11 @@ from .errors import FieldError, InvalidJobError
 from .events import EventType
 from .storage import S3Uri
 
-__all__ = ["Img2ImgJob", "OutputFormat", "MAX_SEED", "validate_job", "allowed_range"]
+__all__ = ["AdapterRef", "Img2ImgJob", "OutputFormat", "Priority", "MAX_SEED", "MAX_ADAPTERS", "validate_job",
+           "allowed_range"]
 
 MAX_SEED = 2**63 - 1
+MAX_ADAPTERS = 8
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -35,6 +37,38 @@ class OutputFormat(StrEnum):
     @property
     def content_type(self) -> str:
         return f"image/{self.value}"
+
+
+class Priority(StrEnum):
+    """Interactive jobs go before bulk jobs in every queue."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+    @property
+    def broker_priority(self) -> int:
+        """Celery-on-Redis priority: 0 is served first."""
+        return 0 if self is Priority.INTERACTIVE else 6
+
+
+class AdapterRef(BaseModel):
+    """A LoRA adapter for one job: a registry id or an ``s3://`` ``.safetensors`` file, and its weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    uri: str = Field(description="Adapter id from the registry, or s3://bucket/key.safetensors.")
+    weight: Annotated[float, Ge(-4.0), Le(4.0)] = Field(1.0, description="Adapter scale; several blend.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            S3Uri.parse(v)
+            if not v.endswith(".safetensors"):
+                raise ValueError("adapter files must be .safetensors (pickle formats are refused)")
+        elif not _ID.match(v):
+            raise ValueError("must be a registry adapter id or an s3://....safetensors URI")
+        return v
 
 
 class Img2ImgJob(BaseModel):
@@ -65,6 +99,10 @@ class Img2ImgJob(BaseModel):
         None, description="Seed of image 0 (image i uses seed + i); drawn at submit when omitted."
     )
     num_images_per_prompt: Annotated[int, Ge(1), Le(16)] = Field(1, description="Images to make.")
+    adapters: Annotated[list[AdapterRef], MaxLen(MAX_ADAPTERS)] = Field(
+        default_factory=list, description="LoRA adapters with weights (several blend); none = the base model."
+    )
+    priority: Priority = Field(Priority.INTERACTIVE, description="interactive jobs go before bulk ones.")
     output_prefix: str | None = Field(
         None, description="s3:// prefix for outputs; the producer's default when omitted."
     )
@@ -73,7 +111,7 @@ class Img2ImgJob(BaseModel):
         95, description="JPEG/WebP quality (ignored for PNG)."
     )
     callback_url: Annotated[str, MinLen(1), MaxLen(2048)] | None = Field(
-        None, description="https:// URL that receives signed status webhooks."
+        None, description="http(s):// URL that receives signed status webhooks (public addresses only by default)."
     )
     webhook_events: list[EventType] | None = Field(
         None, description="Which events to send to callback_url; all when omitted."
@@ -122,6 +160,14 @@ class Img2ImgJob(BaseModel):
     def _callback_url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^\s/]+", v):
             raise ValueError("must be an http(s):// URL")
+        return v
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, v: list[AdapterRef]) -> list[AdapterRef]:
+        uris = [a.uri for a in v]
+        if len(set(uris)) != len(uris):
+            raise ValueError("an adapter is listed twice; give each adapter once with its weight")
         return v
 
     @model_validator(mode="after")
@@ -177,6 +223,8 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
                 max_len = meta.max_length
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):
         return "one of " + ", ".join(m.value for m in annotation)
+    if max_len is not None and _is_list(annotation):
+        return f"at most {max_len} items"
     if low is not None and high is not None:
         return f"{low} {low_op} {field} {high_op} {high}"
     if low is not None:
@@ -188,16 +236,46 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
     return None
 
 
+def _is_list(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is list or any(
+        getattr(a, "__origin__", None) is list for a in getattr(annotation, "__args__", ())
+    )
+
+
+def _leaf(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[type[BaseModel], str]:
+    """The (sub)model and field name an error location points at, e.g. adapters.1.weight -> AdapterRef.weight."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if name:
+            inner = _submodel(model.model_fields[name].annotation) if name in model.model_fields else None
+            if inner is None:
+                break
+            model = inner
+        name = part
+    return model, name
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    for candidate in candidates:
+        for inner in (candidate, *getattr(candidate, "__args__", ())):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
 def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldError]:
     """Turn a pydantic error into field-level messages with allowed ranges."""
     out = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(job)"
-        name = str(err["loc"][0]) if err["loc"] else ""
+        owner, name = _leaf(model, tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = f"unknown field; known fields: {', '.join(model.model_fields)}"
-        allowed = allowed_range(model, name) if name else None
+            msg = f"unknown field; known fields: {', '.join(owner.model_fields)}"
+        allowed = allowed_range(owner, name) if name in owner.model_fields else None
         out.append(FieldError(loc, err.get("input"), msg, allowed))
     return out
 

@@ -9,15 +9,24 @@ from typing import Any
 
 from .settings import Settings
 
-__all__ = ["TASK_IMG2IMG", "GENERAL_QUEUE", "model_queue", "celery_config"]
+__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "hot_queue", "cold_queue", "celery_config"]
 
 TASK_IMG2IMG = "darkroom.img2img"
-GENERAL_QUEUE = "darkroom.img2img"
+DEFAULT_QUEUE = "darkroom.img2img"
 
 
-def model_queue(model_id: str) -> str:
-    """The queue that carries jobs for one model; workers serving it consume it."""
-    return f"darkroom.img2img.model.{model_id}"
+def hot_queue(model_id: str) -> str:
+    """Jobs for a model that some worker holds resident; only workers holding it consume this queue."""
+    return f"darkroom.img2img.hot.{model_id}"
+
+
+def cold_queue(model_id: str) -> str:
+    """The model's general queue: every worker that serves the model consumes it and cold-loads if needed.
+
+    Per model (not one queue for all) so that a worker never takes a job for a model it does not serve,
+    and so autoscalers can size each model's pool from its own queues.
+    """
+    return f"darkroom.img2img.cold.{model_id}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -34,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_default_queue": GENERAL_QUEUE,
+        "task_default_queue": DEFAULT_QUEUE,
         "task_create_missing_queues": True,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

@@ -33,6 +33,7 @@ class Timings(BaseModel):
     download: float = 0.0
     decode: float = 0.0
     model_load: float = 0.0
+    adapters: float = 0.0
     inference: float = 0.0
     encode: float = 0.0
     upload: float = 0.0

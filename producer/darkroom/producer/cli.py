@@ -197,6 +197,33 @@ def _describe(record: JobRecord) -> str:
     return "\n".join(lines)
 
 
+# -- workers ------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print each worker's full report as JSON.")
+def workers(as_json: bool) -> None:
+    """List live workers: device, memory, served and resident models, adapters."""
+    from darkroom.common.clients import make_redis
+    from darkroom.common.fleet import Fleet
+
+    fleet = Fleet(make_redis(Settings.load()))
+    found = fleet.workers(fresh=True)
+    if as_json:
+        click.echo(json.dumps({w.name: w.data for w in found}, indent=2))
+        return
+    if not found:
+        click.echo("no live workers (start one with: darkroom worker --model ID=SOURCE)")
+    for w in found:
+        d = w.data
+        free = d.get("free_memory")
+        memory = f", {free / 2**30:.1f} GiB free" if free else ""
+        click.echo(f"{w.name}  {d.get('device')} ({d.get('device_name')}, {d.get('dtype')}{memory})  "
+                   f"jobs done {d.get('jobs_done', 0)}")
+        used, budget = d.get("resident_bytes", 0), d.get("memory_budget", 0)
+        click.echo(f"  resident: {', '.join(w.resident_models) or '-'}  ({used / 2**20:.0f} of "
+                   f"{budget / 2**20:.0f} MiB budget)")
+        click.echo(f"  serves:   {', '.join(w.models)}")
+
+
 # -- services -----------------------------------------------------------------
 @main.group()
 def services() -> None:

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any, Self
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.errors import FieldError, InvalidJobError
 from darkroom.common.events import JobEvent
+from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key
 from darkroom.common.objectstore import ObjectStore
-from darkroom.common.queues import TASK_IMG2IMG, celery_config, model_queue
+from darkroom.common.queues import TASK_IMG2IMG, celery_config
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
+from darkroom.common.webhooks import check_callback_url
 
 if TYPE_CHECKING:
     import redis
@@ -71,6 +73,7 @@ class Client:
         self.jobs = JobStore(self._redis, ttl_seconds=settings.status_ttl_seconds)
         self._s3_client = s3_client
         self._celery: Celery | None = None
+        self.fleet = Fleet(self._redis)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -91,20 +94,34 @@ class Client:
 
     # -- submitting ------------------------------------------------------
     def prepare(self, job: Img2ImgJob | Mapping[str, Any]) -> Img2ImgJob:
-        """Validate a job and fill what the producer decides: id, seed and output prefix."""
+        """Validate a job and fill what the producer decides: id, seed, output prefix and producer id.
+
+        A ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set.
+        """
         job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
         job = job.model_copy(
             update={
                 "job_id": job.job_id or uuid.uuid4().hex,
                 "seed": job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1 - 64),
                 "output_prefix": job.output_prefix or self.settings.default_output_prefix.rstrip("/"),
+                "producer": job.producer or self.settings.producer_id,
             }
         )
         self._check_buckets(job)
+        if job.callback_url is not None:
+            try:
+                check_callback_url(job.callback_url, allow_private=self.settings.allow_private_callbacks)
+            except ValueError as exc:
+                allowed = "http(s) URL on a public address (DARKROOM_ALLOW_PRIVATE_CALLBACKS admits private ones)"
+                raise InvalidJobError([FieldError("callback_url", job.callback_url, str(exc), allowed)]) from None
         return job
 
     def submit(self, job: Img2ImgJob | Mapping[str, Any], *, priority: int | None = None) -> JobHandle:
-        """Validate, record as ``queued`` and enqueue a job. Raises InvalidJobError for bad input."""
+        """Validate, record as ``queued`` and enqueue a job. Raises InvalidJobError for bad input.
+
+        The job goes to its model's queue when a live worker holds the model resident, else to the
+        general queue. ``priority`` (0 first .. 9) overrides the job's interactive/bulk priority.
+        """
         job = self.prepare(job)
         assert job.job_id is not None
         self.jobs.create(job)
@@ -113,8 +130,8 @@ class Client:
                 TASK_IMG2IMG,
                 args=[job.model_dump(mode="json")],
                 task_id=job.job_id,
-                queue=model_queue(job.model),
-                priority=priority,
+                queue=self.fleet.queue_for(job.model),
+                priority=job.priority.broker_priority if priority is None else priority,
             )
         except Exception:
             self._redis.delete(job_key(job.job_id))

@@ -11,7 +11,7 @@ import logging
 import random
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from darkroom.common.errors import ErrorCode, TransientError
 from darkroom.common.queues import TASK_IMG2IMG, celery_config
@@ -33,6 +33,11 @@ def create_app(ctx: WorkerContext) -> Celery:
     app = Celery(f"darkroom-worker-{ctx.name}", set_as_current=False)
     app.conf.update(celery_config(ctx.settings))
     runner = JobRunner(ctx)
+
+    @signals.worker_ready.connect(weak=False)
+    def _attach_consumer(sender: Any, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            ctx.queues.attach(sender)
 
     @app.task(name=TASK_IMG2IMG, bind=True, acks_late=True, reject_on_worker_lost=True)
     def img2img(task: Any, payload: dict[str, Any]) -> None:

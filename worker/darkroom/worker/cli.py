@@ -7,22 +7,19 @@ Registered through the ``darkroom.commands`` entry points; heavy imports
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from darkroom.common.errors import ConfigurationError
-from darkroom.common.queues import model_queue
+from darkroom.common.errors import ConfigurationError, JobError
 
 
 def _quiet_libraries() -> None:
-    """Keep transformers' torchvision fallback notice and save progress bars out of our output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .libs import quiet_libraries
+
+    quiet_libraries()
 
 
 @click.command()
@@ -32,16 +29,31 @@ def _quiet_libraries() -> None:
               help="Model registry TOML file (also DARKROOM_MODELS_FILE).")
 @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps (also DARKROOM_DEVICE).")
 @click.option("--dtype", default=None, help="auto (default: fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="Run one worker process per GPU (each sees only its device). Without a GPU, 'all' runs one "
+                   "CPU worker.")
 @click.option("--name", default=None, help="Worker name (default darkroom-<host>-<pid>).")
 @click.option("--preload/--no-preload", default=True, show_default=True,
-              help="Load every registry model at start-up so the first job is warm.")
+              help="Load registry models at start-up (in order, while they fit the memory budget).")
+@click.option("--preload-model", "preload_models", multiple=True, metavar="ID",
+              help="Preload only these models (repeatable); default: registry order while they fit.")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(models: tuple[str, ...], models_file: Path | None, device: str | None, dtype: str | None,
-           name: str | None, preload: bool, loglevel: str) -> None:
-    """Run a worker process: consume the queues of its models, keep their pipelines resident.
+           gpus: str | None, name: str | None, preload: bool, preload_models: tuple[str, ...],
+           loglevel: str) -> None:
+    """Run a worker: keep models resident and consume their queues.
 
-    Example: darkroom worker --model tiny=.darkroom/models/tiny
+    It takes jobs from the hot queues of the models it holds resident first, then from
+    the cold queues of every model it serves (loading, and evicting the least recently
+    used models beyond the memory budget, as needed).
+
+    \b
+    Examples:
+      darkroom worker --model tiny=.darkroom/models/tiny
+      darkroom worker --models-file registry.toml --gpus all
     """
+    if gpus is not None:
+        _supervise(gpus, name, loglevel)
     _quiet_libraries()
     from .app import create_app
     from .context import Heartbeat, WorkerContext
@@ -60,12 +72,19 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     log.info("worker %s on %s (%s, %s), models: %s", ctx.name, ctx.device.device, ctx.device.name,
              ctx.device.dtype, ", ".join(registry.ids))
     if preload:
-        for model_id in registry.ids[: ctx.models.max_models]:
-            ctx.models.get(model_id)
-    heartbeat = Heartbeat(ctx)
+        for model_id in preload_models or registry.ids:  # in order, until the memory budget is full
+            evictions = ctx.models.evictions
+            try:
+                ctx.models.get(model_id)
+            except JobError as exc:
+                raise click.ClickException(f"cannot preload {model_id}: {exc.message}") from None
+            if ctx.models.evictions > evictions:
+                break
+    ctx.refresh_report()
+    heartbeat = ctx.heartbeat = Heartbeat(ctx)
     heartbeat.start()
     app = create_app(ctx)
-    queues = [model_queue(model_id) for model_id in registry.ids]
+    queues = ctx.queues.initial(ctx.models.resident)
     celery_worker = app.Worker(
         hostname=ctx.name, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel.upper(),
         without_gossip=True, without_mingle=True, optimization="fair",
@@ -75,6 +94,38 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     finally:
         heartbeat.stop()
     sys.exit(celery_worker.exitcode or 0)
+
+
+def _supervise(gpus: str, name: str | None, loglevel: str) -> None:
+    """Re-run this command once per GPU (without --gpus) under a supervisor, or fall through on CPU."""
+    import socket
+
+    from .supervisor import Supervisor, cuda_device_count, plan_children
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    count = cuda_device_count()
+    try:
+        children = plan_children(gpus, count, name or f"darkroom-{socket.gethostname()}")
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not children:
+        logging.getLogger("darkroom.worker").info("no GPU found: running one CPU worker")
+        return
+    args = _args_without_gpus(sys.argv[2:])
+    sys.exit(Supervisor(children, args).run())
+
+
+def _args_without_gpus(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus" or arg == "--name":
+            skip = True
+        elif not arg.startswith(("--gpus=", "--name=")):
+            out.append(arg)
+    return out
 
 
 @click.group()

@@ -18,21 +18,20 @@ from typing import Any
 import redis
 
 from darkroom.common.clients import make_redis, make_s3_client
+from darkroom.common.fleet import Fleet, worker_key
 from darkroom.common.jobstore import JobStore
 from darkroom.common.objectstore import ObjectStore
 
 from .device import DeviceInfo, select_device
+from .filecache import FileCache
 from .pipelines import PipelineCache
 from .registry import ModelRegistry
+from .routing import QueueSubscriptions, sweep_orphaned_queues
 from .settings import WorkerSettings
 
-__all__ = ["WorkerContext", "Heartbeat", "worker_key"]
+__all__ = ["WorkerContext", "Heartbeat"]
 
 log = logging.getLogger(__name__)
-
-
-def worker_key(name: str) -> str:
-    return f"darkroom:worker:{name}"
 
 
 @dataclass
@@ -45,39 +44,64 @@ class WorkerContext:
     redis: redis.Redis
     jobs: JobStore
     store: ObjectStore
+    files: FileCache
     models: PipelineCache
     started_at: float = field(default_factory=time.time)
     jobs_done: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
+    queues: QueueSubscriptions = field(default_factory=QueueSubscriptions)
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:
         device = select_device(settings.device, settings.dtype)
         client = make_redis(settings)
         store = ObjectStore(make_s3_client(settings))
+        files = FileCache(settings.state_dir / "cache", store)
         models = PipelineCache(
-            registry, device, store, settings.state_dir / "cache" / "models",
-            allow_pickle=settings.allow_pickle_weights,
+            registry, device, files, budget_bytes=settings.model_memory_budget_bytes or device.default_budget(),
+            max_adapters=settings.max_adapters, allow_pickle=settings.allow_pickle_weights,
         )
         name = settings.worker_name or f"darkroom-{socket.gethostname()}-{os.getpid()}"
         return cls(settings, name, device, client, JobStore(client, ttl_seconds=settings.status_ttl_seconds),
-                   store, models)
+                   store, files, models, queues=QueueSubscriptions(registry.ids))
 
-    def describe(self) -> dict[str, Any]:
-        """What this worker reports about itself (device, memory, models)."""
-        return {
+    def refresh_report(self) -> None:
+        """Recompute what the worker reports (on the job thread: the heartbeat thread never touches models)."""
+        self.report = {
             "name": self.name,
             "pid": os.getpid(),
             "device": self.device.device,
             "device_name": self.device.name,
             "dtype": self.device.dtype,
-            "free_memory": self.device.free_memory(),
             "total_memory": self.device.total_memory,
             "models": self.models.registry.ids,
             "resident_models": self.models.resident,
+            "resident_bytes": self.models.resident_bytes(),
+            "memory_budget": self.models.budget_bytes,
+            "resident_adapters": {m: self.models.get_entry(m).adapters.resident for m in self.models.resident},
+            "cache": {"hits": self.models.hits, "misses": self.models.misses, "evictions": self.models.evictions},
             "jobs_done": self.jobs_done,
             "started_at": self.started_at,
-            "heartbeat_at": time.time(),
         }
+
+    def after_job(self) -> None:
+        """Refresh the report; announce at once when the resident models changed (routing depends on it)."""
+        before = self.report.get("resident_models")
+        self.refresh_report()
+        if before == self.report["resident_models"]:
+            return
+        self.queues.sync(self.models.resident)
+        if self.heartbeat is not None:
+            try:
+                self.heartbeat.beat()
+                self.heartbeat.sweep()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def describe(self) -> dict[str, Any]:
+        """The latest report plus live device memory and the time (safe from any thread)."""
+        return {**self.report, "free_memory": self.device.free_memory(), "heartbeat_at": time.time()}
 
 
 class Heartbeat:
@@ -95,6 +119,10 @@ class Heartbeat:
         self.beat()
         self._thread.start()
 
+    def sweep(self) -> int:
+        """Rescue jobs from the queues of models that no live worker holds (see :mod:`.routing`)."""
+        return sweep_orphaned_queues(self.ctx.redis, Fleet(self.ctx.redis, ttl=0), self.ctx.models.registry.ids)
+
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
@@ -108,5 +136,6 @@ class Heartbeat:
         while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
             try:
                 self.beat()
-            except redis.RedisError as exc:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive Redis blips
                 log.warning("heartbeat failed: %s", exc)

@@ -36,6 +36,14 @@ class DeviceInfo:
         dtype: torch.dtype = getattr(torch, self.dtype)
         return dtype
 
+    def default_budget(self) -> int:
+        """Bytes of resident weights by default: 70% of GPU memory, or half the machine's RAM."""
+        if self.total_memory:
+            return int(self.total_memory * 0.7)
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
     def free_memory(self) -> int | None:
         """Free device memory in bytes (CUDA only)."""
         import torch

@@ -1,7 +1,12 @@
-"""Loading img2img pipelines and keeping them resident in the worker process.
+"""Loading img2img pipelines and keeping them resident within a memory budget.
 
-A :class:`PipelineCache` loads each model once, on first use or at start-up,
-and keeps it until evicted (least recently used beyond ``max_models``).
+:class:`PipelineCache` keeps loaded models until the bytes of their weights
+(measured from the loaded tensors, not counted in models) would exceed the
+budget; then the least recently used model is evicted and its memory released.
+A component that is byte-identical between models (typically the VAE, which
+many fine-tunes share) is loaded once and shared. UNets and text encoders are
+never shared, because LoRA adapters are injected into them per model.
+
 One pipeline is never called from two threads at once (its scheduler holds
 state): the worker runs one pipeline call at a time.
 """
@@ -11,131 +16,117 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import os
-import shutil
 import time
+import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError
-from darkroom.common.objectstore import ObjectStore
+from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
 from darkroom.common.storage import S3Uri
 
+from .adapters import AdapterManager
 from .device import DeviceInfo
+from .filecache import FileCache, sha256_file
 from .registry import ModelRegistry, ModelSpec
 
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-__all__ = ["LoadedModel", "PipelineCache", "load_pipeline", "fetch_model_folder"]
+__all__ = ["EntryState", "LoadedModel", "PipelineCache", "load_pipeline", "module_bytes"]
 
 log = logging.getLogger(__name__)
+
+SHAREABLE = ("vae",)
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+
+
+class EntryState(StrEnum):
+    """A cache entry's life: loading, resident (serving), evicted (memory released)."""
+
+    LOADING = "loading"
+    RESIDENT = "resident"
+    EVICTED = "evicted"
 
 
 @dataclass
 class LoadedModel:
-    """A resident pipeline and what we know about it."""
+    """A resident pipeline, its adapters and what we know about it."""
 
     spec: ModelSpec
-    pipeline: StableDiffusionImg2ImgPipeline
+    pipeline: Any
+    adapters: AdapterManager
+    path: Path
     load_seconds: float
-    parameter_bytes: int
+    state: EntryState = EntryState.RESIDENT
+    shared: dict[str, str] = field(default_factory=dict)  # component -> fingerprint
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
 
-def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: bool = False) -> Any:
+def module_bytes(module: Any) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    tensors = [*getattr(module, "parameters", lambda: [])(), *getattr(module, "buffers", lambda: [])()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: bool = False,
+                  components: dict[str, Any] | None = None, scheduler: str | None = None) -> Any:
     """Load a diffusers folder as StableDiffusionImg2ImgPipeline on ``device``; local files only."""
+    import diffusers
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, path, getattr(torch, dtype), allow_pickle, components)
+    pipe.to(device.torch_device())
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        scheduler_cls = getattr(diffusers, scheduler, None)
+        if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+            raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"unknown scheduler {scheduler!r} in the model registry")
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _from_pretrained(cls: Any, path: Path, dtype: Any, allow_pickle: bool, components: dict[str, Any] | None) -> Any:
+    return cls.from_pretrained(
         str(path),
-        torch_dtype=getattr(torch, dtype),
+        torch_dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
         local_files_only=True,
         use_safetensors=None if allow_pickle else True,
+        **(components or {}),
     )
-    pipe.to(device.torch_device())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def parameter_bytes(pipeline: Any) -> int:
-    total = 0
-    for component in pipeline.components.values():
-        for tensor in getattr(component, "parameters", lambda: [])():
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def fetch_model_folder(uri: str, store: ObjectStore, cache_dir: Path) -> Path:
-    """Download an ``s3://`` diffusers folder once into ``cache_dir`` (atomic rename)."""
-    root = S3Uri.parse(uri.rstrip("/"), allow_empty_key=True)
-    target = cache_dir / hashlib.sha256(str(root).encode()).hexdigest()[:32]
-    if (target / "model_index.json").is_file():
-        return target
-    staging = cache_dir / f".{target.name}.{os.getpid()}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    paginator = store.client.get_paginator("list_objects_v2")
-    prefix = root.key + "/" if root.key else ""
-    count = 0
-    for page in paginator.paginate(Bucket=root.bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            relative = obj["Key"][len(prefix) :]
-            if not relative or relative.endswith("/") or ".." in Path(relative).parts:
-                continue
-            dest = staging / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(store.get_bytes(S3Uri(root.bucket, obj["Key"])))
-            count += 1
-    if not (staging / "model_index.json").is_file():
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ObjectNotFoundError(f"{uri} holds no diffusers model (no model_index.json among {count} objects)")
-    try:
-        staging.rename(target)
-    except OSError:  # another process on this host won the race
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 class PipelineCache:
-    """Resident pipelines by model id, least recently used evicted beyond ``max_models``."""
+    """Resident pipelines by model id, least recently used evicted beyond ``budget_bytes``."""
 
     def __init__(
         self,
         registry: ModelRegistry,
         device: DeviceInfo,
-        store: ObjectStore,
-        cache_dir: Path,
+        files: FileCache,
         *,
-        max_models: int = 2,
+        budget_bytes: int,
+        max_adapters: int = 8,
         allow_pickle: bool = False,
     ) -> None:
         self.registry = registry
         self.device = device
-        self.store = store
-        self.cache_dir = cache_dir
-        self.max_models = max_models
+        self.files = files
+        self.budget_bytes = budget_bytes
+        self.max_adapters = max_adapters
         self.allow_pickle = allow_pickle
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._shared: dict[str, weakref.ref[Any]] = {}  # fingerprint -> module
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self.hits = self.misses = self.evictions = 0
 
-    def get(self, model_id: str) -> LoadedModel:
-        """The resident model, loading it (and evicting the least recently used) if needed."""
-        spec = self.registry.get(model_id)
-        loaded = self._resident.get(model_id)
-        if loaded is None:
-            loaded = self._load(spec)
-            self._evict_for_one_more()
-            self._resident[model_id] = loaded
-        self._resident.move_to_end(model_id)
-        loaded.uses += 1
-        loaded.last_used = time.monotonic()
-        return loaded
-
+    # -- queries ---------------------------------------------------------------
     def is_resident(self, model_id: str) -> bool:
         return model_id in self._resident
 
@@ -143,27 +134,131 @@ class PipelineCache:
     def resident(self) -> list[str]:
         return list(self._resident)
 
+    def get_entry(self, model_id: str) -> LoadedModel:
+        """A resident entry without counting a use (for reporting)."""
+        return self._resident[model_id]
+
+    def resident_bytes(self) -> int:
+        """Bytes of all resident weights, each shared module counted once."""
+        seen: dict[int, int] = {}
+        for entry in self._resident.values():
+            for module in entry.pipeline.components.values():
+                if hasattr(module, "parameters") and id(module) not in seen:
+                    seen[id(module)] = module_bytes(module)
+        return sum(seen.values())
+
+    # -- use -------------------------------------------------------------------
+    def get(self, model_id: str) -> LoadedModel:
+        """The resident model, loading it (and evicting least recently used ones) if needed."""
+        spec = self.registry.get(model_id)
+        entry = self._resident.get(model_id)
+        if entry is None:
+            self.misses += 1
+            entry = self._load(spec)
+            self._resident[model_id] = entry
+            self._evict_until_within_budget(keep=model_id)
+        else:
+            self.hits += 1
+        self._resident.move_to_end(model_id)
+        entry.uses += 1
+        entry.last_used = time.monotonic()
+        return entry
+
+    def evict(self, model_id: str) -> None:
+        entry = self._resident.pop(model_id, None)
+        if entry is None:
+            return
+        entry.state = EntryState.EVICTED
+        entry.pipeline = None
+        entry.adapters.pipeline = None
+        del entry
+        gc.collect()
+        if self.device.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.evictions += 1
+        log.info("evicted model %s", model_id)
+
+    # -- internals -----------------------------------------------------------
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.perf_counter()
+        path = self._local_path(spec)
+        dtype = spec.dtype or self.device.dtype
+        fingerprints = {c: self._fingerprint(path / c, dtype) for c in SHAREABLE if (path / c).is_dir()}
+        reuse = {c: m for c, fp in fingerprints.items() if (m := self._live_shared(fp)) is not None}
+        estimate = self._estimate_bytes(path, dtype) - sum(module_bytes(m) for m in reuse.values())
+        if estimate > self.budget_bytes:
+            raise JobError(ErrorCode.MODEL_TOO_LARGE,
+                           f"model {spec.id!r} needs about {estimate} bytes; the budget is {self.budget_bytes}")
+        self._make_room(estimate)
         try:
-            path = fetch_model_folder(spec.source, self.store, self.cache_dir) if spec.is_s3 else Path(spec.source)
-            pipeline = load_pipeline(path, self.device, spec.dtype or self.device.dtype, allow_pickle=self.allow_pickle)
-        except ObjectNotFoundError as exc:
-            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {exc}") from exc
+            pipeline = load_pipeline(path, self.device, dtype, allow_pickle=self.allow_pickle, components=reuse,
+                                     scheduler=spec.scheduler)
         except (OSError, ValueError) as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r} from {spec.source}: {exc}") from exc
+        for component, fp in fingerprints.items():
+            self._shared[fp] = weakref.ref(getattr(pipeline, component))
         seconds = time.perf_counter() - started
-        size = parameter_bytes(pipeline)
-        log.info("loaded model %s from %s in %.2f s (%d MB)", spec.id, spec.source, seconds, size // 2**20)
-        return LoadedModel(spec, pipeline, seconds, size)
+        log.info("loaded model %s from %s in %.2f s (%d MB, sharing %s)", spec.id, spec.source, seconds,
+                 module_bytes_all(pipeline) // 2**20, ", ".join(reuse) or "nothing")
+        return LoadedModel(spec, pipeline, AdapterManager(pipeline, max_slots=self.max_adapters), path, seconds,
+                           shared=fingerprints)
 
-    def _evict_for_one_more(self) -> None:
-        while len(self._resident) >= self.max_models:
-            model_id, _evicted = self._resident.popitem(last=False)
-            del _evicted
-            gc.collect()
-            if self.device.device.startswith("cuda"):
-                import torch
+    def _local_path(self, spec: ModelSpec) -> Path:
+        if not spec.is_s3:
+            return Path(spec.source)
+        try:
+            path = self.files.fetch_tree(S3Uri.parse(spec.source.rstrip("/"), allow_empty_key=True))
+        except ObjectNotFoundError as exc:
+            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {exc}") from exc
+        except StorageError as exc:
+            raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r}: {exc}") from exc
+        if not (path / "model_index.json").is_file():
+            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {spec.source} holds no model_index.json")
+        return path
 
-                torch.cuda.empty_cache()
-            log.info("evicted model %s", model_id)
+    def _live_shared(self, fingerprint: str) -> Any | None:
+        ref = self._shared.get(fingerprint)
+        module = ref() if ref is not None else None
+        if module is None:
+            self._shared.pop(fingerprint, None)
+        return module
+
+    def _fingerprint(self, folder: Path, dtype: str) -> str:
+        digest = hashlib.sha256(f"{dtype}|{self.device.device}".encode())
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(folder).as_posix().encode())
+            digest.update(self._file_hash(file).encode())
+        return digest.hexdigest()
+
+    def _file_hash(self, file: Path) -> str:
+        stat = file.stat()
+        key = (str(file), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(file)
+        return self._hashes[key]
+
+    def _estimate_bytes(self, path: Path, dtype: str) -> int:
+        """Weight bytes once loaded: file sizes, scaled when fp32 files load as 16-bit."""
+        total = sum(p.stat().st_size for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        return total // 2 if dtype in {"float16", "bfloat16"} and _looks_fp32(path) else total
+
+    def _make_room(self, incoming: int) -> None:
+        while self._resident and self.resident_bytes() + incoming > self.budget_bytes:
+            self.evict(next(iter(self._resident)))
+
+    def _evict_until_within_budget(self, keep: str) -> None:
+        while self.resident_bytes() > self.budget_bytes:
+            victim = next((m for m in self._resident if m != keep), None)
+            if victim is None:
+                break
+            self.evict(victim)
+
+
+def module_bytes_all(pipeline: Any) -> int:
+    return sum(module_bytes(m) for m in pipeline.components.values() if hasattr(m, "parameters"))
+
+
+def _looks_fp32(path: Path) -> bool:
+    return not any(".fp16." in p.name for p in path.rglob("*.safetensors"))

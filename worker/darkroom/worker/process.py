@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from .context import worker_key
+from darkroom.common.fleet import worker_key
 
 __all__ = ["WorkerProcess"]
 

@@ -1,27 +1,32 @@
-"""The model registry: which model ids a worker serves and where their weights come from.
+"""The model registry: which models (and LoRA adapters) a worker serves and where they come from.
 
 A TOML file (``DARKROOM_MODELS_FILE`` or ``darkroom worker --models-file``)::
 
     [models.sd15]
     source = "/models/stable-diffusion-v1-5"     # a diffusers folder, or "s3://bucket/prefix"
     dtype = "float16"                            # optional; default: the worker's dtype
+    scheduler = "EulerDiscreteScheduler"         # optional default scheduler (a diffusers class)
+    adapters = ["house-style", "s3://loras/"]    # optional allowlist: adapter ids or s3:// prefixes
 
-    [models.tiny]
-    source = ".darkroom/models/tiny"
+    [adapters.house-style]
+    source = "s3://loras/house-style.safetensors"   # or a local .safetensors file
 
-plus ``--model ID=SOURCE`` flags for quick starts.
+plus ``--model ID=SOURCE`` flags for quick starts. Relative paths are relative to the file.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
 
-__all__ = ["ModelSpec", "ModelRegistry"]
+__all__ = ["AdapterSpec", "ModelSpec", "ModelRegistry"]
+
+_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters"}
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,37 @@ class ModelSpec:
     id: str
     source: str
     dtype: str | None = None
+    scheduler: str | None = None
+    allowed_adapters: tuple[str, ...] | None = None
 
     @property
     def is_s3(self) -> bool:
         return self.source.startswith("s3://")
 
+    def allows(self, adapter_id: str, uri: str) -> bool:
+        """Whether a job may use this adapter on this model (no allowlist: any)."""
+        if self.allowed_adapters is None:
+            return True
+        return any(
+            entry == adapter_id or (entry.startswith("s3://") and uri.startswith(entry.rstrip("*")))
+            for entry in self.allowed_adapters
+        )
 
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A named LoRA adapter file (local path or ``s3://``)."""
+
+    id: str
+    source: str
+
+
+@dataclass
 class ModelRegistry:
-    """Model ids to specs; unknown ids are job failures, not crashes."""
+    """Model and adapter ids to specs; unknown ids are job failures, not crashes."""
 
-    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
-        self._specs: dict[str, ModelSpec] = {}
-        for spec in specs:
-            self.add(spec)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
 
     def add(self, spec: ModelSpec) -> None:
         if not spec.is_s3 and Path(spec.source).suffix in {".safetensors", ".ckpt"}:
@@ -55,26 +78,49 @@ class ModelRegistry:
             raise ConfigurationError(
                 f"model {spec.id!r}: {spec.source} is not a diffusers model folder (no model_index.json)"
             )
-        self._specs[spec.id] = spec
+        self.models[spec.id] = spec
+
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        if not spec.source.endswith(".safetensors"):
+            raise ConfigurationError(f"adapter {spec.id!r}: {spec.source} is not a .safetensors file")
+        if not spec.source.startswith("s3://") and not Path(spec.source).is_file():
+            raise ConfigurationError(f"adapter {spec.id!r}: {spec.source} does not exist")
+        self.adapters[spec.id] = spec
 
     def get(self, model_id: str) -> ModelSpec:
         try:
-            return self._specs[model_id]
+            return self.models[model_id]
         except KeyError:
-            known = ", ".join(sorted(self._specs)) or "none"
+            known = ", ".join(sorted(self.models)) or "none"
             raise JobError(
                 ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not served here; known models: {known}"
             ) from None
 
+    def adapter_source(self, model: ModelSpec, ref: str) -> str:
+        """Resolve a job's adapter reference (id or ``s3://`` URI) to a source, checking the allowlist."""
+        if ref.startswith("s3://"):
+            source, adapter_id = ref, ""
+        elif ref in self.adapters:
+            source, adapter_id = self.adapters[ref].source, ref
+        else:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise JobError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not in the registry; known: {known}")
+        if not model.allows(adapter_id, source):
+            raise JobError(
+                ErrorCode.ADAPTER_NOT_ALLOWED,
+                f"adapter {ref!r} is not allowed on model {model.id!r}; allowed: {', '.join(model.allowed_adapters or ())}",
+            )
+        return source
+
     def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(self._specs.values())
+        return iter(self.models.values())
 
     def __len__(self) -> int:
-        return len(self._specs)
+        return len(self.models)
 
     @property
     def ids(self) -> list[str]:
-        return list(self._specs)
+        return list(self.models)
 
     @classmethod
     def build(
@@ -83,8 +129,7 @@ class ModelRegistry:
         """From a TOML file, ``ID=SOURCE`` pairs and a mapping, later ones overriding."""
         registry = cls()
         if file is not None:
-            for spec in _read_toml(file):
-                registry.add(spec)
+            _read_toml(Path(file), registry)
         for model_id, source in (extra or {}).items():
             registry.add(ModelSpec(model_id, source))
         for pair in pairs:
@@ -97,24 +142,43 @@ class ModelRegistry:
         return registry
 
 
-def _read_toml(file: Path) -> list[ModelSpec]:
+def _read_toml(file: Path, registry: ModelRegistry) -> None:
     try:
-        data = tomllib.loads(Path(file).read_text())
+        data = tomllib.loads(file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigurationError(f"cannot read model registry {file}: {exc}") from None
-    models = data.get("models")
-    if not isinstance(models, dict) or not models:
+    unknown = set(data) - {"models", "adapters"}
+    if unknown:
+        raise ConfigurationError(f"{file}: unknown tables {sorted(unknown)}; expected [models.*] and [adapters.*]")
+    for adapter_id, table in _tables(data, "adapters", file).items():
+        registry.add_adapter(AdapterSpec(adapter_id, _source(table, file, f"adapters.{adapter_id}")))
+    models = _tables(data, "models", file)
+    if not models:
         raise ConfigurationError(f"{file}: expected one or more [models.<id>] tables")
-    specs = []
-    base = Path(file).parent
     for model_id, table in models.items():
-        if not isinstance(table, dict) or "source" not in table:
-            raise ConfigurationError(f"{file}: [models.{model_id}] needs a 'source'")
-        unknown = set(table) - {"source", "dtype"}
-        if unknown:
-            raise ConfigurationError(f"{file}: [models.{model_id}] has unknown keys {sorted(unknown)}")
-        source = str(table["source"])
-        if not source.startswith("s3://") and not Path(source).is_absolute():
-            source = str(base / source)
-        specs.append(ModelSpec(model_id, source, table.get("dtype")))
-    return specs
+        bad = set(table) - _MODEL_KEYS
+        if bad:
+            raise ConfigurationError(f"{file}: [models.{model_id}] has unknown keys {sorted(bad)}")
+        allowed = table.get("adapters")
+        if allowed is not None and not (isinstance(allowed, list) and all(isinstance(a, str) for a in allowed)):
+            raise ConfigurationError(f"{file}: [models.{model_id}] adapters must be a list of ids or s3:// prefixes")
+        registry.add(ModelSpec(
+            model_id, _source(table, file, f"models.{model_id}"), table.get("dtype"), table.get("scheduler"),
+            tuple(allowed) if allowed is not None else None,
+        ))
+
+
+def _tables(data: dict[str, Any], name: str, file: Path) -> dict[str, dict[str, Any]]:
+    tables = data.get(name, {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigurationError(f"{file}: [{name}] must hold [{name}.<id>] tables")
+    return tables
+
+
+def _source(table: dict[str, Any], file: Path, where: str) -> str:
+    if "source" not in table:
+        raise ConfigurationError(f"{file}: [{where}] needs a 'source'")
+    source = str(table["source"])
+    if not source.startswith("s3://") and not Path(source).is_absolute():
+        source = str(file.parent / source)
+    return source

@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import (
@@ -31,9 +32,11 @@ from darkroom.common.results import JobResult, OutputImage, Timings
 from darkroom.common.status import IllegalTransition, JobStatus
 from darkroom.common.storage import S3Uri, output_image_uri, result_uri
 
+from .adapters import AdapterFile
 from .context import WorkerContext
 from .engine import WorkItem, run_batch
 from .images import decode_image, encode_image
+from .registry import ModelSpec
 
 __all__ = ["JobRunner"]
 
@@ -65,6 +68,7 @@ class JobRunner:
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
+        self._adapter_files: dict[str, AdapterFile] = {}
 
     # -- entry points ----------------------------------------------------
     def run(self, payload: dict[str, Any]) -> JobRecord | None:
@@ -76,6 +80,12 @@ class JobRunner:
         record = self._start(job)
         if record is None:
             return None
+        try:
+            return self._run_started(record, job, started)
+        finally:
+            self.ctx.after_job()
+
+    def _run_started(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobRecord | None:
         try:
             result = self._execute(record, job, started)
         except JobError as exc:
@@ -147,6 +157,9 @@ class JobRunner:
             image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
         with clock.time("model_load"):
             loaded = self.ctx.models.get(job.model)
+        with clock.time("adapters"):
+            wanted = [(self._adapter_file(loaded.spec, ref.uri), ref.weight) for ref in job.adapters]
+            activation = loaded.adapters.activate(wanted)
         item = WorkItem(job, image, job.seeds())
         progress = _ProgressReporter(self.ctx, record)
         with clock.time("inference"):
@@ -159,7 +172,8 @@ class JobRunner:
             outputs=outputs,
             result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
             parameters={**job.model_dump(mode="json"), "steps_run": batch.steps_run,
-                        "scheduler": type(loaded.pipeline.scheduler).__name__},
+                        "scheduler": type(loaded.pipeline.scheduler).__name__,
+                        "model_source": loaded.spec.source, "adapters_resolved": activation.adapters},
             timings=timings,
             worker=self.ctx.name,
             device=self.ctx.device.device,
@@ -167,6 +181,24 @@ class JobRunner:
             finished_at=datetime.now(UTC),
         )
         return self._commit(result, clock)
+
+    def _adapter_file(self, model: ModelSpec, ref: str) -> AdapterFile:
+        """Resolve, fetch once and inspect an adapter reference (cached by path)."""
+        source = self.ctx.models.registry.adapter_source(model, ref)
+        if source.startswith("s3://"):
+            try:
+                path = self.ctx.files.fetch_file(S3Uri.parse(source))
+            except ObjectNotFoundError:
+                raise JobError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {source} does not exist") from None
+            except StorageError as exc:
+                raise JobError(ErrorCode.ADAPTER_INVALID, f"adapter {source}: {exc}") from None
+            sha = path.parent.name
+        else:
+            path, sha = Path(source), None
+        cached = self._adapter_files.get(str(path))
+        if cached is None:
+            cached = self._adapter_files[str(path)] = AdapterFile.inspect(path, sha)
+        return cached
 
     def _fetch_input(self, job: Img2ImgJob) -> bytes:
         try:

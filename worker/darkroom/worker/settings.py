@@ -24,4 +24,8 @@ class WorkerSettings(Settings):
     transient_retries: int = Field(5, ge=0, le=50, description="Retries of transient errors before a job fails.")
     progress_interval_seconds: float = Field(0.5, ge=0.0, description="Minimum time between progress events.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the worker announces itself in Redis.")
+    model_memory_budget_bytes: int | None = Field(
+        None, ge=1, description="Bytes of model weights kept resident; auto: 70% of GPU memory or 50% of RAM."
+    )
+    max_adapters: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per model (LRU).")
     allow_pickle_weights: bool = Field(False, description="Allow non-safetensors (pickle) weights. Unsafe.")

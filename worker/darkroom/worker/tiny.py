@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import (
@@ -276,3 +276,49 @@ def make_tiny_model(directory: Path, seed: int = 0, *, overwrite: bool = False) 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def make_tiny_lora(
+    model_dir: Path,
+    path: Path,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    unet: bool = True,
+    text_encoder: bool = False,
+    scale: float = 1.0,
+) -> Path:
+    """Write a LoRA with random weights for the tiny model (UNet and/or text encoder) as ``path`` (.safetensors).
+
+    Random A *and* B (peft's ``init_lora_weights=False``), so it visibly changes outputs.
+    """
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    if not (unet or text_encoder):
+        raise ValueError("a LoRA needs the UNet, the text encoder or both")
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                          requires_safety_checker=False)
+    layers: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if unet:
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+            inject_adapter_in_model(config, pipe.unet)
+            state = {k: v * scale for k, v in get_peft_model_state_dict(pipe.unet).items()}
+            layers["unet_lora_layers"] = convert_state_dict_to_diffusers(state)
+        if text_encoder:
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+            inject_adapter_in_model(config, pipe.text_encoder)
+            state = {k: v * scale for k, v in get_peft_model_state_dict(pipe.text_encoder).items()}
+            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionImg2ImgPipeline.save_lora_weights(
+        str(path.parent), weight_name=path.name, safe_serialization=True, **layers
+    )
+    return path

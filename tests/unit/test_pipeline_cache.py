@@ -1,0 +1,77 @@
+"""The resident-model cache: a byte budget measured from loaded weights, LRU eviction that frees
+memory, and byte-identical components loaded once."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+
+from darkroom.common.errors import ErrorCode, JobError
+from darkroom.worker.device import DeviceInfo
+from darkroom.worker.filecache import FileCache
+from darkroom.worker.pipelines import PipelineCache, module_bytes_all
+from darkroom.worker.registry import ModelRegistry
+from darkroom.worker.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cache-models")
+    # a, b, c differ everywhere; a_twin is byte-identical to a (same seed)
+    return {name: make_tiny_model(root / name, seed=seed) for name, seed in
+            [("a", 1), ("b", 2), ("c", 3), ("a_twin", 1)]}
+
+
+def cache_for(models: dict[str, Path], tmp_path: Path, budget: int) -> PipelineCache:
+    registry = ModelRegistry.build(pairs=[f"{k}={v}" for k, v in models.items()])
+    return PipelineCache(registry, DeviceInfo("cpu", "float32", "cpu"), FileCache(tmp_path, store=None),  # type: ignore[arg-type]
+                         budget_bytes=budget)
+
+
+def one_model_bytes(models: dict[str, Path], tmp_path: Path) -> int:
+    cache = cache_for(models, tmp_path, 10**12)
+    return module_bytes_all(cache.get("a").pipeline)
+
+
+def test_lru_eviction_keeps_the_cache_within_its_budget(models: dict[str, Path], tmp_path: Path) -> None:
+    size = one_model_bytes(models, tmp_path)
+    cache = cache_for(models, tmp_path, int(size * 2.5))
+    seen_max = 0
+    for model_id in ["a", "b", "a", "c", "b"]:
+        cache.get(model_id)
+        seen_max = max(seen_max, cache.resident_bytes())
+    # a, b loaded; a touched; c evicts b (least recently used); b evicts a
+    assert cache.resident == ["c", "b"]
+    assert cache.evictions == 2 and cache.hits == 1 and cache.misses == 4
+    assert seen_max <= cache.budget_bytes
+
+
+def test_eviction_releases_the_weights(models: dict[str, Path], tmp_path: Path) -> None:
+    size = one_model_bytes(models, tmp_path)
+    cache = cache_for(models, tmp_path, int(size * 1.5))
+    unet = weakref.ref(cache.get("a").pipeline.unet)
+    cache.get("b")
+    gc.collect()
+    assert cache.resident == ["b"]
+    assert unet() is None, "the evicted model's UNet is still referenced somewhere"
+
+
+def test_identical_vae_is_loaded_once(models: dict[str, Path], tmp_path: Path) -> None:
+    cache = cache_for(models, tmp_path, 10**12)
+    a, twin, b = cache.get("a"), cache.get("a_twin"), cache.get("b")
+    assert a.pipeline.vae is twin.pipeline.vae
+    assert a.pipeline.vae is not b.pipeline.vae
+    assert a.pipeline.unet is not twin.pipeline.unet  # adapters are injected per model: never shared
+    vae = sum(t.numel() * t.element_size() for t in a.pipeline.vae.parameters())
+    total = module_bytes_all(a.pipeline) + module_bytes_all(twin.pipeline) + module_bytes_all(b.pipeline)
+    assert cache.resident_bytes() <= total - vae  # the shared VAE is counted once
+
+
+def test_a_model_larger_than_the_budget_fails_the_job_clearly(models: dict[str, Path], tmp_path: Path) -> None:
+    cache = cache_for(models, tmp_path, 1000)
+    with pytest.raises(JobError) as info:
+        cache.get("a")
+    assert info.value.code is ErrorCode.MODEL_TOO_LARGE and "budget is 1000" in info.value.message

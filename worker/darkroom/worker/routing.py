@@ -1,0 +1,74 @@
+"""Which queues this worker consumes, and the sweep that keeps no job stranded.
+
+A worker consumes, in this order of preference, the hot queue of each model it
+holds resident (producers send a model's jobs there while any worker holds it)
+and the cold queue of every model it serves (jobs for models resident nowhere;
+it cold-loads them). When a model stops being resident anywhere, the jobs still
+in its hot queue are moved, in order and keeping their priority, to its cold
+queue: a job never waits for a worker that will not come.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from darkroom.common.fleet import Fleet
+from darkroom.common.queues import cold_queue, hot_queue
+
+__all__ = ["QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
+
+log = logging.getLogger(__name__)
+PRIORITY_STEPS = range(10)
+
+
+def priority_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority (0 first; sep ':')."""
+    return [queue if p == 0 else f"{queue}:{p}" for p in PRIORITY_STEPS]
+
+
+class QueueSubscriptions:
+    """The consumer's queue set: hot queues of resident models, then cold queues of served models."""
+
+    def __init__(self, served: Iterable[str] = ()) -> None:
+        self.consumer: Any | None = None
+        self.served = list(served)
+        self.current: set[str] = set()
+
+    def initial(self, resident: Iterable[str]) -> list[str]:
+        queues = [hot_queue(m) for m in resident] + [cold_queue(m) for m in self.served]
+        self.current = set(queues)
+        return queues
+
+    def attach(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def sync(self, resident: Iterable[str]) -> None:
+        """Start consuming newly resident models' queues; stop for evicted ones."""
+        if self.consumer is None:
+            return
+        wanted = {hot_queue(m) for m in resident} | {cold_queue(m) for m in self.served}
+        for queue in sorted(wanted - self.current):
+            self.consumer.add_task_queue(queue)
+        for queue in sorted(self.current - wanted):
+            self.consumer.cancel_task_queue(queue)
+        self.current = wanted
+
+
+def sweep_orphaned_queues(client: redis.Redis, fleet: Fleet, model_ids: Iterable[str]) -> int:
+    """Move jobs out of the queues of models no live worker holds; return how many moved."""
+    moved = 0
+    for model_id in model_ids:
+        if fleet.holders(model_id):
+            continue
+        for source, target in zip(priority_keys(hot_queue(model_id)), priority_keys(cold_queue(model_id)),
+                                  strict=True):
+            # newest end of the orphaned list -> oldest end of the general one: order is kept
+            while client.lmove(source, target, "LEFT", "RIGHT") is not None:
+                moved += 1
+    if moved:
+        log.info("moved %d job(s) from hot queues of models resident nowhere to their cold queues", moved)
+    return moved
