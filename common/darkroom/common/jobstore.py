@@ -4,6 +4,7 @@ Keys (all expire after ``Settings.status_ttl_seconds``)::
 
     darkroom:job:{job_id}            JobRecord as JSON
     darkroom:job:{job_id}:progress   last progress event as JSON (best effort)
+    darkroom:job:{job_id}:cancel     present once the job was cancelled (the worker checks it)
 
 Every transition also publishes a :class:`JobEvent` on ``darkroom:events:{job_id}``
 and on ``darkroom:events``, so waiters wake at once instead of polling.
@@ -23,14 +24,18 @@ from .errors import JobCancelled, JobFailed, WaitTimeout
 from .events import ALL_EVENTS_CHANNEL, EventType, JobEvent, event_channel
 from .jobs import Img2ImgJob
 from .results import JobResult
-from .status import JobStatus
+from .status import IllegalTransition, JobStatus
 from .webhooks import outbox_push
 
-__all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key"]
+__all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key", "cancel_key"]
 
 
 def job_key(job_id: str) -> str:
     return f"darkroom:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"darkroom:job:{job_id}:cancel"
 
 
 def _now() -> datetime:
@@ -144,13 +149,30 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
-    def report_progress(self, record: JobRecord, step: int, total_steps: int) -> None:
-        """Best-effort progress: stored for late readers and published."""
+    def report_progress(self, record: JobRecord, step: int, total_steps: int) -> bool:
+        """Best-effort progress: stored for late readers and published. Returns whether the job was cancelled."""
         event = self._event(record, EventType.PROGRESS, step=step, total_steps=total_steps)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(job_key(record.job_id) + ":progress", event.model_dump_json(), ex=self.ttl)
         self._publish(pipe, record, event)
-        pipe.execute()
+        pipe.exists(cancel_key(record.job_id))
+        return bool(pipe.execute()[-1])
+
+    # -- cancelling --------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
+        """Cancel a job: a queued one will never run; a running one stops at its next denoising step.
+
+        Sets a flag the worker checks while it denoises, then moves the record to ``cancelled``.
+        A job that already ended is left as it is (its record is returned).
+        """
+        self.redis.set(cancel_key(job_id), reason, ex=self.ttl)
+        try:
+            return self.transition(job_id, JobStatus.CANCELLED, error_code="cancelled", error_message=reason)
+        except IllegalTransition:
+            return self.require(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return bool(self.redis.exists(cancel_key(job_id)))
 
     # -- waiting ---------------------------------------------------------
     def wait(

@@ -136,6 +136,22 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
         _wait_and_print(client, job_id, timeout, as_json)
 
 
+@main.command()
+@click.argument("job_ids", nargs=-1, required=True)
+def cancel(job_ids: tuple[str, ...]) -> None:
+    """Cancel jobs: queued ones never run; running ones stop at their next denoising step."""
+    from .client import Client
+
+    with _client(Client) as client:
+        for job_id in job_ids:
+            try:
+                record = client.cancel(job_id)
+            except JobNotFound:
+                raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
+            state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
+            click.echo(f"{job_id}: {state}")
+
+
 def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bool) -> None:
     bar = _ProgressLine(enabled=not as_json and sys.stderr.isatty())
     try:

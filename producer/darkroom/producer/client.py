@@ -57,6 +57,9 @@ class JobHandle:
         """Block until the job ends; return its result or raise JobFailed / JobCancelled / WaitTimeout."""
         return self.client.wait(self.job_id, timeout=timeout, on_event=on_event)
 
+    def cancel(self) -> JobRecord:
+        return self.client.cancel(self.job_id)
+
 
 class Client:
     """Submits jobs to the queue and reads their status from Redis and results from S3."""
@@ -145,6 +148,12 @@ class Client:
     def status(self, job_id: str) -> JobRecord:
         """The job's current record; raises JobNotFound for unknown (or expired) ids."""
         return self.jobs.require(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one never runs, a running one stops at its next denoising step and
+        publishes nothing. A job that already ended is left as it is. Returns the job's record."""
+        self.jobs.require(job_id)
+        return self.jobs.cancel(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""

@@ -88,6 +88,9 @@ class JobRunner:
     def _run_started(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobRecord | None:
         try:
             result = self._execute(record, job, started)
+        except _Cancelled:
+            log.info("job %s cancelled while running; nothing published", job.job_id)
+            return self.ctx.jobs.get(record.job_id)
         except JobError as exc:
             log.info("job %s failed [%s]: %s", job.job_id, exc.code, exc.message)
             return self.fail(job, exc.code, exc.message)
@@ -97,7 +100,12 @@ class JobRunner:
             log.exception("job %s failed unexpectedly", job.job_id)
             return self.fail(job, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         self.ctx.jobs_done += 1
-        return self.ctx.jobs.transition(job.job_id or "", JobStatus.SUCCEEDED, job=job, result=result)
+        try:
+            return self.ctx.jobs.transition(job.job_id or "", JobStatus.SUCCEEDED, job=job, result=result)
+        except IllegalTransition:  # cancelled after its outputs were committed
+            log.info("job %s ended (cancelled) while committing; its outputs stay recorded in result.json",
+                     job.job_id)
+            return self.ctx.jobs.get(record.job_id)
 
     def fail(self, job: Img2ImgJob, code: ErrorCode | str, message: str) -> JobRecord | None:
         try:
@@ -141,10 +149,14 @@ class JobRunner:
             log.info("job %s is already %s; skipping the message", job.job_id, current.status.value)
             return None
         attempt = (current.attempt if current else 0) + 1
-        return self.ctx.jobs.transition(
-            job.job_id, JobStatus.STARTED, job=job, attempt=attempt, worker=self.ctx.name,
-            error_code=None, error_message=None,
-        )
+        try:
+            return self.ctx.jobs.transition(
+                job.job_id, JobStatus.STARTED, job=job, attempt=attempt, worker=self.ctx.name,
+                error_code=None, error_message=None,
+            )
+        except IllegalTransition:  # cancelled between the read and the write
+            log.info("job %s ended before it started; skipping the message", job.job_id)
+            return None
 
     def _execute(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobResult:
         timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
@@ -164,6 +176,8 @@ class JobRunner:
         progress = _ProgressReporter(self.ctx, record)
         with clock.time("inference"):
             batch = run_batch(loaded.pipeline, [item], on_step=progress)
+        if self.ctx.jobs.is_cancelled(record.job_id):
+            raise _Cancelled(record.job_id)
         outputs = self._store_outputs(job, batch.images[0], item.seeds, clock)
         timings.total = time.perf_counter() - started
         result = JobResult(
@@ -249,8 +263,12 @@ class JobRunner:
             raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
 
 
+class _Cancelled(Exception):
+    """Raised inside the pipeline call to stop a job that was cancelled."""
+
+
 class _ProgressReporter:
-    """Publishes throttled progress events (always the last step)."""
+    """Publishes throttled progress events (always the last step) and stops cancelled jobs."""
 
     def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
         self.ctx, self.record = ctx, record
@@ -262,9 +280,12 @@ class _ProgressReporter:
             return
         self.last = now
         try:
-            self.ctx.jobs.report_progress(self.record, step, total)
+            cancelled = self.ctx.jobs.report_progress(self.record, step, total)
         except Exception as exc:  # noqa: BLE001 - progress is best effort
             log.debug("progress event lost: %s", exc)
+            return
+        if cancelled:
+            raise _Cancelled(self.record.job_id)
 
 
 def _extension(job: Img2ImgJob) -> str:
