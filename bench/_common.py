@@ -11,21 +11,22 @@ from darkroom.worker.libs import quiet_libraries
 quiet_libraries()
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process, from /proc (Linux)."""
+def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc (Linux)."""
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    """Peak resident set size of this process."""
+    return _proc_status_bytes("VmHWM")
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:

@@ -6,10 +6,13 @@ COPY constraints.txt ./
 COPY common ./common
 COPY producer ./producer
 COPY worker ./worker
-# torch comes from the base image (a CUDA build); constraints pin the rest.
+# torch comes from the base image (a CUDA build); constraints pin the rest. A torch pin, if
+# constraints.txt ever gets one, is dropped so pip keeps the base image's CUDA build.
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
- && pip install --no-cache-dir -c /tmp/constraints.txt ./common ./producer ./worker
-RUN useradd --create-home darkroom && mkdir -p /var/lib/darkroom && chown darkroom /var/lib/darkroom
-USER darkroom
+ && pip install --no-cache-dir -c /tmp/constraints.txt ./common ./producer ./worker \
+ && python -c "import torch; assert torch.version.cuda, 'CPU torch replaced the CUDA build'"
+# Numeric uid so Kubernetes' runAsNonRoot can verify it (infra/k8s runs it as 10001).
+RUN useradd --create-home --uid 10001 darkroom && mkdir -p /var/lib/darkroom && chown darkroom /var/lib/darkroom
+USER 10001
 STOPSIGNAL SIGTERM
 CMD ["darkroom", "worker"]

@@ -74,6 +74,7 @@ def test_a_queued_job_never_runs(client: Client, services: Any, settings: Settin
     uri = upload(client)
     model_id = f"q{uuid.uuid4().hex[:6]}"
     prefix = f"s3://darkroom/cancel-tests/{uuid.uuid4().hex}"
+    client.fleet.register_models([model_id])  # its workers are scaled to zero for now
     doomed = client.submit({"model": model_id, "image": uri, "prompt": "x", "strength": 0.5,
                             "num_inference_steps": 4, "seed": 1, "output_prefix": prefix})
     assert client.cancel(doomed.job_id).status is JobStatus.CANCELLED

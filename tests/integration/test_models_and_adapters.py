@@ -123,7 +123,8 @@ def test_interactive_jobs_go_before_bulk_jobs(
 ) -> None:
     uri = upload(client)
     model_id = f"p{uuid.uuid4().hex[:6]}"
-    # Given bulk jobs queued before an interactive one, with no worker for the model yet
+    # Given bulk jobs queued before an interactive one, with no worker for the model up (scaled to zero)
+    client.fleet.register_models([model_id])
     bulk = [client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "bulk"}) for _ in range(3)]
     interactive = client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "interactive"})
     # When a worker for the model starts

@@ -88,7 +88,9 @@ def test_result_json_and_status_echo_parameters_seeds_and_timings(client: Client
     assert record["job_id"] == handle.job_id
     assert record["outputs"][0]["uri"] == result.uris[0]
     assert record["outputs"][0]["seed"] == 42
-    assert record["outputs"][0]["nsfw"] is None  # no checker configured yet
+    safety = record["outputs"][0]["safety"]  # the worker's default checker scored it (see test_safety_policies.py)
+    assert safety["checker"] == "opennsfw" and 0.0 <= safety["score"] <= 1.0
+    assert record["outputs"][0]["nsfw"] is safety["flagged"] is (safety["score"] >= 0.5)
     # int(10 * 0.6) = 6 steps requested; the tiny model's PNDM scheduler runs one extra (PLMS warm-up)
     assert record["parameters"]["strength"] == 0.6 and record["parameters"]["steps_run"] == 7
     assert record["worker"] == worker.name

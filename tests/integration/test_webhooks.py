@@ -222,6 +222,8 @@ def test_every_lifecycle_event_arrives_signed(
     succeeded = by_type["job.succeeded"]["data"]
     assert succeeded["status"] == "succeeded"
     assert [o["uri"] for o in succeeded["result"]["outputs"]] == result.uris
+    safety = result.outputs[0].safety  # the outputs' safety verdicts travel with the result
+    assert safety is not None and succeeded["result"]["outputs"][0]["safety"] == safety.model_dump(mode="json")
     # ...and a receiver holding another secret, or checking much later, refuses them
     with pytest.raises(WebhookVerificationError):
         verify(SECRETS[OTHER], got[0].headers, got[0].body)

@@ -121,3 +121,25 @@ def test_any_accepted_job_round_trips_through_json(data: dict[str, object]) -> N
 def test_any_out_of_range_strength_is_refused_with_a_field_message(value: float) -> None:
     error = refused(strength=value)
     assert error.errors[0].field == "strength"
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True),
+                    st.text(max_size=50), st.lists(st.integers(), max_size=3))
+field_names = st.sampled_from([*Img2ImgJob.model_fields, "unknown_field", "strenght"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, scalars, max_size=8))
+def test_any_json_is_either_accepted_and_round_trips_or_refused_field_by_field(extra: dict[str, object]) -> None:
+    data = {**BASE, **extra}
+    try:
+        job = validate_job(data)
+    except InvalidJobError as error:
+        assert error.errors, "a refusal must name at least one field"
+        for e in error.errors:
+            top = e.field.split(".")[0]
+            assert top in data or top == "(job)", e
+            assert e.message
+        return
+    wire = json.loads(json.dumps(job.model_dump(mode="json")))
+    assert validate_job(wire) == job  # the worker re-validates the same wire form

@@ -8,7 +8,8 @@ import darkroom.producer as producer
 
 def test_producer_exports() -> None:
     assert sorted(producer.__all__) == sorted([
-        "Client", "Img2ImgJob", "InvalidJobError", "JobCancelled", "JobFailed", "JobHandle", "JobNotFound",
+        "AsyncClient", "AsyncJobHandle", "Client", "EventType", "Img2ImgJob", "InvalidJobError", "JobCancelled",
+        "JobEvent", "JobFailed", "JobHandle", "JobNotFound",
         "JobRecord", "JobResult", "JobStatus", "OutputFormat", "Settings", "WaitTimeout",
     ])
     for name in producer.__all__:

@@ -20,7 +20,8 @@ from .events import EventType, JobEvent
 from .jobs import Img2ImgJob, OutputFormat, validate_job
 from .jobstore import JobRecord, JobStore
 from .queues import TASK_IMG2IMG, cold_queue, hot_queue
-from .results import JobResult, OutputImage, Timings
+from .results import FailureDetails, JobResult, OutputImage, Timings
+from .safety import SafetyAction, SafetyPolicy, SafetyVerdict
 from .settings import Settings
 from .status import JobStatus
 from .storage import S3Uri
@@ -31,6 +32,7 @@ __all__ = [
     "DarkroomError",
     "ErrorCode",
     "EventType",
+    "FailureDetails",
     "FieldError",
     "Img2ImgJob",
     "InvalidJobError",
@@ -45,6 +47,9 @@ __all__ = [
     "OutputFormat",
     "OutputImage",
     "S3Uri",
+    "SafetyAction",
+    "SafetyPolicy",
+    "SafetyVerdict",
     "Settings",
     "TASK_IMG2IMG",
     "Timings",

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     INPUT_TOO_LARGE = "input_too_large"
     INPUT_UNREADABLE = "input_unreadable"
     INPUT_UNSUPPORTED = "input_unsupported"
+    INPUT_FLAGGED = "input_flagged"
     BUCKET_NOT_ALLOWED = "bucket_not_allowed"
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_LOAD_FAILED = "model_load_failed"
@@ -61,6 +62,7 @@ class ErrorCode(StrEnum):
     ADAPTER_INVALID = "adapter_invalid"
     OUTPUT_WRITE_FAILED = "output_write_failed"
     TRANSIENT_EXHAUSTED = "transient_exhausted"
+    DELIVERY_LIMIT = "delivery_limit"
     WORKER_FATAL = "worker_fatal"
     INTERNAL_ERROR = "internal_error"
 

@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
+import redis.asyncio
 
 from .queues import cold_queue, hot_queue
 
-__all__ = ["WorkerInfo", "Fleet", "worker_key", "WORKER_PREFIX"]
+__all__ = ["WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
 
 WORKER_PREFIX = "darkroom:worker:"
+WORKERS_KEY = "darkroom:workers"  # names of workers that announced themselves (no keyspace SCAN needed)
+CATALOG_KEY = "darkroom:models"
+CATALOG_TTL_SECONDS = 7 * 24 * 3600
+T = TypeVar("T")
 
 
 def worker_key(name: str) -> str:
@@ -48,27 +53,121 @@ class Fleet:
     def __init__(self, client: redis.Redis, *, ttl: float = 1.0) -> None:
         self.redis = client
         self.ttl = ttl
-        self._cached: tuple[float, list[WorkerInfo]] | None = None
+        self._workers: _Cached[list[WorkerInfo]] = _Cached(ttl)
+        self._catalog: _Cached[list[str]] = _Cached(ttl)
 
     def workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
-        now = time.monotonic()
-        if not fresh and self._cached is not None and now - self._cached[0] < self.ttl:
-            return self._cached[1]
-        keys = sorted(self.redis.scan_iter(match=WORKER_PREFIX + "*", count=500))
+        if not fresh and (hit := self._workers.get()) is not None:
+            return hit
+        names = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in self.redis.smembers(WORKERS_KEY))
+        keys = [worker_key(n) for n in names]
         values = self.redis.mget(keys) if keys else []
-        found = []
-        for key, raw in zip(keys, values, strict=True):
-            if raw is None:
-                continue
-            name = (key.decode() if isinstance(key, bytes) else str(key))[len(WORKER_PREFIX):]
-            found.append(WorkerInfo(name, json.loads(raw)))
-        self._cached = (now, found)
-        return found
+        gone = [n for n, v in zip(names, values, strict=True) if v is None]
+        if gone:  # announcements that expired: the worker died or stopped
+            self.redis.srem(WORKERS_KEY, *gone)
+        return self._workers.put(parse_workers(keys, values))
+
+    def announce(self, name: str, report: str, ttl_seconds: int) -> None:
+        """A worker's heartbeat: its report under a short TTL, and its name in the set of workers."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(worker_key(name), report, ex=ttl_seconds)
+        pipe.sadd(WORKERS_KEY, name)
+        pipe.execute()
+
+    def withdraw(self, name: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(worker_key(name))
+        pipe.srem(WORKERS_KEY, name)
+        pipe.execute()
+
+    def register_models(self, model_ids: list[str]) -> None:
+        """Record that this fleet serves these models (kept when workers scale to zero)."""
+        if model_ids:
+            now = time.time()
+            self.redis.hset(CATALOG_KEY, mapping={m: now for m in model_ids})
+            self._catalog.clear()
+
+    def catalog(self) -> list[str]:
+        """Models some worker served in the last week; empty if no worker ever started (cached ``ttl``)."""
+        if (hit := self._catalog.get()) is not None:
+            return hit
+        return self._catalog.put(parse_catalog(self.redis.hgetall(CATALOG_KEY)))
 
     def holders(self, model_id: str) -> list[str]:
         """Names of live workers with ``model_id`` resident."""
-        return [w.name for w in self.workers() if model_id in w.resident_models]
+        return holders(self.workers(), model_id)
 
     def queue_for(self, model_id: str) -> str:
         """The model's hot queue when a live worker holds it resident, else its cold queue."""
-        return hot_queue(model_id) if self.holders(model_id) else cold_queue(model_id)
+        return route(self.workers(), model_id)
+
+
+class AsyncFleet:
+    """:class:`Fleet`'s reads over a ``redis.asyncio`` client (for the asyncio SDK), cached the same way."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, ttl: float = 1.0) -> None:
+        self.redis = client
+        self._workers: _Cached[list[WorkerInfo]] = _Cached(ttl)
+        self._catalog: _Cached[list[str]] = _Cached(ttl)
+
+    async def workers(self) -> list[WorkerInfo]:
+        if (hit := self._workers.get()) is not None:
+            return hit
+        names = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in await self.redis.smembers(WORKERS_KEY))
+        keys = [worker_key(n) for n in names]
+        values = await self.redis.mget(keys) if keys else []
+        return self._workers.put(parse_workers(keys, values))
+
+    async def catalog(self) -> list[str]:
+        if (hit := self._catalog.get()) is not None:
+            return hit
+        return self._catalog.put(parse_catalog(await self.redis.hgetall(CATALOG_KEY)))
+
+    async def queue_for(self, model_id: str) -> str:
+        return route(await self.workers(), model_id)
+
+
+def parse_workers(keys: list[Any], values: list[Any]) -> list[WorkerInfo]:
+    """Workers from their heartbeat keys and JSON values (expired ones, read as None, are skipped)."""
+    found = []
+    for key, raw in zip(keys, values, strict=True):
+        if raw is None:
+            continue
+        name = (key.decode() if isinstance(key, bytes) else str(key))[len(WORKER_PREFIX):]
+        found.append(WorkerInfo(name, json.loads(raw)))
+    return found
+
+
+def parse_catalog(raw: dict[Any, Any]) -> list[str]:
+    """Model ids of the catalog hash that some worker registered within ``CATALOG_TTL_SECONDS``."""
+    cutoff = time.time() - CATALOG_TTL_SECONDS
+    return sorted((k.decode() if isinstance(k, bytes) else str(k)) for k, v in raw.items() if float(v) >= cutoff)
+
+
+def holders(workers: list[WorkerInfo], model_id: str) -> list[str]:
+    return [w.name for w in workers if model_id in w.resident_models]
+
+
+def route(workers: list[WorkerInfo], model_id: str) -> str:
+    """The model's hot queue when one of ``workers`` holds it resident, else its cold queue."""
+    return hot_queue(model_id) if holders(workers, model_id) else cold_queue(model_id)
+
+
+class _Cached(Generic[T]):
+    """One value, fresh for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entry: tuple[float, T] | None = None
+
+    def get(self) -> T | None:
+        if self._entry is not None and time.monotonic() - self._entry[0] < self.ttl:
+            return self._entry[1]
+        return None
+
+    def put(self, value: T) -> T:
+        self._entry = (time.monotonic(), value)
+        return value
+
+    def clear(self) -> None:
+        self._entry = None

@@ -13,10 +13,12 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import FieldError, InvalidJobError
 from .events import EventType
+from .safety import SafetyPolicy
+from .schedulers import ACCEPTS_ETA, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import S3Uri
 
 __all__ = ["AdapterRef", "Img2ImgJob", "OutputFormat", "Priority", "MAX_SEED", "MAX_ADAPTERS", "validate_job",
@@ -25,6 +27,33 @@ __all__ = ["AdapterRef", "Img2ImgJob", "OutputFormat", "Priority", "MAX_SEED", "
 MAX_SEED = 2**63 - 1
 MAX_ADAPTERS = 8
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MAX_IMAGES = 16
+MAX_TIMESTEP = 999
+_ONE, _PER_IMAGE = "one", "per_image"  # union tags; never shown in error locations
+
+
+def _one_or_per_image(value: Any) -> str:
+    return _PER_IMAGE if isinstance(value, list) else _ONE
+
+
+_Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
+_Text = Annotated[str, MaxLen(4000)]
+SeedValue = Annotated[
+    Annotated[_Seed, Tag(_ONE)] | Annotated[list[_Seed], MinLen(1), MaxLen(MAX_IMAGES), Tag(_PER_IMAGE)],
+    Discriminator(_one_or_per_image),
+]
+TextValue = Annotated[
+    Annotated[_Text, Tag(_ONE)] | Annotated[list[_Text], MinLen(1), MaxLen(MAX_IMAGES), Tag(_PER_IMAGE)],
+    Discriminator(_one_or_per_image),
+]
+
+
+class CrossFieldError(ValueError):
+    """Raised by a job validator when a field is wrong given another field; names the field."""
+
+    def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:
+        super().__init__(f"{field}={value!r}: {message}; allowed: {allowed}")
+        self.field, self.value, self.message, self.allowed = field, value, message, allowed
 
 
 class OutputFormat(StrEnum):
@@ -82,9 +111,13 @@ class Img2ImgJob(BaseModel):
     )
     model: str = Field(description="Model id from the workers' model registry.")
     image: str = Field(description="Input image as s3://bucket/key (PNG, JPEG, WebP...).")
-    prompt: Annotated[str, MaxLen(4000)] = Field(description="Text guiding the generation.")
-    negative_prompt: Annotated[str, MaxLen(4000)] | None = Field(
-        None, description="Text to steer away from (needs guidance_scale > 1)."
+    prompt: TextValue = Field(
+        description="Text guiding the generation; or a list, one per image.",
+        json_schema_extra={"allowed": "at most 4000 characters; a list has one per image"},
+    )
+    negative_prompt: TextValue | None = Field(
+        None, description="Text to steer away from (needs guidance_scale > 1); or a list, one per image.",
+        json_schema_extra={"allowed": "at most 4000 characters; a list has one per image"},
     )
     strength: Annotated[float, Ge(0.0), Le(1.0)] = Field(
         0.8, description="How much the input is transformed: 0 keeps it, 1 ignores it."
@@ -95,10 +128,31 @@ class Img2ImgJob(BaseModel):
     guidance_scale: Annotated[float, Ge(0.0), Le(100.0)] = Field(
         7.5, description="Classifier-free guidance; on when > 1."
     )
-    seed: Annotated[int, Ge(0), Le(MAX_SEED)] | None = Field(
-        None, description="Seed of image 0 (image i uses seed + i); drawn at submit when omitted."
+    seed: SeedValue | None = Field(
+        None, description="Seed of image 0 (image i uses seed + i), or a list, one per image; drawn at submit "
+                          "when omitted.",
+        json_schema_extra={"allowed": f"0 <= seed <= {MAX_SEED}"},
     )
-    num_images_per_prompt: Annotated[int, Ge(1), Le(16)] = Field(1, description="Images to make.")
+    num_images_per_prompt: Annotated[int, Ge(1), Le(MAX_IMAGES)] = Field(1, description="Images to make.")
+    scheduler: SchedulerName | None = Field(
+        None, description="Denoising scheduler, built from the model's scheduler config (see \"Schedulers\"); "
+                          "the model's default when omitted.",
+    )
+    eta: Annotated[float, Ge(0.0), Le(1.0)] | None = Field(
+        None, description="DDIM eta: 0 is deterministic DDIM, 1 adds DDPM-like noise; needs a scheduler that "
+                          "takes it (ddim); diffusers' 0.0 when omitted.",
+    )
+    clip_skip: Annotated[int, Ge(1), Le(24)] | None = Field(
+        None, description="Final CLIP text-encoder layers to skip for the prompt embedding (must be below the "
+                          "model's layer count); none skipped when omitted.",
+    )
+    timesteps: Annotated[list[Annotated[int, Ge(0), Le(MAX_TIMESTEP)]], MinLen(1), MaxLen(1000)] | None = Field(
+        None, description="Explicit timesteps instead of num_inference_steps (euler, dpmpp_2m, lcm); "
+                          "int(len(timesteps) * strength) of them run.",
+        json_schema_extra={"allowed": f"strictly descending integers in 0..{MAX_TIMESTEP}, 1..1000 of them; "
+                                      f"scheduler one of {', '.join(sorted(ACCEPTS_TIMESTEPS))} (or a model "
+                                      "default that takes timesteps)"},
+    )
     adapters: Annotated[list[AdapterRef], MaxLen(MAX_ADAPTERS)] = Field(
         default_factory=list, description="LoRA adapters with weights (several blend); none = the base model."
     )
@@ -118,6 +172,17 @@ class Img2ImgJob(BaseModel):
     )
     producer: str | None = Field(
         None, description="Producer id (selects the webhook signing secret); the client's setting when omitted."
+    )
+    safety_policy: SafetyPolicy | None = Field(
+        None, description="What to do with a flagged output: flag, blur or block; the worker's default when omitted."
+    )
+    safety_threshold: Annotated[float, Ge(0.0), Le(1.0)] | None = Field(
+        None, description="Score at or above which an image is flagged (0 flags all, 1 none); the worker's default "
+                          "when omitted; workers refuse values outside their operator's limits.",
+    )
+    precheck_input: bool = Field(
+        False, description="Score the input image first; a flagged input fails the job (input_flagged) before "
+                           "any denoising.",
     )
 
     @field_validator("job_id")
@@ -162,6 +227,15 @@ class Img2ImgJob(BaseModel):
             raise ValueError("must be an http(s):// URL")
         return v
 
+    @field_validator("timesteps")
+    @classmethod
+    def _descending(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            for i, (a, b) in enumerate(zip(v, v[1:], strict=False)):
+                if a <= b:
+                    raise ValueError(f"must be strictly descending, but timesteps[{i}]={a} <= timesteps[{i + 1}]={b}")
+        return v
+
     @field_validator("adapters")
     @classmethod
     def _unique_adapters(cls, v: list[AdapterRef]) -> list[AdapterRef]:
@@ -172,7 +246,11 @@ class Img2ImgJob(BaseModel):
 
     @model_validator(mode="after")
     def _runs_at_least_one_step(self) -> Self:
-        if int(self.num_inference_steps * self.strength) < 1:
+        if self.timesteps and self.steps_to_run < 1:
+            raise CrossFieldError("timesteps", self.timesteps,
+                                  f"with strength {self.strength} no timestep runs",
+                                  "int(len(timesteps) * strength) >= 1")
+        if not self.timesteps and int(self.num_inference_steps * self.strength) < 1:
             raise ValueError(
                 f"strength × num_inference_steps = {self.strength} × {self.num_inference_steps} "
                 "runs no denoising step; raise strength or num_inference_steps so that "
@@ -180,16 +258,58 @@ class Img2ImgJob(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_per_image(self) -> Self:
+        for name in ("seed", "prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.num_images_per_prompt:
+                raise CrossFieldError(
+                    name, value, f"has {len(value)} items for {self.num_images_per_prompt} images",
+                    f"one per image: len({name}) == num_images_per_prompt ({self.num_images_per_prompt})",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_takes_options(self) -> Self:
+        if self.scheduler is None:
+            return self  # the model's default scheduler is known only to the worker, which checks it
+        if self.eta is not None and self.scheduler not in ACCEPTS_ETA:
+            raise CrossFieldError("eta", self.eta, f"scheduler {self.scheduler.value} ignores eta",
+                                  f"eta only with scheduler {', '.join(sorted(ACCEPTS_ETA))}")
+        if self.timesteps is not None and self.scheduler not in ACCEPTS_TIMESTEPS:
+            raise CrossFieldError("timesteps", self.timesteps,
+                                  f"scheduler {self.scheduler.value} does not accept explicit timesteps",
+                                  f"timesteps only with scheduler {', '.join(sorted(ACCEPTS_TIMESTEPS))}")
+        return self
+
     @property
     def steps_to_run(self) -> int:
-        """Denoising steps diffusers actually runs: ``int(num_inference_steps * strength)``."""
-        return int(self.num_inference_steps * self.strength)
+        """Denoising steps diffusers actually runs: ``int(num_inference_steps * strength)``
+        (``len(timesteps)`` in place of ``num_inference_steps`` when timesteps are given)."""
+        steps = len(self.timesteps) if self.timesteps else self.num_inference_steps
+        return int(steps * self.strength)
 
     def seeds(self) -> list[int]:
-        """One seed per output image (``seed + i``); requires ``seed`` to be set."""
+        """One seed per output image (the list, or ``seed + i``); requires ``seed`` to be set."""
         if self.seed is None:
             raise ValueError("seed is not set")
+        if isinstance(self.seed, list):
+            return list(self.seed)
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images_per_prompt)]
+
+    def prompts(self) -> list[str]:
+        """One prompt per output image."""
+        return _per_image_texts(self.prompt, self.num_images_per_prompt)
+
+    def negative_prompts(self) -> list[str] | None:
+        """One negative prompt per output image, or None when the job has none."""
+        if self.negative_prompt is None:
+            return None
+        return _per_image_texts(self.negative_prompt, self.num_images_per_prompt)
+
+
+def _per_image_texts(value: str | list[str], count: int) -> list[str]:
+    return list(value) if isinstance(value, list) else [value] * count
 
 
 def allowed_range(model: type[BaseModel], field: str) -> str | None:
@@ -197,6 +317,9 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
     info = model.model_fields.get(field)
     if info is None:
         return None
+    override = info.json_schema_extra.get("allowed") if isinstance(info.json_schema_extra, dict) else None
+    if isinstance(override, str):
+        return override
     low: Any = None
     high: Any = None
     low_op, high_op = "<=", "<="
@@ -221,8 +344,9 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
                 high = meta.le
             elif isinstance(meta, MaxLen):
                 max_len = meta.max_length
-    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
-        return "one of " + ", ".join(m.value for m in annotation)
+    enum = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if _is_enum(a)), None)
+    if enum is not None:
+        return "one of " + ", ".join(m.value for m in enum)
     if max_len is not None and _is_list(annotation):
         return f"at most {max_len} items"
     if low is not None and high is not None:
@@ -234,6 +358,10 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
     if max_len is not None:
         return f"at most {max_len} characters"
     return None
+
+
+def _is_enum(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, StrEnum)
 
 
 def _is_list(annotation: Any) -> bool:
@@ -270,7 +398,11 @@ def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldErro
     """Turn a pydantic error into field-level messages with allowed ranges."""
     out = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "(job)"
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossFieldError):
+            out.append(FieldError(cause.field, cause.value, cause.message, cause.allowed))
+            continue
+        loc = ".".join(str(p) for p in err["loc"] if p not in (_ONE, _PER_IMAGE)) or "(job)"
         owner, name = _leaf(model, tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

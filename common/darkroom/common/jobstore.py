@@ -5,6 +5,8 @@ Keys (all expire after ``Settings.status_ttl_seconds``)::
     darkroom:job:{job_id}            JobRecord as JSON
     darkroom:job:{job_id}:progress   last progress event as JSON (best effort)
     darkroom:job:{job_id}:cancel     present once the job was cancelled (the worker checks it)
+    darkroom:job:{job_id}:history    deliveries and outcomes, newest 50 (JSON lines)
+    darkroom:dead-letters            hash job_id -> job, reason and history of jobs that kept coming back
 
 Every transition also publishes a :class:`JobEvent` on ``darkroom:events:{job_id}``
 and on ``darkroom:events``, so waiters wake at once instead of polling.
@@ -12,6 +14,7 @@ and on ``darkroom:events``, so waiters wake at once instead of polling.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -20,18 +23,22 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
-from .errors import JobCancelled, JobFailed, WaitTimeout
+from .errors import ErrorCode, FieldError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
 from .events import ALL_EVENTS_CHANNEL, EventType, JobEvent, event_channel
 from .jobs import Img2ImgJob
-from .results import JobResult
+from .results import FailureDetails, JobResult
 from .status import IllegalTransition, JobStatus
 from .webhooks import outbox_push
 
-__all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key", "cancel_key"]
+__all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key", "cancel_key", "DEAD_LETTERS_KEY", "stage_create",
+           "raise_taken", "advance", "stage_write"]
 
 
 def job_key(job_id: str) -> str:
     return f"darkroom:job:{job_id}"
+
+
+DEAD_LETTERS_KEY = "darkroom:dead-letters"
 
 
 def cancel_key(job_id: str) -> str:
@@ -60,6 +67,7 @@ class JobRecord(BaseModel):
     worker: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    details: FailureDetails | None = None
     result: JobResult | None = None
 
     def raise_for_outcome(self) -> JobResult:
@@ -69,8 +77,23 @@ class JobRecord(BaseModel):
         if self.status is JobStatus.CANCELLED:
             raise JobCancelled(self.job_id, self.error_code, self.error_message or "cancelled")
         if self.status is JobStatus.FAILED:
-            raise JobFailed(self.job_id, self.error_code, self.error_message or "failed")
+            details = self.details.model_dump(mode="json") if self.details is not None else {}
+            raise JobFailed(self.job_id, self.error_code, self.error_message or "failed", details)
         raise WaitTimeout(self.job_id, None, f"job is {self.status.value}, not finished")
+
+    def as_event(self, type_: EventType | None = None, *, time: datetime | None = None, **extra: Any) -> JobEvent:
+        """The event of this record's latest change (at ``updated_at`` unless ``time``), or ``type_`` with ``extra``."""
+        return JobEvent(
+            type=type_ or EventType.for_status(self.status),
+            job_id=self.job_id,
+            status=self.status,
+            time=time or self.updated_at,
+            attempt=self.attempt,
+            worker=self.worker,
+            error_code=self.error_code,
+            error_message=self.error_message,
+            **extra,
+        )
 
 
 class JobStore:
@@ -96,18 +119,19 @@ class JobStore:
         return None if raw is None else JobEvent.model_validate_json(raw)
 
     # -- writes ----------------------------------------------------------
-    def create(self, job: Img2ImgJob, pipe: Any | None = None) -> JobRecord:
-        """Record a new ``queued`` job. With ``pipe`` the commands join a caller's pipeline."""
-        assert job.job_id is not None
-        now = _now()
-        record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
-        target = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        target.set(job_key(job.job_id), record.model_dump_json(), ex=self.ttl, nx=True)
-        self._publish(target, record, self._event(record))
-        if pipe is None:
-            ok = target.execute()[0]
-            if not ok:
-                raise ValueError(f"job_id {job.job_id!r} already exists; choose another or omit it")
+    def create(
+        self, job: Img2ImgJob, pipe: Any | None = None, *, enqueue: tuple[str, str | bytes] | None = None
+    ) -> JobRecord:
+        """Record a new ``queued`` job and publish its event; see :func:`stage_create` for ``pipe`` and ``enqueue``.
+
+        Without ``pipe`` it runs at once and raises InvalidJobError when the id is taken.
+        """
+        if pipe is not None:
+            return stage_create(pipe, job, self.ttl, enqueue=enqueue)
+        pipe = self.redis.pipeline(transaction=False)
+        record = stage_create(pipe, job, self.ttl, enqueue=enqueue)
+        if not pipe.execute()[0]:
+            raise_taken([(None, record.job_id)])
         return record
 
     def transition(
@@ -128,22 +152,9 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(key)  # type: ignore[no-untyped-call]
-                    raw = pipe.get(key)
-                    now = _now()
-                    if raw is None:
-                        if job is None:
-                            raise JobNotFound(job_id)
-                        current = JobRecord(
-                            job_id=job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now
-                        )
-                    else:
-                        current = JobRecord.model_validate_json(raw)
-                    current.status.assert_can_become(status)
-                    record = current.model_copy(update={**changes, "status": status, "updated_at": now})
-                    record = JobRecord.model_validate(record.model_dump())
+                    record = advance(pipe.get(key), job_id, status, job=job, changes=changes)
                     pipe.multi()
-                    pipe.set(key, record.model_dump_json(), ex=self.ttl)
-                    self._publish(pipe, record, self._event(record))
+                    stage_write(pipe, record, self.ttl)
                     pipe.execute()
                     return record
                 except redis.WatchError:
@@ -173,6 +184,37 @@ class JobStore:
 
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(cancel_key(job_id)))
+
+    # -- history and dead letters -------------------------------------------
+    def note(self, job_id: str, event: str, **details: Any) -> None:
+        """Append to the job's delivery history (kept with the record; the newest 50 entries)."""
+        entry = json.dumps({"event": event, "time": _now().isoformat(), **details}, default=str)
+        key = job_key(job_id) + ":history"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(key, entry)
+        pipe.ltrim(key, -50, -1)
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def last_note(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.lrange(job_key(job_id) + ":history", -1, -1)
+        return json.loads(raw[0]) if raw else None
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.redis.lrange(job_key(job_id) + ":history", 0, -1)]
+
+    def dead_letter(self, job: Img2ImgJob, reason: str) -> JobRecord:
+        """Fail a job that keeps coming back, keeping it and its history in the dead-letter store."""
+        assert job.job_id is not None
+        entry = {"job": job.model_dump(mode="json"), "reason": reason, "time": _now().isoformat(),
+                 "history": self.history(job.job_id)}
+        self.redis.hset(DEAD_LETTERS_KEY, job.job_id, json.dumps(entry))
+        return self.transition(job.job_id, JobStatus.FAILED, job=job, error_code=ErrorCode.DELIVERY_LIMIT.value,
+                               error_message=f"moved to the dead-letter queue: {reason}")
+
+    def dead_letters(self) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(DEAD_LETTERS_KEY)
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
     # -- waiting ---------------------------------------------------------
     def wait(
@@ -212,17 +254,7 @@ class JobStore:
     # -- helpers ---------------------------------------------------------
     @staticmethod
     def _event(record: JobRecord, type_: EventType | None = None, **extra: Any) -> JobEvent:
-        return JobEvent(
-            type=type_ or EventType.for_status(record.status),
-            job_id=record.job_id,
-            status=record.status,
-            time=_now(),
-            attempt=record.attempt,
-            worker=record.worker,
-            error_code=record.error_code,
-            error_message=record.error_message,
-            **extra,
-        )
+        return record.as_event(type_, time=_now(), **extra)
 
     @staticmethod
     def _publish(pipe: Any, record: JobRecord, event: JobEvent) -> None:
@@ -231,3 +263,82 @@ class JobStore:
         pipe.publish(event_channel(event.job_id), data)
         pipe.publish(ALL_EVENTS_CHANNEL, data)
         outbox_push(pipe, record, event)
+
+
+# -- building blocks for pipelines (sync or asyncio) ----------------------------
+# Records a job only if its id is free, and only then runs what goes with it (its events, its webhook,
+# its broker message): all or nothing, in one step. KEYS[1] record key; ARGV[1] record JSON, ARGV[2] TTL,
+# then (command, key or channel, value) triples, each PUBLISH or LPUSH.
+_CREATE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return 0 end
+for i = 3, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+return 1
+"""
+
+
+class _Deferred:
+    """Takes a pipeline's place while a create is staged: collects its PUBLISH/LPUSH for the script above."""
+
+    def __init__(self) -> None:
+        self.args: list[str | bytes] = []
+
+    def publish(self, channel: str, data: str | bytes) -> None:
+        self.args += ["PUBLISH", channel, data]
+
+    def lpush(self, key: str, value: str | bytes) -> None:
+        self.args += ["LPUSH", key, value]
+
+
+def stage_create(
+    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None
+) -> JobRecord:
+    """Add the creation of ``job``'s ``queued`` record to ``pipe`` (a sync or asyncio pipeline).
+
+    With it go the ``queued`` event, the webhook and, with ``enqueue=(list key, message)``, an LPUSH of
+    the job's broker message, all only if the id is free, in one script: a message never exists without
+    its record, and a taken id changes nothing. The pipeline's reply for it is 1, or 0 if the id was taken.
+    """
+    assert job.job_id is not None
+    now = _now()
+    record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
+    deferred = _Deferred()
+    JobStore._publish(deferred, record, JobStore._event(record))
+    if enqueue is not None:
+        deferred.lpush(*enqueue)
+    pipe.eval(_CREATE, 1, job_key(job.job_id), record.model_dump_json(), ttl, *deferred.args)
+    return record
+
+
+def raise_taken(taken: list[tuple[int | None, str]]) -> None:
+    """Raise InvalidJobError for job ids that already exist, as (index in the batch or None, id) pairs."""
+    if taken:
+        raise InvalidJobError([
+            FieldError("job_id" if index is None else f"jobs[{index}].job_id", job_id,
+                       "already exists; choose another id or omit it")
+            for index, job_id in taken
+        ])
+
+
+def advance(
+    raw: bytes | str | None, job_id: str, status: JobStatus, *, job: Img2ImgJob | None, changes: dict[str, Any]
+) -> JobRecord:
+    """The record after moving the stored one (``raw``; made from ``job`` when missing) to ``status``.
+
+    Raises JobNotFound, or IllegalTransition for an illegal move.
+    """
+    now = _now()
+    if raw is None:
+        if job is None:
+            raise JobNotFound(job_id)
+        current = JobRecord(job_id=job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
+    else:
+        current = JobRecord.model_validate_json(raw)
+    current.status.assert_can_become(status)
+    record = current.model_copy(update={**changes, "status": status, "updated_at": now})
+    return JobRecord.model_validate(record.model_dump())
+
+
+def stage_write(pipe: Any, record: JobRecord, ttl: int) -> None:
+    """Add writing ``record`` and publishing its event to ``pipe`` (inside the caller's MULTI)."""
+    pipe.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
+    JobStore._publish(pipe, record, JobStore._event(record))

@@ -30,6 +30,12 @@ class ObjectStore:
         with _translated(uri):
             return dict(self.client.head_object(Bucket=uri.bucket, Key=uri.key))
 
+    def tags(self, uri: S3Uri) -> dict[str, str]:
+        """The object's tag set as a dict."""
+        with _translated(uri):
+            response = self.client.get_object_tagging(Bucket=uri.bucket, Key=uri.key)
+        return {tag["Key"]: tag["Value"] for tag in response.get("TagSet", [])}
+
     def exists(self, uri: S3Uri) -> bool:
         try:
             self.head(uri)
@@ -61,9 +67,11 @@ class ObjectStore:
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
         if_absent: bool = False,
+        tags: str | None = None,
     ) -> bool:
         """Upload an object. With ``if_absent`` write only if no object exists there
-        (a conditional put); return False when one already did."""
+        (a conditional put); return False when one already did. ``tags`` is an URL-encoded
+        S3 tag set (``a=1&b=2``), sent as the ``x-amz-tagging`` header."""
         kwargs: dict[str, Any] = {
             "Bucket": uri.bucket,
             "Key": uri.key,
@@ -73,6 +81,8 @@ class ObjectStore:
         }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        if tags:
+            kwargs["Tagging"] = tags
         try:
             with _translated(uri):
                 self.client.put_object(**kwargs)

@@ -9,10 +9,13 @@ from typing import Any
 
 from .settings import Settings
 
-__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "hot_queue", "cold_queue", "celery_config"]
+__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "PRIORITY_STEPS", "hot_queue", "cold_queue", "broker_list", "celery_config"]
 
 TASK_IMG2IMG = "darkroom.img2img"
 DEFAULT_QUEUE = "darkroom.img2img"
+PRIORITY_STEPS = tuple(range(10))
+"""Broker priorities, 0 served first; kombu's Redis transport keeps one list per priority."""
+_PRIORITY_SEP = ":"
 
 
 def hot_queue(model_id: str) -> str:
@@ -27,6 +30,16 @@ def cold_queue(model_id: str) -> str:
     and so autoscalers can size each model's pool from its own queues.
     """
     return f"darkroom.img2img.cold.{model_id}"
+
+
+def broker_list(queue: str, priority: int) -> str:
+    """The Redis list that holds ``queue``'s messages of ``priority``: ``queue`` for 0, else ``queue:priority``.
+
+    The same key kombu's Redis transport uses with the ``sep`` and ``priority_steps`` of :func:`celery_config`.
+    """
+    if priority not in PRIORITY_STEPS:
+        raise ValueError(f"priority {priority!r} is not one of {PRIORITY_STEPS[0]}..{PRIORITY_STEPS[-1]}")
+    return f"{queue}{_PRIORITY_SEP}{priority}" if priority else queue
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -49,8 +62,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_seconds,
-            "priority_steps": list(range(10)),
-            "sep": ":",
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": _PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
     }

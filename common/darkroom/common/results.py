@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["JobResult", "OutputImage", "Timings"]
+from .safety import SafetyAction, SafetyVerdict
+
+__all__ = ["FailureDetails", "JobResult", "OutputImage", "Timings"]
 
 
 class OutputImage(BaseModel):
@@ -16,12 +18,27 @@ class OutputImage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     index: int
-    uri: str
+    uri: str | None = Field(description="The public object (the blurred copy when blurred); None when blocked.")
     seed: int
     width: int
     height: int
     content_type: str
-    nsfw: bool | None = Field(None, description="Safety flag; None until a checker ran.")
+    nsfw: bool | None = Field(None, description="Safety flag (safety.flagged); None when no checker ran.")
+    safety: SafetyVerdict | None = Field(None, description="Checker, version, score, threshold, flag and action.")
+    quarantine_uri: str | None = Field(
+        None, description="The original under the worker's quarantine prefix, when blurred or blocked."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        action = self.safety.action if self.safety is not None else SafetyAction.NONE
+        if self.safety is not None and self.nsfw != self.safety.flagged:
+            raise ValueError(f"nsfw={self.nsfw} contradicts safety.flagged={self.safety.flagged}")
+        if (self.uri is None) != (action is SafetyAction.BLOCKED):
+            raise ValueError(f"uri={self.uri!r} contradicts safety action {action.value!r}")
+        if (self.quarantine_uri is not None) != action.quarantines:
+            raise ValueError(f"quarantine_uri={self.quarantine_uri!r} contradicts safety action {action.value!r}")
+        return self
 
 
 class Timings(BaseModel):
@@ -35,6 +52,7 @@ class Timings(BaseModel):
     model_load: float = 0.0
     adapters: float = 0.0
     inference: float = 0.0
+    safety: float = 0.0
     encode: float = 0.0
     upload: float = 0.0
     total: float = 0.0
@@ -50,6 +68,7 @@ class JobResult(BaseModel):
     outputs: list[OutputImage]
     result_uri: str
     parameters: dict[str, Any] = Field(description="Effective parameters: the job plus what the worker decided.")
+    input_safety: SafetyVerdict | None = Field(None, description="The input precheck's verdict, when asked for.")
     timings: Timings
     worker: str
     device: str
@@ -58,7 +77,8 @@ class JobResult(BaseModel):
 
     @property
     def uris(self) -> list[str]:
-        return [o.uri for o in self.outputs]
+        """The public output URIs; blocked images have none and are skipped."""
+        return [o.uri for o in self.outputs if o.uri is not None]
 
     @property
     def seeds(self) -> list[int]:
@@ -67,3 +87,12 @@ class JobResult(BaseModel):
     @property
     def nsfw_content_detected(self) -> list[bool | None]:
         return [o.nsfw for o in self.outputs]
+
+
+class FailureDetails(BaseModel):
+    """What a failed job had done when it stopped: its timings so far and, if checked, the input's verdict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timings: Timings = Field(description="Seconds spent per stage up to the failure (inference 0: no denoising).")
+    input_safety: SafetyVerdict | None = Field(None, description="The input precheck's verdict, when it ran.")

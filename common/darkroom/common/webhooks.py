@@ -11,6 +11,9 @@ them as ``POST`` requests signed per Standard Webhooks (standardwebhooks.com)::
 
     {"type": "job.succeeded", "timestamp": "...", "data": {"job_id": ..., "status": ..., "result": {...}}}
 
+``result`` (succeeded: outputs with their safety verdicts) and ``details`` (failed: timings
+so far and the input precheck's verdict) are null on other events.
+
 Receivers check a request with :func:`verify`. :func:`check_callback_url` refuses
 URLs that reach loopback, private, link-local or cloud metadata addresses.
 """
@@ -36,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import DarkroomError
 from .events import EventType, JobEvent
-from .results import JobResult
+from .results import FailureDetails, JobResult
 
 if TYPE_CHECKING:
     from .jobstore import JobRecord
@@ -80,6 +83,7 @@ class OutboxEntry(BaseModel):
     terminal: bool
     event: JobEvent
     result: JobResult | None = None
+    details: FailureDetails | None = None
 
 
 def wants(record: JobRecord, event: JobEvent) -> bool:
@@ -103,6 +107,7 @@ def outbox_push(pipe: Any, record: JobRecord, event: JobEvent) -> None:
         terminal=event.type in TERMINAL_EVENTS,
         event=event,
         result=record.result if event.type is EventType.SUCCEEDED else None,
+        details=record.details if event.type is EventType.FAILED else None,
     )
     pipe.lpush(OUTBOX_KEY, entry.model_dump_json())
 
@@ -112,6 +117,7 @@ def webhook_body(entry: OutboxEntry) -> bytes:
     event = entry.event.model_dump(mode="json")
     data = {k: v for k, v in event.items() if k not in {"type", "time"}}
     data["result"] = entry.result.model_dump(mode="json") if entry.result is not None else None
+    data["details"] = entry.details.model_dump(mode="json") if entry.details is not None else None
     payload = {"type": f"job.{entry.event.type.value}", "timestamp": event["time"], "data": data}
     return json.dumps(payload, separators=(",", ":")).encode()
 

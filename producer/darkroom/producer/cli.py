@@ -66,7 +66,7 @@ def _job_options(command: Any) -> Any:
         base = getattr(base, "__origin__", base)
         if isinstance(base, type) and issubclass(base, Enum):
             click_type: Any = click.Choice([m.value for m in base])
-        elif base in (int, float, str):
+        elif base in (int, float, str, bool):
             click_type = base
         else:
             continue
@@ -78,6 +78,8 @@ def _job_options(command: Any) -> Any:
             default = info.default.value if isinstance(info.default, Enum) else info.default
             help_text += f" [default: {default}]"
         flag = "--" + name.replace("_", "-")
+        if base is bool:  # --precheck-input / --no-precheck-input
+            flag += "/--no-" + name.replace("_", "-")
         command = click.option(flag, name, type=click_type, default=None, help=help_text)(command)
     return command
 
@@ -152,6 +154,45 @@ def cancel(job_ids: tuple[str, ...]) -> None:
             click.echo(f"{job_id}: {state}")
 
 
+@main.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit code 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print each event as one line of JSON.")
+def watch(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+    """Follow jobs: one line per event (their state now, then each change) until all have ended.
+
+    Exits 0 when every job succeeded, 1 when one failed or was cancelled, 3 on --timeout.
+    """
+    from .client import Client
+
+    ended_badly = False
+    with _client(Client) as client:
+        try:
+            for event in client.watch(job_ids, timeout=timeout):
+                click.echo(event.model_dump_json() if as_json else _event_line(event))
+                ended_badly |= event.type in (EventType.FAILED, EventType.CANCELLED)
+        except JobNotFound as exc:
+            raise click.ClickException(f"no job {exc.args[0]!r} (never submitted, or its status expired)") from None
+        except WaitTimeout as exc:
+            click.echo(f"timed out: {exc.message}", err=True)
+            sys.exit(3)
+    sys.exit(1 if ended_badly else 0)
+
+
+def _event_line(event: JobEvent) -> str:
+    """``14:02:07.318  <job id>  progress   step 3/10`` (local time)."""
+    when = event.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
+    if event.type is EventType.PROGRESS:
+        detail = f"step {event.step}/{event.total_steps}"
+    elif event.error_code or event.error_message:
+        detail = f"[{event.error_code or '-'}] {event.error_message or ''}".rstrip()
+    elif event.worker:
+        detail = f"attempt {event.attempt} on {event.worker}"
+    else:
+        detail = ""
+    return f"{when}  {event.job_id}  {event.type.value:<9}  {detail}".rstrip()
+
+
 def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bool) -> None:
     bar = _ProgressLine(enabled=not as_json and sys.stderr.isatty())
     try:
@@ -174,7 +215,9 @@ def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bo
         return
     click.echo(f"succeeded in {result.timings.total:.2f} s on {result.worker} ({result.device})")
     for output in result.outputs:
-        click.echo(f"  {output.uri}  seed={output.seed}")
+        where = output.uri or f"(blocked; original in {output.quarantine_uri})"
+        safety = f"  safety={output.safety.action.value}" if output.safety and output.safety.flagged else ""
+        click.echo(f"  {where}  seed={output.seed}{safety}")
     click.echo(f"  {result.result_uri}")
 
 

@@ -12,30 +12,27 @@ Nothing here imports torch or diffusers.
 
 from __future__ import annotations
 
-import io
-import secrets
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from darkroom.common.clients import make_redis, make_s3_client
-from darkroom.common.errors import FieldError, InvalidJobError
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
-from darkroom.common.jobstore import JobRecord, JobStore, job_key
+from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
-from darkroom.common.queues import TASK_IMG2IMG, celery_config
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
-from darkroom.common.webhooks import check_callback_url
+
+from . import _submission as submission
+from ._watch import Listen, Read, Watch
+from .broker import origin
 
 if TYPE_CHECKING:
     import redis
-    from celery import Celery
     from PIL.Image import Image
 
 __all__ = ["Client", "JobHandle"]
@@ -60,6 +57,10 @@ class JobHandle:
     def cancel(self) -> JobRecord:
         return self.client.cancel(self.job_id)
 
+    def result(self) -> JobResult:
+        """The result now; raises JobFailed / JobCancelled if it ended so, WaitTimeout if it has not ended."""
+        return self.client.result(self.job_id)
+
 
 class Client:
     """Submits jobs to the queue and reads their status from Redis and results from S3."""
@@ -75,8 +76,8 @@ class Client:
         self._redis = redis_client if redis_client is not None else make_redis(settings)
         self.jobs = JobStore(self._redis, ttl_seconds=settings.status_ttl_seconds)
         self._s3_client = s3_client
-        self._celery: Celery | None = None
         self.fleet = Fleet(self._redis)
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin())
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -91,55 +92,46 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._celery is not None:
-            self._celery.close()
         self._redis.close()
 
     # -- submitting ------------------------------------------------------
-    def prepare(self, job: Img2ImgJob | Mapping[str, Any]) -> Img2ImgJob:
+    def prepare(self, job: submission.JobLike) -> Img2ImgJob:
         """Validate a job and fill what the producer decides: id, seed, output prefix and producer id.
 
-        A ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set.
+        Raises InvalidJobError: a bad value, a bucket not allowed, a model no worker of the fleet serves, a
+        ``callback_url`` on a private address (unless ``allow_private_callbacks`` is set).
         """
-        job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
-        job = job.model_copy(
-            update={
-                "job_id": job.job_id or uuid.uuid4().hex,
-                "seed": job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1 - 64),
-                "output_prefix": job.output_prefix or self.settings.default_output_prefix.rstrip("/"),
-                "producer": job.producer or self.settings.producer_id,
-            }
-        )
-        self._check_buckets(job)
-        if job.callback_url is not None:
-            try:
-                check_callback_url(job.callback_url, allow_private=self.settings.allow_private_callbacks)
-            except ValueError as exc:
-                allowed = "http(s) URL on a public address (DARKROOM_ALLOW_PRIVATE_CALLBACKS admits private ones)"
-                raise InvalidJobError([FieldError("callback_url", job.callback_url, str(exc), allowed)]) from None
-        return job
+        return submission.prepare(job, self.settings, self.fleet.catalog())
 
-    def submit(self, job: Img2ImgJob | Mapping[str, Any], *, priority: int | None = None) -> JobHandle:
-        """Validate, record as ``queued`` and enqueue a job. Raises InvalidJobError for bad input.
+    def submit(self, job: submission.JobLike, *, priority: int | None = None) -> JobHandle:
+        """Validate, record as ``queued`` and enqueue a job, in one round trip. Raises InvalidJobError for bad input
+        or a ``job_id`` that exists already.
 
-        The job goes to its model's queue when a live worker holds the model resident, else to the
-        general queue. ``priority`` (0 first .. 9) overrides the job's interactive/bulk priority.
+        The job goes to its model's hot queue when a live worker holds the model resident, else to its cold
+        queue. ``priority`` (0 first .. 9) overrides the job's interactive/bulk priority.
         """
         job = self.prepare(job)
-        assert job.job_id is not None
-        self.jobs.create(job)
-        try:
-            self.celery.send_task(
-                TASK_IMG2IMG,
-                args=[job.model_dump(mode="json")],
-                task_id=job.job_id,
-                queue=self.fleet.queue_for(job.model),
-                priority=job.priority.broker_priority if priority is None else priority,
-            )
-        except Exception:
-            self._redis.delete(job_key(job.job_id))
-            raise
-        return JobHandle(job.job_id, self)
+        pipe = self._redis.pipeline(transaction=False)
+        self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority)
+        raise_taken(submission.taken(pipe.execute(), [job], None))
+        return JobHandle(job.job_id or "", self)
+
+    def submit_many(self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK) -> list[JobHandle]:
+        """Submit many jobs: all are validated first, then each ``chunk`` of them takes one Redis round trip.
+
+        Raises InvalidJobError naming every bad job's index and fields (``jobs[3].strength``) before anything
+        is sent. A job whose ``job_id`` exists already is neither recorded nor enqueued; the others are, and
+        then InvalidJobError names the taken ids.
+        """
+        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog())
+        taken: list[tuple[int | None, str]] = []
+        for first, part in submission.chunks(prepared, chunk):
+            pipe = self._redis.pipeline(transaction=False)
+            for job in part:
+                self._stager.stage(pipe, job, self.fleet.queue_for(job.model))
+            taken += submission.taken(pipe.execute(), part, first)
+        raise_taken(taken)
+        return [JobHandle(job.job_id or "", self) for job in prepared]
 
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(job_id, self)
@@ -159,6 +151,30 @@ class Client:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""
         return self.jobs.wait(job_id, timeout=timeout, on_event=on_event).raise_for_outcome()
 
+    def result(self, job_id: str) -> JobResult:
+        """The job's result now; raises JobFailed / JobCancelled if it ended so, WaitTimeout if it has not ended."""
+        return self.status(job_id).raise_for_outcome()
+
+    def watch(self, job_ids: Iterable[str], timeout: float | None = None) -> Iterator[JobEvent]:
+        """Yield the jobs' events as they happen, ending once every job is terminal.
+
+        First what each job's record shows now (so jobs that already ended are reported), then each change,
+        in lifecycle order per job, from one pub/sub subscription to all of them. Raises JobNotFound for an
+        unknown id and WaitTimeout when jobs are still running after ``timeout`` seconds.
+        """
+        watch = Watch(job_ids, timeout)
+        pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            if watch.job_ids:
+                pubsub.subscribe(*watch.channels)
+            while (step := watch.next()) is not None:
+                if isinstance(step, Read):
+                    yield from watch.on_records(step.job_ids, self._redis.mget([job_key(i) for i in step.job_ids]))
+                elif isinstance(step, Listen):
+                    yield from watch.on_message(pubsub.get_message(timeout=step.timeout))
+        finally:
+            pubsub.close()
+
     # -- objects ---------------------------------------------------------
     @property
     def store(self) -> ObjectStore:
@@ -169,15 +185,8 @@ class Client:
     def upload(self, source: bytes | str | Path | Image, uri: str, *, content_type: str | None = None) -> str:
         """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI."""
         target = S3Uri.parse(uri)
-        if isinstance(source, (str, Path)):
-            data, content_type = Path(source).read_bytes(), content_type or _guess_type(str(source))
-        elif isinstance(source, bytes):
-            data = source
-        else:
-            buffer = io.BytesIO()
-            source.save(buffer, format="PNG")
-            data, content_type = buffer.getvalue(), "image/png"
-        self.store.put_bytes(target, data, content_type=content_type or "application/octet-stream")
+        data, kind = submission.upload_payload(source, content_type)
+        self.store.put_bytes(target, data, content_type=kind)
         return str(target)
 
     def download(self, uri: str) -> bytes:
@@ -185,35 +194,4 @@ class Client:
 
     def open_images(self, result: JobResult) -> list[Image]:
         """The result's output images as PIL images (needs Pillow: ``darkroom-producer[images]``)."""
-        from PIL import Image as PILImage
-
-        return [PILImage.open(io.BytesIO(self.download(uri))) for uri in result.uris]
-
-    # -- internals -------------------------------------------------------
-    @property
-    def celery(self) -> Celery:
-        if self._celery is None:
-            from celery import Celery
-
-            app = Celery("darkroom-producer", set_as_current=False)
-            app.conf.update(celery_config(self.settings))
-            self._celery = app
-        return self._celery
-
-    def _check_buckets(self, job: Img2ImgJob) -> None:
-        errors = []
-        for name in ("image", "output_prefix"):
-            value = getattr(job, name)
-            bucket = S3Uri.parse(value, allow_empty_key=True).bucket
-            if not self.settings.bucket_allowed(bucket):
-                allowed = ", ".join(self.settings.allowed_buckets)
-                errors.append(FieldError(name, value, f"bucket {bucket!r} is not allowed", f"buckets {allowed}"))
-        if errors:
-            raise InvalidJobError(errors)
-
-
-def _guess_type(name: str) -> str:
-    suffix = name.rsplit(".", 1)[-1].lower()
-    return {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
-        suffix, "application/octet-stream"
-    )
+        return [submission.open_image(self.download(uri)) for uri in result.uris]

@@ -2,58 +2,69 @@
 
 Built by :func:`create_app` from a started :class:`WorkerContext`; nothing
 happens at import. JSON is the only accepted serialization; messages are
-acknowledged late and rejected (requeued) if the worker is lost mid-job.
+acknowledged late, only once the job reached a decision (see :mod:`.delivery`).
+A message is never dropped: an unexpected error requeues it (and a message of a
+worker that died unacknowledged comes back, see :mod:`.recovery`); a job that
+keeps failing that way ends in the dead-letter queue.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import os
+import signal
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import Reject, Retry
 
-from darkroom.common.errors import ErrorCode, TransientError
 from darkroom.common.queues import TASK_IMG2IMG, celery_config
 
 from .context import WorkerContext
+from .delivery import DeliveryHandler, Outcome
 from .runner import JobRunner
 
-__all__ = ["create_app", "retry_delay"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-
-def retry_delay(retries: int, *, base: float = 1.0, cap: float = 60.0) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**retries)]."""
-    return random.uniform(0.0, min(cap, base * 2**retries))
 
 
 def create_app(ctx: WorkerContext) -> Celery:
     app = Celery(f"darkroom-worker-{ctx.name}", set_as_current=False)
     app.conf.update(celery_config(ctx.settings))
-    runner = JobRunner(ctx)
+    handler = DeliveryHandler(ctx, JobRunner(ctx))
 
     @signals.worker_ready.connect(weak=False)
     def _attach_consumer(sender: Any, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             ctx.queues.attach(sender)
 
-    @app.task(name=TASK_IMG2IMG, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # max_retries=None: the delivery handler bounds transient retries and deferrals itself
+    @app.task(name=TASK_IMG2IMG, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def img2img(task: Any, payload: dict[str, Any]) -> None:
         try:
-            runner.run(payload)
-        except TransientError as exc:
-            retries = int(task.request.retries or 0)
-            if retries >= ctx.settings.transient_retries:
-                job = runner._parse(payload, record_failure=False)
-                if job is not None:
-                    runner.fail(job, ErrorCode.TRANSIENT_EXHAUSTED, f"gave up after {retries} retries: {exc}")
-                return
-            delay = retry_delay(retries)
-            log.warning("job %s: transient error (%s); retry %d in %.1f s", payload.get("job_id"), exc,
-                        retries + 1, delay)
-            runner.requeue(payload, f"retrying after transient error: {exc}")
-            raise task.retry(exc=exc, countdown=delay, max_retries=ctx.settings.transient_retries) from None
+            decision = handler.handle(payload)
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis vanished mid-job: never drop the message
+            log.exception("job %s: unexpected error outside the job; requeueing the message", _job_id(payload))
+            raise Reject(f"requeued after: {exc}", requeue=True) from exc
+        if decision.outcome is Outcome.RECYCLE:
+            os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown once this task returns
+            ctx.exit_code = 75  # EX_TEMPFAIL: restart me
+        if decision.countdown:
+            _republish(task, decision.countdown)
 
     return app
+
+
+def _republish(task: Any, countdown: float) -> None:
+    """Retry after ``countdown``; if even that cannot be published, leave the message to be requeued."""
+    try:
+        task.retry(countdown=countdown)  # publishes the retry, then raises Retry (the message is acked)
+    except Retry:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the broker is unreachable right now
+        raise Reject(f"could not schedule the retry: {exc}", requeue=True) from exc
+
+
+def _job_id(payload: Any) -> str:
+    return str(payload.get("job_id")) if isinstance(payload, dict) else "?"

@@ -83,6 +83,11 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     ctx.refresh_report()
     heartbeat = ctx.heartbeat = Heartbeat(ctx)
     heartbeat.start()
+    if settings.metrics_port:
+        from .metrics import serve_metrics
+
+        ctx.metrics.watch(ctx)
+        serve_metrics(ctx, ctx.metrics, settings.metrics_host, settings.metrics_port)
     app = create_app(ctx)
     queues = ctx.queues.initial(ctx.models.resident)
     celery_worker = app.Worker(
@@ -93,7 +98,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         celery_worker.start()
     finally:
         heartbeat.stop()
-    sys.exit(celery_worker.exitcode or 0)
+    sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
 
 
 def _supervise(gpus: str, name: str | None, loglevel: str) -> None:
@@ -148,6 +153,25 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 
     path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
     click.echo(str(path))
+
+
+@models.command("push")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("uri")
+def push(source: Path, uri: str) -> None:
+    """Upload a model folder (or one .safetensors file) to an s3:// prefix, recording each file's sha256.
+
+    Workers verify every download against that sha256 (see the README's "Cache of remote files").
+    """
+    from darkroom.common.clients import make_s3_client
+    from darkroom.common.objectstore import ObjectStore
+    from darkroom.common.settings import Settings
+
+    from .filecache import push_files
+
+    store = ObjectStore(make_s3_client(Settings.load()))
+    for target in push_files(store, source, uri):
+        click.echo(target)
 
 
 @click.command()

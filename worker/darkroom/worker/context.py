@@ -18,15 +18,18 @@ from typing import Any
 import redis
 
 from darkroom.common.clients import make_redis, make_s3_client
-from darkroom.common.fleet import Fleet, worker_key
+from darkroom.common.fleet import Fleet
 from darkroom.common.jobstore import JobStore
 from darkroom.common.objectstore import ObjectStore
 
 from .device import DeviceInfo, select_device
 from .filecache import FileCache
+from .metrics import WorkerMetrics
 from .pipelines import PipelineCache
+from .recovery import reclaim_abandoned
 from .registry import ModelRegistry
 from .routing import QueueSubscriptions, sweep_orphaned_queues
+from .screening import Screening
 from .settings import WorkerSettings
 
 __all__ = ["WorkerContext", "Heartbeat"]
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerContext:
-    """What a task needs: settings, clients, the device and the resident models."""
+    """What a task needs: settings, clients, the device, the resident models and the safety checker."""
 
     settings: WorkerSettings
     name: str
@@ -46,15 +49,23 @@ class WorkerContext:
     store: ObjectStore
     files: FileCache
     models: PipelineCache
+    screening: Screening
     started_at: float = field(default_factory=time.time)
     jobs_done: int = 0
     report: dict[str, Any] = field(default_factory=dict)
     heartbeat: Heartbeat | None = None
     queues: QueueSubscriptions = field(default_factory=QueueSubscriptions)
+    exit_code: int = 0
+    last_heartbeat: float = 0.0
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:
         device = select_device(settings.device, settings.dtype)
+        if settings.cpu_threads:
+            import torch
+
+            torch.set_num_threads(settings.cpu_threads)
         client = make_redis(settings)
         store = ObjectStore(make_s3_client(settings))
         files = FileCache(settings.state_dir / "cache", store)
@@ -62,9 +73,10 @@ class WorkerContext:
             registry, device, files, budget_bytes=settings.model_memory_budget_bytes or device.default_budget(),
             max_adapters=settings.max_adapters, allow_pickle=settings.allow_pickle_weights,
         )
+        screening = Screening.from_settings(settings, registry, device=device.device)
         name = settings.worker_name or f"darkroom-{socket.gethostname()}-{os.getpid()}"
         return cls(settings, name, device, client, JobStore(client, ttl_seconds=settings.status_ttl_seconds),
-                   store, files, models, queues=QueueSubscriptions(registry.ids))
+                   store, files, models, screening=screening, queues=QueueSubscriptions(registry.ids))
 
     def refresh_report(self) -> None:
         """Recompute what the worker reports (on the job thread: the heartbeat thread never touches models)."""
@@ -81,6 +93,7 @@ class WorkerContext:
             "memory_budget": self.models.budget_bytes,
             "resident_adapters": {m: self.models.get_entry(m).adapters.resident for m in self.models.resident},
             "cache": {"hits": self.models.hits, "misses": self.models.misses, "evictions": self.models.evictions},
+            "adapter_switches": sum(self.models.get_entry(m).adapters.switches for m in self.models.resident),
             "jobs_done": self.jobs_done,
             "started_at": self.started_at,
         }
@@ -116,21 +129,26 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="darkroom-heartbeat", daemon=True)
 
     def start(self) -> None:
+        Fleet(self.ctx.redis).register_models(self.ctx.models.registry.ids)
         self.beat()
         self._thread.start()
 
     def sweep(self) -> int:
-        """Rescue jobs from the queues of models that no live worker holds (see :mod:`.routing`)."""
-        return sweep_orphaned_queues(self.ctx.redis, Fleet(self.ctx.redis, ttl=0), self.ctx.models.registry.ids)
+        """Rescue jobs: from hot queues of models no live worker holds (see :mod:`.routing`) and
+        from dead workers' unacknowledged messages (see :mod:`.recovery`)."""
+        moved = sweep_orphaned_queues(self.ctx.redis, Fleet(self.ctx.redis, ttl=0), self.ctx.models.registry.ids)
+        reclaimed = reclaim_abandoned(self.ctx.redis, older_than=self.ctx.settings.lease_seconds * 1.5)
+        return moved + len(reclaimed)
 
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
-            self.ctx.redis.delete(worker_key(self.ctx.name))
+            Fleet(self.ctx.redis).withdraw(self.ctx.name)
 
     def beat(self) -> None:
         ttl = max(3, int(self.ctx.settings.heartbeat_seconds * 3))
-        self.ctx.redis.set(worker_key(self.ctx.name), json.dumps(self.ctx.describe()), ex=ttl)
+        Fleet(self.ctx.redis).announce(self.ctx.name, json.dumps(self.ctx.describe()), ttl)
+        self.ctx.last_heartbeat = time.time()
 
     def _run(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_seconds):

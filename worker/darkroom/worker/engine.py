@@ -13,12 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from darkroom.common.errors import ErrorCode, JobError
 from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.schedulers import SchedulerName
+
+from .schedulers import accepts_eta, accepts_timesteps
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["WorkItem", "BatchKey", "BatchOutput", "batch_key", "run_batch"]
+__all__ = ["WorkItem", "BatchKey", "BatchOutput", "batch_key", "check_call_options", "clip_skip_compat", "run_batch"]
 
 StepCallback = Callable[[int, int], None]
 
@@ -41,6 +45,10 @@ class BatchKey:
     num_inference_steps: int
     guidance_scale: float
     size: tuple[int, int]
+    scheduler: SchedulerName | None = None
+    eta: float | None = None
+    clip_skip: int | None = None
+    timesteps: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,50 @@ class BatchOutput:
 
 def batch_key(item: WorkItem) -> BatchKey:
     job = item.job
-    return BatchKey(job.model, job.strength, job.num_inference_steps, job.guidance_scale, item.image.size)
+    return BatchKey(job.model, job.strength, job.num_inference_steps, job.guidance_scale, item.image.size,
+                    job.scheduler, job.eta, job.clip_skip, None if job.timesteps is None else tuple(job.timesteps))
+
+
+def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
+    """Refuse (``invalid_job``) options the pipeline's current scheduler or text encoder cannot honour."""
+    scheduler = pipeline.scheduler
+    name = type(scheduler).__name__
+    if job.eta is not None and not accepts_eta(scheduler):
+        raise JobError(ErrorCode.INVALID_JOB, f"eta={job.eta} needs a scheduler whose step takes eta (ddim); "
+                                              f"this job runs {name}, which ignores it")
+    if job.timesteps is not None and not accepts_timesteps(scheduler):
+        raise JobError(ErrorCode.INVALID_JOB, f"timesteps={job.timesteps} needs a scheduler that accepts "
+                                              f"explicit timesteps (euler, dpmpp_2m, lcm); this job runs {name}")
+    if job.clip_skip is None:
+        return
+    layers = int(getattr(getattr(pipeline.text_encoder, "config", None), "num_hidden_layers", 0) or 0)
+    if layers and job.clip_skip >= layers:
+        raise JobError(ErrorCode.INVALID_JOB, f"clip_skip={job.clip_skip} must be below this model's "
+                                              f"{layers} text-encoder layers: 1 <= clip_skip <= {layers - 1}")
+    clip_skip_compat(pipeline.text_encoder)
+
+
+def clip_skip_compat(text_encoder: Any) -> None:
+    """Let diffusers' clip_skip path find ``text_encoder.text_model.final_layer_norm``.
+
+    transformers 5 flattened ``CLIPTextModel`` (``final_layer_norm`` sits on the model itself); diffusers
+    0.42 still reaches for ``.text_model``. The alias is a plain attribute, not a registered submodule,
+    so parameters, state dicts and adapters see nothing new.
+    """
+    if not hasattr(text_encoder, "text_model") and hasattr(text_encoder, "final_layer_norm"):
+        object.__setattr__(text_encoder, "text_model", text_encoder)
+
+
+def _call_options(job: Img2ImgJob, scheduler: Any) -> dict[str, Any]:
+    """The optional pipeline arguments a job sets; none of them when it leaves them at their defaults."""
+    options: dict[str, Any] = {}
+    if job.eta is not None and accepts_eta(scheduler):
+        options["eta"] = job.eta
+    if job.clip_skip is not None:
+        options["clip_skip"] = job.clip_skip
+    if job.timesteps is not None:
+        options["timesteps"] = list(job.timesteps)
+    return options
 
 
 def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | None = None) -> BatchOutput:
@@ -74,9 +125,10 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     images: list[Image] = []
     generators: list[torch.Generator] = []
     for item in items:
-        for seed in item.seeds:
-            prompts.append(item.job.prompt)
-            negatives.append(item.job.negative_prompt or "")
+        job_negatives = item.job.negative_prompts() or [""] * len(item.seeds)
+        for prompt, negative, seed in zip(item.job.prompts(), job_negatives, item.seeds, strict=True):
+            prompts.append(prompt)
+            negatives.append(negative)
             images.append(item.image)
             generators.append(torch.Generator("cpu").manual_seed(seed))
     output = pipeline(
@@ -90,6 +142,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
         num_images_per_prompt=1,
         output_type="pil",
         callback_on_step_end=_step_hook(on_step) if on_step else None,
+        **_call_options(first, pipeline.scheduler),
     )
     results: list[list[Image]] = []
     cursor = 0

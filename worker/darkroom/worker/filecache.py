@@ -30,7 +30,7 @@ from darkroom.common.errors import ObjectNotFoundError, StorageError
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.storage import S3Uri
 
-__all__ = ["FileCache", "ChecksumMismatch", "sha256_file"]
+__all__ = ["FileCache", "ChecksumMismatch", "sha256_file", "push_files"]
 
 _CHUNK = 1 << 20
 
@@ -144,6 +144,19 @@ class FileCache:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def push_files(store: ObjectStore, source: Path, uri: str) -> list[str]:
+    """Upload a folder (keeping relative paths) or one file under ``uri`` with ``sha256`` metadata."""
+    root = S3Uri.parse(uri.rstrip("/"), allow_empty_key=True)
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    uploaded = []
+    for file in files:
+        relative = file.name if source.is_file() else file.relative_to(source).as_posix()
+        target = root.join(relative)
+        store.put_bytes(target, file.read_bytes(), metadata={"sha256": sha256_file(file)})
+        uploaded.append(str(target))
+    return uploaded
 
 
 def _expected_sha256(head: dict[str, Any]) -> str | None:

@@ -32,6 +32,7 @@ from .adapters import AdapterManager
 from .device import DeviceInfo
 from .filecache import FileCache, sha256_file
 from .registry import ModelRegistry, ModelSpec
+from .schedulers import SchedulerSwitch
 
 __all__ = ["EntryState", "LoadedModel", "PipelineCache", "load_pipeline", "module_bytes"]
 
@@ -62,6 +63,10 @@ class LoadedModel:
     shared: dict[str, str] = field(default_factory=dict)  # component -> fingerprint
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    schedulers: SchedulerSwitch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.schedulers = SchedulerSwitch(getattr(self.pipeline, "scheduler", None))
 
 
 def module_bytes(module: Any) -> int:

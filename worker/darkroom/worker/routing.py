@@ -17,17 +17,16 @@ from typing import Any
 import redis
 
 from darkroom.common.fleet import Fleet
-from darkroom.common.queues import cold_queue, hot_queue
+from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
 
 __all__ = ["QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
 
 log = logging.getLogger(__name__)
-PRIORITY_STEPS = range(10)
 
 
 def priority_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue, one per priority (0 first; sep ':')."""
-    return [queue if p == 0 else f"{queue}:{p}" for p in PRIORITY_STEPS]
+    """The Redis lists kombu keeps for one queue, one per priority (0 first)."""
+    return [broker_list(queue, p) for p in PRIORITY_STEPS]
 
 
 class QueueSubscriptions:

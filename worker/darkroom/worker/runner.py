@@ -12,10 +12,13 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from darkroom.common.errors import (
     ErrorCode,
@@ -25,18 +28,23 @@ from darkroom.common.errors import (
     ObjectTooLargeError,
     StorageError,
     TransientError,
+    WorkerFatalError,
 )
 from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord
-from darkroom.common.results import JobResult, OutputImage, Timings
+from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timings
+from darkroom.common.safety import SafetyVerdict
 from darkroom.common.status import IllegalTransition, JobStatus
 from darkroom.common.storage import S3Uri, output_image_uri, result_uri
 
 from .adapters import AdapterFile
 from .context import WorkerContext
-from .engine import WorkItem, run_batch
+from .engine import WorkItem, check_call_options, run_batch
+from .faults import Fault, parse_fault
 from .images import decode_image, encode_image
 from .registry import ModelSpec
+from .safety import object_metadata, object_tags, public_image
+from .screening import InputFlaggedError
 
 __all__ = ["JobRunner"]
 
@@ -69,6 +77,7 @@ class JobRunner:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self._adapter_files: dict[str, AdapterFile] = {}
+        self.lease_lost: Callable[[], bool] = lambda: False
 
     # -- entry points ----------------------------------------------------
     def run(self, payload: dict[str, Any]) -> JobRecord | None:
@@ -86,17 +95,24 @@ class JobRunner:
             self.ctx.after_job()
 
     def _run_started(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobRecord | None:
+        timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
         try:
-            result = self._execute(record, job, started)
+            result = self._execute(record, job, started, timings)
         except _Cancelled:
             log.info("job %s cancelled while running; nothing published", job.job_id)
             return self.ctx.jobs.get(record.job_id)
         except JobError as exc:
             log.info("job %s failed [%s]: %s", job.job_id, exc.code, exc.message)
-            return self.fail(job, exc.code, exc.message)
-        except TransientError:
+            timings.total = time.perf_counter() - started
+            verdict = exc.verdict if isinstance(exc, InputFlaggedError) else None
+            return self.fail(job, exc.code, exc.message, FailureDetails(timings=timings, input_safety=verdict))
+        except (TransientError, WorkerFatalError):
             raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: try again later
+            raise TransientError(f"Redis unavailable: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - a bad job must not take the worker down
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: the device is in trouble
+                raise WorkerFatalError(f"out of device memory: {exc}") from exc
             log.exception("job %s failed unexpectedly", job.job_id)
             return self.fail(job, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         self.ctx.jobs_done += 1
@@ -107,10 +123,12 @@ class JobRunner:
                      job.job_id)
             return self.ctx.jobs.get(record.job_id)
 
-    def fail(self, job: Img2ImgJob, code: ErrorCode | str, message: str) -> JobRecord | None:
+    def fail(self, job: Img2ImgJob, code: ErrorCode | str, message: str,
+             details: FailureDetails | None = None) -> JobRecord | None:
         try:
             return self.ctx.jobs.transition(
-                job.job_id or "", JobStatus.FAILED, job=job, error_code=str(code), error_message=message
+                job.job_id or "", JobStatus.FAILED, job=job, error_code=str(code), error_message=message,
+                details=details,
             )
         except IllegalTransition:
             return None
@@ -149,36 +167,53 @@ class JobRunner:
             log.info("job %s is already %s; skipping the message", job.job_id, current.status.value)
             return None
         attempt = (current.attempt if current else 0) + 1
+        lost = lost_attempts(self.ctx.jobs.history(job.job_id))
+        if lost >= self.ctx.settings.max_deliveries:
+            self.ctx.jobs.dead_letter(job, f"{lost} attempts ended without an outcome (worker lost each time)")
+            log.error("job %s moved to the dead-letter queue after %d lost attempts", job.job_id, lost)
+            return None
+        self.ctx.jobs.note(job.job_id, "started", attempt=attempt, worker=self.ctx.name)
         try:
             return self.ctx.jobs.transition(
                 job.job_id, JobStatus.STARTED, job=job, attempt=attempt, worker=self.ctx.name,
-                error_code=None, error_message=None,
+                error_code=None, error_message=None, details=None,
             )
         except IllegalTransition:  # cancelled between the read and the write
             log.info("job %s ended before it started; skipping the message", job.job_id)
             return None
 
-    def _execute(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobResult:
-        timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
+    def _execute(self, record: JobRecord, job: Img2ImgJob, started: float, timings: Timings) -> JobResult:
         clock = _Stopwatch(timings)
         self._check_bucket(job.image, "image")
         self._check_bucket(job.output_prefix or "", "output_prefix")
+        rules = self.ctx.screening.rules(job)
         with clock.time("download"):
             data = self._fetch_input(job)
         with clock.time("decode"):
             image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
+        input_safety = None
+        if rules.precheck:  # before any model loads or denoising step runs
+            with clock.time("safety"):
+                input_safety = self.ctx.screening.check_input(image, rules)
         with clock.time("model_load"):
             loaded = self.ctx.models.get(job.model)
         with clock.time("adapters"):
             wanted = [(self._adapter_file(loaded.spec, ref.uri), ref.weight) for ref in job.adapters]
             activation = loaded.adapters.activate(wanted)
+        scheduler = loaded.schedulers.use(loaded.pipeline, job.scheduler)  # the job's, or back to the default
+        check_call_options(job, loaded.pipeline)
         item = WorkItem(job, image, job.seeds())
-        progress = _ProgressReporter(self.ctx, record)
+        fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
+        progress = _ProgressReporter(self.ctx, record, fault)
         with clock.time("inference"):
             batch = run_batch(loaded.pipeline, [item], on_step=progress)
         if self.ctx.jobs.is_cancelled(record.job_id):
             raise _Cancelled(record.job_id)
-        outputs = self._store_outputs(job, batch.images[0], item.seeds, clock)
+        if self.lease_lost():
+            raise TransientError("lost the job's lease before publishing; another worker may have taken it over")
+        with clock.time("safety"):
+            verdicts = self.ctx.screening.judge(batch.images[0], rules)
+        outputs = self._store_outputs(job, batch.images[0], item.seeds, verdicts, clock)
         timings.total = time.perf_counter() - started
         result = JobResult(
             job_id=record.job_id,
@@ -186,8 +221,11 @@ class JobRunner:
             outputs=outputs,
             result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
             parameters={**job.model_dump(mode="json"), "steps_run": batch.steps_run,
-                        "scheduler": type(loaded.pipeline.scheduler).__name__,
-                        "model_source": loaded.spec.source, "adapters_resolved": activation.adapters},
+                        "scheduler": type(scheduler).__name__,
+                        "scheduler_config": loaded.schedulers.overrides(job.scheduler),
+                        "model_source": loaded.spec.source, "adapters_resolved": activation.adapters,
+                        "safety_policy": rules.policy.value, "safety_threshold": rules.threshold},
+            input_safety=input_safety,
             timings=timings,
             worker=self.ctx.name,
             device=self.ctx.device.device,
@@ -224,20 +262,37 @@ class JobRunner:
         except StorageError as exc:
             raise JobError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {job.image}: {exc}") from None
 
-    def _store_outputs(
-        self, job: Img2ImgJob, images: list[Any], seeds: list[int], clock: _Stopwatch
-    ) -> list[OutputImage]:
+    def _store_outputs(self, job: Img2ImgJob, images: list[Any], seeds: list[int], verdicts: list[SafetyVerdict],
+                       clock: _Stopwatch) -> list[OutputImage]:
+        return [self._store_output(job, index, image, seed, verdict, clock)
+                for index, (image, seed, verdict) in enumerate(zip(images, seeds, verdicts, strict=True))]
+
+    def _store_output(self, job: Img2ImgJob, index: int, image: Any, seed: int, verdict: SafetyVerdict,
+                      clock: _Stopwatch) -> OutputImage:
+        """Store one image as its verdict says: the original to quarantine when blurred or blocked, then
+        the public image (as made, or blurred) unless blocked. Both carry the verdict as metadata and tags."""
         assert job.job_id is not None and job.output_prefix is not None
-        outputs = []
-        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            with clock.time("encode"):
-                data = encode_image(image, job.output_format, job.output_quality)
+        metadata = {"job-id": job.job_id, "seed": str(seed), **object_metadata(verdict)}
+        quarantine = None
+        if verdict.action.quarantines:
+            quarantine = self.ctx.screening.quarantine_uri(job.job_id, index, _extension(job))
+            self._upload(quarantine, image, job, metadata, object_tags(verdict), clock)
+        with clock.time("safety"):
+            public = public_image(image, verdict)
+        uri = None
+        if public is not None:
             uri = output_image_uri(job.output_prefix, job.job_id, index, _extension(job))
-            with clock.time("upload"):
-                self._put(uri, data, job.output_format.content_type, {"job-id": job.job_id, "seed": str(seed)})
-            outputs.append(OutputImage(index=index, uri=str(uri), seed=seed, width=image.width,
-                                       height=image.height, content_type=job.output_format.content_type))
-        return outputs
+            self._upload(uri, public, job, metadata, object_tags(verdict), clock)
+        return OutputImage(index=index, uri=None if uri is None else str(uri), seed=seed, width=image.width,
+                           height=image.height, content_type=job.output_format.content_type, nsfw=verdict.flagged,
+                           safety=verdict, quarantine_uri=None if quarantine is None else str(quarantine))
+
+    def _upload(self, uri: S3Uri, image: Any, job: Img2ImgJob, metadata: dict[str, str], tags: str,
+                clock: _Stopwatch) -> None:
+        with clock.time("encode"):
+            data = encode_image(image, job.output_format, job.output_quality)
+        with clock.time("upload"):
+            self._put(uri, data, job.output_format.content_type, metadata, tags=tags)
 
     def _commit(self, result: JobResult, clock: _Stopwatch) -> JobResult:
         """Write ``result.json`` once (conditional put); if an earlier attempt already did, keep that one."""
@@ -250,10 +305,10 @@ class JobRunner:
         return JobResult.model_validate_json(self.ctx.store.get_bytes(uri))
 
     def _put(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str], *,
-             if_absent: bool = False) -> bool:
+             if_absent: bool = False, tags: str | None = None) -> bool:
         try:
             return self.ctx.store.put_bytes(uri, data, content_type=content_type, metadata=metadata,
-                                            if_absent=if_absent)
+                                            if_absent=if_absent, tags=tags)
         except StorageError as exc:
             raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: {exc}") from None
 
@@ -263,6 +318,16 @@ class JobRunner:
             raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
 
 
+OUTCOME_EVENTS = frozenset({"finished", "transient", "worker_fatal"})
+
+
+def lost_attempts(history: list[dict[str, Any]]) -> int:
+    """Starts not followed by an outcome: the worker died (or lost Redis) mid-job."""
+    events = [e.get("event") for e in history if e.get("event") != "deferred"]
+    return sum(1 for i, event in enumerate(events)
+               if event == "started" and (i + 1 == len(events) or events[i + 1] not in OUTCOME_EVENTS))
+
+
 class _Cancelled(Exception):
     """Raised inside the pipeline call to stop a job that was cancelled."""
 
@@ -270,11 +335,13 @@ class _Cancelled(Exception):
 class _ProgressReporter:
     """Publishes throttled progress events (always the last step) and stops cancelled jobs."""
 
-    def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
-        self.ctx, self.record = ctx, record
+    def __init__(self, ctx: WorkerContext, record: JobRecord, fault: Fault | None = None) -> None:
+        self.ctx, self.record, self.fault = ctx, record, fault
         self.last = 0.0
 
     def __call__(self, step: int, total: int) -> None:
+        if self.fault is not None:
+            self.fault.at_step(step, self.record.attempt)
         now = time.monotonic()
         if step < total and now - self.last < self.ctx.settings.progress_interval_seconds:
             return

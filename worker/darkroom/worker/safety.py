@@ -43,14 +43,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
+from darkroom.common.safety import SafetyAction, SafetyPolicy, SafetyVerdict
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -80,56 +78,12 @@ __all__ = [
 CHECKER_KINDS = ("opennsfw", "diffusers", "none")
 
 
-# -- the contract: policies, actions, verdicts ----------------------------------
-class SafetyPolicy(StrEnum):
-    """What to do with a flagged image (chosen per job)."""
-
-    FLAG = "flag"
-    BLUR = "blur"
-    BLOCK = "block"
-
-
-class SafetyAction(StrEnum):
-    """What was done with one image."""
-
-    NONE = "none"  # not flagged (or not checked): stored as made
-    FLAGGED = "flagged"  # flagged, stored as made, marked
-    BLURRED = "blurred"  # flagged, a blurred copy stored; the original only in quarantine
-    BLOCKED = "blocked"  # flagged, nothing public; the original only in quarantine
-
-    @property
-    def quarantines(self) -> bool:
-        """Whether the original goes to the quarantine prefix instead of the public one."""
-        return self in (SafetyAction.BLURRED, SafetyAction.BLOCKED)
-
-
+# -- the contract: SafetyPolicy, SafetyAction, SafetyVerdict live in darkroom.common.safety --
 _ACTION_FOR_POLICY = {
     SafetyPolicy.FLAG: SafetyAction.FLAGGED,
     SafetyPolicy.BLUR: SafetyAction.BLURRED,
     SafetyPolicy.BLOCK: SafetyAction.BLOCKED,
 }
-
-
-class SafetyVerdict(BaseModel):
-    """One image's safety record: who scored it, the score, the bar, the flag, the action."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    checker: str = Field(description="Checker name: opennsfw, diffusers or none.")
-    version: str = Field(description="Checker version (package version + weights sha256 prefix).")
-    score: float | None = Field(None, ge=0.0, le=1.0, description="Probability-like unsafe score; None if unchecked.")
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Threshold applied; None if unchecked.")
-    flagged: bool | None = Field(None, description="score >= threshold (threshold 1 flags nothing); None if unchecked.")
-    action: SafetyAction = Field(SafetyAction.NONE, description="What was done with the image.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        checked = self.score is not None
-        if checked != (self.threshold is not None) or checked != (self.flagged is not None):
-            raise ValueError("score, threshold and flagged are all set (checked) or all None (unchecked)")
-        if bool(self.flagged) == (self.action is SafetyAction.NONE):
-            raise ValueError(f"action {self.action.value!r} contradicts flagged={self.flagged}")
-        return self
 
 
 # -- checkers ----------------------------------------------------------------------

@@ -40,7 +40,7 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def plan_children(gpus: str, device_count: int, base_name: str) -> list[ChildSpec]:
+def plan_children(gpus: str, device_count: int, base_name: str, metrics_port: int = 9464) -> list[ChildSpec]:
     """Children for ``--gpus`` (``all`` or ``0,1,...``); empty when there is no GPU and ``all`` was asked."""
     if gpus.strip() == "all":
         indices = list(range(device_count))
@@ -54,7 +54,8 @@ def plan_children(gpus: str, device_count: int, base_name: str) -> list[ChildSpe
             raise ConfigurationError(f"--gpus {gpus}: no GPU {missing} here ({device_count} visible)")
     return [
         ChildSpec(i, f"{base_name}-gpu{i}", {"CUDA_VISIBLE_DEVICES": str(i), "DARKROOM_DEVICE": "cuda:0",
-                                             "DARKROOM_WORKER_NAME": f"{base_name}-gpu{i}"})
+                                             "DARKROOM_WORKER_NAME": f"{base_name}-gpu{i}",
+                                             "DARKROOM_METRICS_PORT": str(metrics_port + i) if metrics_port else "0"})
         for i in indices
     ]
 

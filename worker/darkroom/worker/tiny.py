@@ -301,21 +301,18 @@ def make_tiny_lora(
         raise ValueError("a LoRA needs the UNet, the text encoder or both")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
                                                           requires_safety_checker=False)
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
     layers: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if unet:
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-            inject_adapter_in_model(config, pipe.unet)
-            state = {k: v * scale for k, v in get_peft_model_state_dict(pipe.unet).items()}
-            layers["unet_lora_layers"] = convert_state_dict_to_diffusers(state)
-        if text_encoder:
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
-            inject_adapter_in_model(config, pipe.text_encoder)
-            state = {k: v * scale for k, v in get_peft_model_state_dict(pipe.text_encoder).items()}
-            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(state)
+        for component, wanted in (("unet", unet), ("text_encoder", text_encoder)):
+            if not wanted:
+                continue
+            module = getattr(pipe, component)
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets[component])
+            inject_adapter_in_model(config, module)
+            state = {k: v * scale for k, v in get_peft_model_state_dict(module).items()}
+            layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     StableDiffusionImg2ImgPipeline.save_lora_weights(

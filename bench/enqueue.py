@@ -1,0 +1,122 @@
+"""Enqueue benchmark (issue 4): jobs/s that ``Client.submit_many`` enqueues from one process.
+
+    .venv/bin/python bench/enqueue.py [--jobs 20000] [--single 2000] [--celery 500] [--chunk 500]
+
+Starts its own embedded Redis and S3 server in a temporary folder; needs no worker (the jobs stay
+queued). Measured side by side in this one run, each from the same process and connection:
+
+- ``submit_many``: validate all, then one Redis round trip per chunk (records, events, broker messages);
+- a loop of ``submit``: the same work, one round trip per job;
+- the old path, for reference: record the job, then Celery's ``send_task`` per job.
+
+Every number covers validation, the ``queued`` status records and events and the broker messages;
+the run checks that the broker lists hold one message per job. Target: submit_many >= 3,000 jobs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from darkroom.common.queues import PRIORITY_STEPS, TASK_IMG2IMG, broker_list, celery_config, cold_queue
+from darkroom.common.settings import Settings
+from darkroom.producer.client import Client
+from darkroom.producer.embedded import EmbeddedServices
+
+TARGET = 3000.0
+
+
+def make_jobs(count: int, model: str) -> list[dict[str, Any]]:
+    """Jobs as a producer would send them; every other one bulk (its message goes to another list)."""
+    return [{"model": model, "image": f"s3://darkroom/inputs/{i % 97}.png", "prompt": f"a lighthouse, take {i}",
+             "strength": 0.6, "priority": "bulk" if i % 2 else "interactive"} for i in range(count)]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def queued_messages(client: Client, model: str) -> int:
+    redis = client.jobs.redis
+    return sum(int(redis.llen(broker_list(cold_queue(model), p))) for p in PRIORITY_STEPS)
+
+
+def celery_loop(client: Client, jobs: list[dict[str, Any]]) -> None:
+    """The submit path before issue 4: record the job, then Celery's send_task, one job at a time."""
+    from celery import Celery
+
+    app = Celery("darkroom-bench", set_as_current=False)
+    app.conf.update(celery_config(client.settings))
+    try:
+        for raw in jobs:
+            job = client.prepare(raw)
+            client.jobs.create(job)
+            app.send_task(TASK_IMG2IMG, args=[job.model_dump(mode="json")], task_id=job.job_id,
+                          queue=client.fleet.queue_for(job.model), priority=job.priority.broker_priority)
+    finally:
+        app.close()
+
+
+def measure(client: Client, label: str, count: int, run: Callable[[list[dict[str, Any]]], object]) -> tuple[str, float]:
+    """Jobs/s of ``run`` over ``count`` fresh jobs of a model of their own; checks every message is queued."""
+    model = f"bench-{label}"
+    jobs = make_jobs(count, model)
+    run(make_jobs(min(count, 200), model))  # warm-up: connections, caches, code paths
+    client.jobs.redis.flushdb()
+    seconds = timed(lambda: run(jobs))
+    assert queued_messages(client, model) == count, f"{label}: broker lists do not hold {count} messages"
+    client.jobs.redis.flushdb()
+    return f"{count} jobs in {seconds:.2f} s", count / seconds
+
+
+def settings_for(endpoints: Any, state_dir: Path) -> Settings:
+    env = endpoints.as_env()
+    return Settings(state_dir=state_dir, redis_url=env["DARKROOM_REDIS_URL"],
+                    s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"], s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
+                    s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"], s3_region=env["DARKROOM_S3_REGION"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs for submit_many")
+    parser.add_argument("--single", type=int, default=2_000, help="jobs for the loop of submit")
+    parser.add_argument("--celery", type=int, default=500, help="jobs for the send_task loop (0: skip it)")
+    parser.add_argument("--chunk", type=int, default=500, help="jobs per round trip in submit_many")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print("starting embedded Redis and S3 ...", file=sys.stderr)
+        services = EmbeddedServices(Path(tmp) / "services")
+        endpoints = services.up(timeout=60)
+        try:
+            with Client(settings_for(endpoints, Path(tmp))) as client:
+                many = measure(client, "many", args.jobs, lambda jobs: client.submit_many(jobs, chunk=args.chunk))
+                single = measure(client, "single", args.single, lambda jobs: [client.submit(j) for j in jobs])
+                celery = measure(client, "celery", args.celery, lambda jobs: celery_loop(client, jobs)) \
+                    if args.celery else None
+        finally:
+            services.down()
+
+    rows = [
+        ("submit_many", f"{many[1]:8,.0f} jobs/s   ({many[0]}, chunks of {args.chunk})"),
+        ("loop of submit", f"{single[1]:8,.0f} jobs/s   ({single[0]})"),
+    ]
+    if celery is not None:
+        rows.append(("record + send_task loop", f"{celery[1]:8,.0f} jobs/s   ({celery[0]}; the path before issue 4)"))
+    rows.append(("submit_many / submit", f"{many[1] / single[1]:.1f}x"))
+    if celery is not None:
+        rows.append(("submit_many / send_task", f"{many[1] / celery[1]:.1f}x"))
+    rows.append(("target", f">= {TARGET:,.0f} jobs/s from one process: {'met' if many[1] >= TARGET else 'NOT met'}"))
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+
+
+if __name__ == "__main__":
+    main()

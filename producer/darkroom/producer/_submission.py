@@ -1,0 +1,164 @@
+"""What the sync and asyncio clients share: preparing jobs, staging them for Redis, packing uploads.
+
+No I/O happens here: the clients read what it needs (the model catalog, the routes) and run the
+pipelines it fills, each with its own Redis client.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from darkroom.common.errors import FieldError, InvalidJobError
+from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
+from darkroom.common.jobstore import stage_create
+from darkroom.common.queues import TASK_IMG2IMG
+from darkroom.common.settings import Settings
+from darkroom.common.storage import S3Uri
+from darkroom.common.webhooks import check_callback_url
+
+from .broker import task_message
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+JobLike = Img2ImgJob | Mapping[str, Any]
+UploadSource = bytes | str | Path | Any  # Any: a PIL image
+DEFAULT_CHUNK = 500
+"""Jobs per Redis round trip in ``submit_many``."""
+
+
+def prepare(job: JobLike, settings: Settings, known_models: Sequence[str]) -> Img2ImgJob:
+    """Validate a job and fill what the producer decides: id, seed, output prefix and producer id.
+
+    ``known_models`` is the fleet's catalog (empty: no worker registered yet, any model passes). A
+    ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set.
+    """
+    job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
+    job = job.model_copy(
+        update={
+            "job_id": job.job_id or uuid.uuid4().hex,
+            "seed": job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1 - 64),
+            "output_prefix": job.output_prefix or settings.default_output_prefix.rstrip("/"),
+            "producer": job.producer or settings.producer_id,
+        }
+    )
+    _check_buckets(job, settings)
+    _check_model(job, known_models)
+    if job.callback_url is not None:
+        _check_callback(job.callback_url, settings)
+    return job
+
+
+def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequence[str]) -> list[Img2ImgJob]:
+    """Prepare every job; raise one InvalidJobError naming each bad job's index and fields (``jobs[3].strength``)."""
+    prepared: list[Img2ImgJob] = []
+    errors: list[FieldError] = []
+    first_index: dict[str, int] = {}
+    for index, job in enumerate(jobs):
+        try:
+            ready = prepare(job, settings, known_models)
+        except InvalidJobError as exc:
+            errors += [FieldError(f"jobs[{index}].{e.field}", e.value, e.message, e.allowed) for e in exc.errors]
+            continue
+        assert ready.job_id is not None
+        if ready.job_id in first_index:
+            errors.append(FieldError(f"jobs[{index}].job_id", ready.job_id,
+                                     f"repeats jobs[{first_index[ready.job_id]}].job_id; ids must be unique"))
+        first_index.setdefault(ready.job_id, index)
+        prepared.append(ready)
+    if errors:
+        raise InvalidJobError(errors)
+    return prepared
+
+
+class Stager:
+    """Adds jobs to a (sync or asyncio) pipeline: record, ``queued`` event and broker message, one script each."""
+
+    def __init__(self, ttl: int, sender: str) -> None:
+        self.ttl = ttl
+        self.sender = sender
+
+    def stage(self, pipe: Any, job: Img2ImgJob, queue: str, priority: int | None = None) -> None:
+        """``priority`` (0 first .. 9) overrides the job's interactive/bulk priority."""
+        assert job.job_id is not None
+        message = task_message(
+            TASK_IMG2IMG, job.job_id, [job.model_dump(mode="json")], queue=queue,
+            priority=job.priority.broker_priority if priority is None else priority, sender=self.sender,
+        )
+        stage_create(pipe, job, self.ttl, enqueue=message)
+
+
+def chunks(jobs: Sequence[Img2ImgJob], size: int) -> Iterable[tuple[int, Sequence[Img2ImgJob]]]:
+    """(index of the first job, jobs) per ``size`` jobs."""
+    if size < 1:
+        raise ValueError(f"chunk must be at least 1, not {size}")
+    for start in range(0, len(jobs), size):
+        yield start, jobs[start:start + size]
+
+
+def taken(replies: Sequence[Any], jobs: Sequence[Img2ImgJob], first_index: int | None) -> list[tuple[int | None, str]]:
+    """The (index, id) of jobs whose create script answered 0: the id existed, nothing was written."""
+    return [
+        (None if first_index is None else first_index + i, job.job_id or "")
+        for i, (reply, job) in enumerate(zip(replies, jobs, strict=True))
+        if not reply
+    ]
+
+
+# -- objects ------------------------------------------------------------------
+def upload_payload(source: UploadSource, content_type: str | None) -> tuple[bytes, str]:
+    """Bytes and content type of image bytes, a local file or a PIL image (saved as PNG)."""
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes(), content_type or _guess_type(str(source))
+    if isinstance(source, bytes):
+        return source, content_type or "application/octet-stream"
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
+
+
+def open_image(data: bytes) -> Image:
+    """A PIL image of encoded image bytes (needs Pillow: ``darkroom-producer[images]``)."""
+    from PIL import Image as PILImage
+
+    return PILImage.open(io.BytesIO(data))
+
+
+def _guess_type(name: str) -> str:
+    suffix = name.rsplit(".", 1)[-1].lower()
+    return {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+        suffix, "application/octet-stream"
+    )
+
+
+# -- checks -------------------------------------------------------------------
+def _check_buckets(job: Img2ImgJob, settings: Settings) -> None:
+    errors = []
+    for name in ("image", "output_prefix"):
+        value = getattr(job, name)
+        bucket = S3Uri.parse(value, allow_empty_key=True).bucket
+        if not settings.bucket_allowed(bucket):
+            allowed = ", ".join(settings.allowed_buckets)
+            errors.append(FieldError(name, value, f"bucket {bucket!r} is not allowed", f"buckets {allowed}"))
+    if errors:
+        raise InvalidJobError(errors)
+
+
+def _check_model(job: Img2ImgJob, known: Sequence[str]) -> None:
+    """Refuse a model no worker of this fleet has served (once any worker has registered its models)."""
+    if known and job.model not in known:
+        raise InvalidJobError([FieldError("model", job.model, "no worker of this fleet serves this model",
+                                          "one of " + ", ".join(known))])
+
+
+def _check_callback(url: str, settings: Settings) -> None:
+    try:
+        check_callback_url(url, allow_private=settings.allow_private_callbacks)
+    except ValueError as exc:
+        allowed = "http(s) URL on a public address (DARKROOM_ALLOW_PRIVATE_CALLBACKS admits private ones)"
+        raise InvalidJobError([FieldError("callback_url", url, str(exc), allowed)]) from None

@@ -1,0 +1,224 @@
+"""The asyncio SDK: :class:`AsyncClient` offers the sync client's surface as coroutines, on ``redis.asyncio``.
+
+    from darkroom.producer.aio import AsyncClient
+
+    async with AsyncClient.from_env() as client:
+        handles = await client.submit_many(jobs)                     # one round trip per 500 jobs
+        async for event in client.watch([h.job_id for h in handles]):
+            print(event.job_id, event.type)
+        result = await handles[0].wait(timeout=60)
+
+Waiting wakes on pub/sub (no polling loop); the blocking boto3 calls (upload, download) and job
+preparation (a callback URL's DNS lookup) run in a thread with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import redis
+import redis.asyncio
+
+from darkroom.common.clients import make_async_redis, make_s3_client
+from darkroom.common.events import JobEvent
+from darkroom.common.fleet import AsyncFleet
+from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.jobstore import (
+    JobNotFound,
+    JobRecord,
+    advance,
+    cancel_key,
+    job_key,
+    raise_taken,
+    stage_write,
+)
+from darkroom.common.objectstore import ObjectStore
+from darkroom.common.results import JobResult
+from darkroom.common.settings import Settings
+from darkroom.common.status import IllegalTransition, JobStatus
+from darkroom.common.storage import S3Uri
+
+from . import _submission as submission
+from ._watch import Listen, Read, Watch
+from .broker import origin
+from .client import EventCallback
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = ["AsyncClient", "AsyncJobHandle"]
+
+
+@dataclass(frozen=True)
+class AsyncJobHandle:
+    """A submitted job, for asyncio code: ``await handle.wait()``."""
+
+    job_id: str
+    client: AsyncClient
+
+    async def status(self) -> JobRecord:
+        return await self.client.status(self.job_id)
+
+    async def wait(self, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
+        """Until the job ends; its result, or JobFailed / JobCancelled / WaitTimeout."""
+        return await self.client.wait(self.job_id, timeout=timeout, on_event=on_event)
+
+    async def cancel(self) -> JobRecord:
+        return await self.client.cancel(self.job_id)
+
+    async def result(self) -> JobResult:
+        return await self.client.result(self.job_id)
+
+
+class AsyncClient:
+    """Submits jobs and follows them from asyncio code; see :class:`darkroom.producer.Client` for the semantics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis_client: redis.asyncio.Redis | None = None,
+        s3_client: Any | None = None,
+    ) -> None:
+        self.settings = settings
+        self._redis = redis_client if redis_client is not None else make_async_redis(settings)
+        self._s3_client = s3_client
+        self.fleet = AsyncFleet(self._redis)
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin())
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Self:
+        """Build from ``DARKROOM_*`` variables (or the embedded services' env file)."""
+        return cls(Settings.load(**overrides))
+
+    # -- lifecycle -------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # -- submitting ------------------------------------------------------
+    async def prepare(self, job: submission.JobLike) -> Img2ImgJob:
+        """Validate a job and fill what the producer decides (see ``Client.prepare``)."""
+        known = await self.fleet.catalog()
+        return await asyncio.to_thread(submission.prepare, job, self.settings, known)
+
+    async def submit(self, job: submission.JobLike, *, priority: int | None = None) -> AsyncJobHandle:
+        """Validate, record as ``queued`` and enqueue a job, in one round trip (see ``Client.submit``)."""
+        job = await self.prepare(job)
+        pipe = self._redis.pipeline(transaction=False)
+        self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority)
+        raise_taken(submission.taken(await pipe.execute(), [job], None))
+        return AsyncJobHandle(job.job_id or "", self)
+
+    async def submit_many(
+        self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK
+    ) -> list[AsyncJobHandle]:
+        """Validate all jobs, then enqueue each ``chunk`` of them in one round trip (see ``Client.submit_many``)."""
+        known = await self.fleet.catalog()
+        prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known)
+        taken: list[tuple[int | None, str]] = []
+        for first, part in submission.chunks(prepared, chunk):
+            pipe = self._redis.pipeline(transaction=False)
+            for job in part:
+                self._stager.stage(pipe, job, await self.fleet.queue_for(job.model))
+            taken += submission.taken(await pipe.execute(), part, first)
+        raise_taken(taken)
+        return [AsyncJobHandle(job.job_id or "", self) for job in prepared]
+
+    def handle(self, job_id: str) -> AsyncJobHandle:
+        return AsyncJobHandle(job_id, self)
+
+    # -- following -------------------------------------------------------
+    async def status(self, job_id: str) -> JobRecord:
+        """The job's current record; raises JobNotFound for unknown (or expired) ids."""
+        raw = await self._redis.get(job_key(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return JobRecord.model_validate_json(raw)
+
+    async def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
+        """Cancel a job (see ``Client.cancel``); a job that already ended is left as it is. Returns its record."""
+        await self.status(job_id)
+        await self._redis.set(cancel_key(job_id), reason, ex=self.settings.status_ttl_seconds)
+        try:
+            return await self._transition(job_id, JobStatus.CANCELLED, error_code="cancelled", error_message=reason)
+        except IllegalTransition:
+            return await self.status(job_id)
+
+    async def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
+        """Until the job ends, waking on its events; its result, or JobFailed / JobCancelled / WaitTimeout.
+
+        ``on_event`` sees the job's state when the wait begins, then every change.
+        """
+        async for event in self.watch([job_id], timeout=timeout):
+            if on_event is not None:
+                on_event(event)
+        return await self.result(job_id)
+
+    async def result(self, job_id: str) -> JobResult:
+        """The job's result now; JobFailed / JobCancelled if it ended so, WaitTimeout if it has not ended."""
+        return (await self.status(job_id)).raise_for_outcome()
+
+    async def watch(self, job_ids: Iterable[str], timeout: float | None = None) -> AsyncIterator[JobEvent]:
+        """The jobs' events as they happen, until every job is terminal (see ``Client.watch``)."""
+        watch = Watch(job_ids, timeout)
+        pubsub = self._redis.pubsub()
+        try:
+            if watch.job_ids:
+                await pubsub.subscribe(*watch.channels)
+            while (step := watch.next()) is not None:
+                if isinstance(step, Read):
+                    events = watch.on_records(step.job_ids, await self._redis.mget([job_key(i) for i in step.job_ids]))
+                elif isinstance(step, Listen):
+                    events = watch.on_message(await pubsub.get_message(timeout=step.timeout))
+                for event in events:
+                    yield event
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- objects ---------------------------------------------------------
+    @property
+    def store(self) -> ObjectStore:
+        if self._s3_client is None:
+            self._s3_client = make_s3_client(self.settings)
+        return ObjectStore(self._s3_client)
+
+    async def upload(self, source: bytes | str | Path | Image, uri: str, *, content_type: str | None = None) -> str:
+        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI."""
+        target = S3Uri.parse(uri)
+        data, kind = await asyncio.to_thread(submission.upload_payload, source, content_type)
+        await asyncio.to_thread(self.store.put_bytes, target, data, content_type=kind)
+        return str(target)
+
+    async def download(self, uri: str) -> bytes:
+        return await asyncio.to_thread(self.store.get_bytes, S3Uri.parse(uri))
+
+    async def open_images(self, result: JobResult) -> list[Image]:
+        """The result's output images as PIL images, downloaded side by side (needs Pillow)."""
+        blobs = await asyncio.gather(*(self.download(uri) for uri in result.uris))
+        return [submission.open_image(blob) for blob in blobs]
+
+    # -- internals -------------------------------------------------------
+    async def _transition(self, job_id: str, status: JobStatus, **changes: Any) -> JobRecord:
+        """JobStore.transition on redis.asyncio: WATCH the record, write the next one in MULTI, retry on a race."""
+        key = job_key(job_id)
+        async with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    record = advance(await pipe.get(key), job_id, status, job=None, changes=changes)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    stage_write(pipe, record, self.settings.status_ttl_seconds)
+                    await pipe.execute()
+                    return record
+                except redis.WatchError:
+                    continue
