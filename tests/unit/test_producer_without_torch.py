@@ -43,3 +43,21 @@ def test_cli_help_lists_commands_without_torch() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("submit", "status", "wait", "services", "worker"):
         assert command in result.stdout
+
+
+def test_submit_reads_list_fields_from_a_job_file_and_flags_override(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from darkroom.producer import cli
+
+    job = Path(str(tmp_path)) / "job.json"
+    job.write_text('{"model": "m", "image": "s3://bkt/a.png", "prompt": "x", "strength": 7}')
+    # strength from the file is out of range, so the refusal proves the file was read; the flag fixes it
+    refused = CliRunner().invoke(cli.main, ["submit", "--job", str(job)])
+    assert refused.exit_code != 0 and "strength" in refused.output
+    bad_file = Path(str(tmp_path)) / "list.json"
+    bad_file.write_text("[1, 2]")
+    result = CliRunner().invoke(cli.main, ["submit", "--job", str(bad_file)])
+    assert result.exit_code != 0 and "one JSON object" in result.output

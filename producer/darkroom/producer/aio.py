@@ -26,7 +26,7 @@ import redis.asyncio
 from darkroom.common.clients import make_async_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import AsyncFleet
-from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import (
     JobNotFound,
     JobRecord,
@@ -108,6 +108,7 @@ class AsyncClient:
     # -- submitting ------------------------------------------------------
     async def prepare(self, job: submission.JobLike) -> Img2ImgJob:
         """Validate a job and fill what the producer decides (see ``Client.prepare``)."""
+        job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
         known = await self.fleet.catalog()
         return await asyncio.to_thread(submission.prepare, job, self.settings, known)
 

@@ -89,14 +89,20 @@ def _job_options(command: Any) -> Any:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and print its output URIs.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def submit(wait_: bool, timeout: float | None, as_json: bool, **fields: Any) -> None:
+@click.option("--job", "job_file", type=click.File("r"), default=None,
+              help="A JSON file (or - for stdin) with job fields, e.g. adapters, timesteps or per-image seeds; "
+                   "flags override it.")
+def submit(wait_: bool, timeout: float | None, as_json: bool, job_file: Any, **fields: Any) -> None:
     """Submit one img2img job; print its id (and, with --wait, its outputs).
 
     Example: darkroom submit --model tiny --image s3://darkroom/inputs/cat.png --prompt "a cat" --wait
     """
     from .client import Client
 
-    job = {k: v for k, v in fields.items() if v is not None}
+    job = json.load(job_file) if job_file is not None else {}
+    if not isinstance(job, dict):
+        raise click.BadParameter("the --job file must hold one JSON object of job fields", param_hint="--job")
+    job.update({k: v for k, v in fields.items() if v is not None})
     with _client(Client) as client:
         try:
             handle = client.submit(job)

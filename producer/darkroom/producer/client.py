@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Self
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
-from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.results import JobResult
@@ -101,6 +101,7 @@ class Client:
         Raises InvalidJobError: a bad value, a bucket not allowed, a model no worker of the fleet serves, a
         ``callback_url`` on a private address (unless ``allow_private_callbacks`` is set).
         """
+        job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
         return submission.prepare(job, self.settings, self.fleet.catalog())
 
     def submit(self, job: submission.JobLike, *, priority: int | None = None) -> JobHandle:
