@@ -63,6 +63,10 @@ def test_metrics_count_the_jobs_that_ran(client: Client, services: Any, settings
         assert samples[("darkroom_model_resident", (("model", model),))] == 1
         assert samples[("darkroom_resident_bytes", ())] > 1_000_000
         assert samples[("darkroom_jobs_in_progress", ())] == 0
+        assert samples[("darkroom_queue_depth", (("queue", f"darkroom.img2img.cold.{model}"),))] == 0
+        client.jobs.redis.hincrby("darkroom:webhooks:stats", "delivered", 0)  # the key exists, maybe still 0
+        delivered = int(client.jobs.redis.hget("darkroom:webhooks:stats", "delivered") or 0)
+        assert scrape(port)[("darkroom_webhook_deliveries_total", (("outcome", "delivered"),))] == delivered
         for path, body in (("/healthz", b"live"), ("/readyz", b"ready")):
             assert urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read().startswith(body)
     finally:

@@ -237,6 +237,7 @@ def test_terminal_event_arrives_on_the_fourth_try_after_three_500s(
     hooks_client: Client, worker: WorkerProcess, receiver: Receiver, dispatcher: object, rdb: redis.Redis
 ) -> None:
     # Given a receiver that answers 500 three times, then 200
+    stats_before = {k.decode(): int(v) for k, v in rdb.hgetall("darkroom:webhooks:stats").items()}
     url = receiver.url([500, 500, 500])
     handle = hooks_client.submit(
         {**JOB, "image": upload_input(hooks_client), "callback_url": url, "webhook_events": ["succeeded"]}
@@ -256,6 +257,10 @@ def test_terminal_event_arrives_on_the_fourth_try_after_three_500s(
     assert len(receiver.requests(url)) == 4
     assert not rdb.hexists(DEAD_KEY, webhook_id)
     assert not any(webhook_id in m.decode() for m in rdb.zrange(RETRIES_KEY, 0, -1))
+    # ...and the fleet-wide outcome counters (exported on workers' /metrics) saw 3 retries and 1 delivery
+    stats = {k.decode(): int(v) for k, v in rdb.hgetall("darkroom:webhooks:stats").items()}
+    assert stats.get("retried", 0) - stats_before.get("retried", 0) >= 3
+    assert stats.get("delivered", 0) - stats_before.get("delivered", 0) >= 1
 
 
 def test_an_exhausted_schedule_dead_letters_and_replay_resends(

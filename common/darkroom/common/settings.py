@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     allow_private_callbacks: bool = Field(
         False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
     )
+    log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object a line) for fleets.")
     visibility_timeout_seconds: int = Field(
         3600, ge=10, description="Broker redelivers an unacknowledged job after this long; keep above the longest job."
     )

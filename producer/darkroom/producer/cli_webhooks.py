@@ -14,6 +14,7 @@ import redis
 
 from darkroom.common.clients import make_redis
 from darkroom.common.errors import DarkroomError
+from darkroom.common.logs import configure_logging
 from darkroom.common.settings import Settings
 from darkroom.common.webhooks import generate_secret
 
@@ -34,11 +35,11 @@ def dispatcher(concurrency: int | None, name: str | None, log_level: str) -> Non
     """
     from .dispatcher import Dispatcher, DispatcherSettings
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {"webhook_concurrency": concurrency, "dispatcher_name": name}
     try:
         settings = DispatcherSettings.load(**{k: v for k, v in overrides.items() if v is not None})
         runner = Dispatcher(settings, make_redis(settings))
+        configure_logging(log_level, settings.log_format, runner.name)
     except DarkroomError as exc:
         raise click.ClickException(str(exc)) from None
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -156,6 +156,9 @@ class HttpSender:
 
 
 # -- the dispatcher -------------------------------------------------------------
+STATS_KEY = "darkroom:webhooks:stats"
+
+
 class Dispatcher:
     """Delivers webhooks until :meth:`stop`. ``run`` blocks; ``start`` runs it on a thread."""
 
@@ -297,7 +300,15 @@ class Dispatcher:
             "webhook-signature": sign(secret, delivery.id, timestamp, body),
         }
 
+    def _count(self, outcome: str) -> None:
+        """Fleet-wide delivery counters (``darkroom:webhooks:stats``; workers export them on /metrics)."""
+        try:
+            self.queue.redis.hincrby(STATS_KEY, outcome, 1)
+        except redis.RedisError as exc:
+            log.debug("webhook stats not updated: %s", exc)
+
     def _settle(self, raw: str, delivery: Delivery) -> None:
+        self._count(_outcome_name(delivery, self.settings))
         last = delivery.attempts[-1]
         where = f"{delivery.event.type.value} of {delivery.job_id} to {_redact(delivery.url)}"
         if last.ok:
@@ -337,6 +348,15 @@ def _checked_secrets(secrets: Mapping[str, SecretStr]) -> dict[str, str]:
             ) from None
         out[producer] = secret.get_secret_value()
     return out
+
+
+def _outcome_name(delivery: Delivery, settings: DispatcherSettings) -> str:
+    if delivery.attempts[-1].ok:
+        return "delivered"
+    delay = next_delay(delivery, settings.webhook_retry_schedule, settings.webhook_nonterminal_attempts)
+    if delay is not None:
+        return "retried"
+    return "dead_lettered" if delivery.terminal else "dropped"
 
 
 def _redact(url: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from darkroom.common.errors import ConfigurationError, JobError
+from darkroom.common.logs import configure_logging
 
 
 def _quiet_libraries() -> None:
@@ -60,10 +61,10 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     from .registry import ModelRegistry
     from .settings import WorkerSettings
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
+        configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
     except ConfigurationError as exc:

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from darkroom.common.errors import ErrorCode, TransientError, WorkerFatalError
+from darkroom.common.logs import job_context
 
 from .context import WorkerContext
 from .lease import Lease, LeaseKeeper
@@ -63,6 +64,10 @@ class DeliveryHandler:
 
     def handle(self, payload: dict[str, Any]) -> Decision:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        with job_context(job_id if isinstance(job_id, str) else None):
+            return self._handle(payload, job_id)
+
+    def _handle(self, payload: dict[str, Any], job_id: Any) -> Decision:
         if not isinstance(job_id, str):
             self.runner.run(payload)  # refused and logged by the runner's validation
             return Decision(Outcome.SKIP)

@@ -96,6 +96,8 @@ class _ReportCollector(Collector):
         for model in report.get("models", []):
             resident.add_metric([model], 1.0 if model in report.get("resident_models", []) else 0.0)
         yield resident
+        yield self._webhooks()
+        yield self._queues(report.get("models", []))
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Device memory", labels=["kind"])
         free, total = self.ctx.device.free_memory(), self.ctx.device.total_memory
         if free is not None:
@@ -103,6 +105,39 @@ class _ReportCollector(Collector):
         if total:
             memory.add_metric(["total"], float(total))
         yield memory
+
+
+    def _queues(self, models: list[str]) -> GaugeMetricFamily:
+        """Queued jobs per queue of the models this worker serves (all priorities summed)."""
+        from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+
+        family = GaugeMetricFamily("darkroom_queue_depth", "Jobs waiting in a queue", labels=["queue"])
+        try:
+            pipe = self.ctx.redis.pipeline(transaction=False)
+            queues = [q for m in models for q in (hot_queue(m), cold_queue(m))]
+            for queue in queues:
+                for p in PRIORITY_STEPS:
+                    pipe.llen(broker_list(queue, p))
+            lengths = pipe.execute()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+            return family
+        step = len(PRIORITY_STEPS)
+        for i, queue in enumerate(queues):
+            family.add_metric([queue], float(sum(lengths[i * step:(i + 1) * step])))
+        return family
+
+    def _webhooks(self) -> CounterMetricFamily:
+        """Fleet-wide webhook outcomes kept by the dispatchers in Redis (the same on every worker: use max())."""
+        family = CounterMetricFamily("darkroom_webhook_deliveries", "Webhook delivery outcomes, fleet-wide",
+                                     labels=["outcome"])
+        try:
+            raw = self.ctx.redis.hgetall("darkroom:webhooks:stats")
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+            raw = {}
+        for outcome, count in sorted(raw.items()):
+            name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+            family.add_metric([name], float(count))
+        return family
 
 
 def serve_metrics(ctx: WorkerContext, metrics: WorkerMetrics, host: str, port: int) -> ThreadingHTTPServer | None:
