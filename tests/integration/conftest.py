@@ -13,13 +13,22 @@ from darkroom.worker.process import WorkerProcess
 pytestmark = pytest.mark.integration
 
 
+def spawn_worker(services: object, settings: Settings, name: str, *args: str, state_dir: Path | None = None,
+                 **env: str) -> WorkerProcess:
+    """A `darkroom worker ARGS` subprocess (not started yet) on the session's services.
+
+    ``env`` adds DARKROOM_* overrides; its log goes to ``<state_dir>/logs/<name>.log``.
+    """
+    state = state_dir or settings.state_dir
+    full = {**services.as_env(), "DARKROOM_STATE_DIR": str(state), **env}  # type: ignore[attr-defined]
+    return WorkerProcess(name, list(args), env=full, redis_url=full["DARKROOM_REDIS_URL"],
+                         log_path=state / "logs" / f"{name}.log")
+
+
 def start_worker(services: object, settings: Settings, tiny_model: Path, *extra: str) -> WorkerProcess:
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir)}  # type: ignore[attr-defined]
+    """A started worker serving the tiny model as ``tiny`` (plus ``extra`` arguments)."""
     name = f"test-{uuid.uuid4().hex[:8]}"
-    return WorkerProcess(
-        name, ["--model", f"tiny={tiny_model}", *extra], env=env,
-        redis_url=env["DARKROOM_REDIS_URL"], log_path=settings.state_dir / "logs" / f"{name}.log",
-    ).start(timeout=120)
+    return spawn_worker(services, settings, name, "--model", f"tiny={tiny_model}", *extra).start(timeout=120)
 
 
 @pytest.fixture(scope="session")

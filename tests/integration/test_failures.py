@@ -26,6 +26,7 @@ from darkroom.worker.demo import sample_image
 from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +43,8 @@ class Pool:
         self.workers: list[WorkerProcess] = []
 
     def start(self, **env: str) -> WorkerProcess:
-        base = {**self.services.as_env(), "DARKROOM_STATE_DIR": str(self.settings.state_dir), **CHAOS_ENV, **env}
-        name = f"{self.model}-{len(self.workers)}"
-        worker = WorkerProcess(name, ["--model", f"{self.model}={self.tiny_model}"], env=base,
-                               redis_url=base["DARKROOM_REDIS_URL"],
-                               log_path=self.settings.state_dir / "logs" / f"{name}.log").start()
+        worker = spawn_worker(self.services, self.settings, f"{self.model}-{len(self.workers)}", "--model",
+                              f"{self.model}={self.tiny_model}", **{**CHAOS_ENV, **env}).start()
         self.workers.append(worker)
         return worker
 

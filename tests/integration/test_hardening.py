@@ -21,6 +21,7 @@ from darkroom.worker.demo import sample_image
 from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 from .test_failures import celery_sender
 
 pytestmark = pytest.mark.integration
@@ -33,9 +34,7 @@ JOB = {"prompt": "a boat", "strength": 0.5, "num_inference_steps": 4, "seed": 1}
 @pytest.fixture(scope="module")
 def hardened(services: Any, settings: Settings, tiny_model: Path) -> Iterator[tuple[WorkerProcess, str]]:
     model = f"h{uuid.uuid4().hex[:6]}"
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir), **LIMITS}
-    worker = WorkerProcess(f"hardened-{model}", ["--model", f"{model}={tiny_model}"], env=env,
-                           redis_url=env["DARKROOM_REDIS_URL"], log_path=settings.state_dir / "logs" / "hardened.log")
+    worker = spawn_worker(services, settings, f"hardened-{model}", "--model", f"{model}={tiny_model}", **LIMITS)
     worker.start()
     try:
         yield worker, model

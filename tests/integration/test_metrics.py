@@ -16,9 +16,9 @@ from darkroom.common.errors import JobFailed
 from darkroom.common.settings import Settings
 from darkroom.producer.client import Client
 from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +37,8 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_count_the_jobs_that_ran(client: Client, services: Any, settings: Settings, tiny_model: Path) -> None:
     port, model = free_port(), f"m{uuid.uuid4().hex[:6]}"
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir), "DARKROOM_METRICS_PORT": str(port)}
-    worker = WorkerProcess(f"metrics-{model}", ["--model", f"{model}={tiny_model}"], env=env,
-                           redis_url=env["DARKROOM_REDIS_URL"], log_path=settings.state_dir / "logs" / "metrics.log")
+    worker = spawn_worker(services, settings, f"metrics-{model}", "--model", f"{model}={tiny_model}",
+                          DARKROOM_METRICS_PORT=str(port))
     worker.start()
     try:
         uri = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png")

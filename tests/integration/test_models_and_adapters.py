@@ -23,6 +23,7 @@ from darkroom.worker.process import WorkerProcess
 from darkroom.worker.tiny import make_tiny_lora, make_tiny_model
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +45,7 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory, settings: Settings) ->
 
 
 def spawn(services: Any, settings: Settings, name: str, *args: str) -> WorkerProcess:
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir)}
-    return WorkerProcess(f"{name}-{uuid.uuid4().hex[:6]}", list(args), env=env, redis_url=env["DARKROOM_REDIS_URL"],
-                         log_path=settings.state_dir / "logs" / f"{name}.log")
+    return spawn_worker(services, settings, f"{name}-{uuid.uuid4().hex[:6]}", *args)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from darkroom.common.storage import S3Uri
 from darkroom.producer.client import Client
 from darkroom.worker.demo import sample_image
 from darkroom.worker.filecache import ChecksumMismatch, FileCache, push_files
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +53,8 @@ def test_a_model_pushed_to_s3_is_fetched_once_verified_and_served(
     assert len(blobs) == len(pushed) - _duplicate_contents(tiny_model)
     # a worker serves the s3:// model
     model = f"s3m{uuid.uuid4().hex[:6]}"
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(tmp_path / "worker-state"), "DARKROOM_CPU_THREADS": "1"}
-    worker = WorkerProcess(f"remote-{model}", ["--model", f"{model}={prefix}"], env=env,
-                           redis_url=env["DARKROOM_REDIS_URL"], log_path=tmp_path / "worker.log").start()
+    worker = spawn_worker(services, settings, f"remote-{model}", "--model", f"{model}={prefix}",
+                          state_dir=tmp_path / "worker-state", DARKROOM_CPU_THREADS="1").start()
     try:
         uri = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png")
         result = client.submit({"model": model, "image": uri, "prompt": "x", "strength": 0.5,

@@ -27,6 +27,7 @@ from darkroom.worker.process import WorkerProcess
 from darkroom.worker.safety import blur, object_metadata
 
 from ..conftest import png_bytes
+from .conftest import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +45,8 @@ def model_id() -> str:
 @pytest.fixture(scope="module")
 def safety_worker(services: Any, settings: Settings, tiny_model: Any, model_id: str) -> Iterator[WorkerProcess]:
     """A worker of its own (only it serves ``model_id``) whose operator lets jobs set any threshold in [0, 1]."""
-    env = {**services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir),
-           "DARKROOM_SAFETY_THRESHOLD_MAX": "1.0"}
-    name = f"safety-{uuid.uuid4().hex[:6]}"
-    process = WorkerProcess(name, ["--model", f"{model_id}={tiny_model}"], env=env,
-                            redis_url=env["DARKROOM_REDIS_URL"], log_path=settings.state_dir / "logs" / f"{name}.log")
+    process = spawn_worker(services, settings, f"safety-{uuid.uuid4().hex[:6]}", "--model",
+                           f"{model_id}={tiny_model}", DARKROOM_SAFETY_THRESHOLD_MAX="1.0")
     process.start(timeout=120)
     try:
         yield process
