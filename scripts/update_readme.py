@@ -7,6 +7,7 @@ from pathlib import Path
 
 from darkroom.common.reference import job_fields_markdown, settings_markdown
 from darkroom.common.settings import Settings
+from darkroom.producer.dashboard.settings import DashboardSettings
 from darkroom.producer.dispatcher import DispatcherSettings
 from darkroom.worker.settings import WorkerSettings
 
@@ -20,6 +21,7 @@ def main() -> None:
         "settings": settings_markdown(),
         "worker-settings": settings_markdown(WorkerSettings, skip=Settings),
         "dispatcher-settings": settings_markdown(DispatcherSettings, skip=Settings),
+        "dashboard-settings": settings_markdown(DashboardSettings, skip=Settings),
     }
     for name, body in blocks.items():
         text, count = re.subn(

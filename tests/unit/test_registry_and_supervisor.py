@@ -65,8 +65,8 @@ def test_bad_registry_files_say_what_is_wrong(tmp_path: Path, text: str, message
         ModelRegistry.build(file)
 
 
-def test_single_file_checkpoints_are_refused_with_advice(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="convert"):
+def test_single_file_checkpoints_without_a_config_are_refused_with_advice(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="needs a 'config' in the registry file"):
         ModelRegistry.build(pairs=[f"a={tmp_path / 'model.safetensors'}"])
 
 

@@ -22,7 +22,7 @@ def test_prepare_many_fills_ids_seeds_and_prefixes() -> None:
 
 
 def test_prepare_many_names_every_bad_job_by_index_and_field() -> None:
-    jobs = [GOOD, {**GOOD, "strength": 1.5}, GOOD, {**GOOD, "prompt": None, "steps": 3}]
+    jobs = [GOOD, {**GOOD, "strength": 1.5}, GOOD, {**GOOD, "prompt": 42, "steps": 3}]
     with pytest.raises(InvalidJobError) as refused:
         submission.prepare_many(jobs, Settings(), [])
     fields = sorted(e.field for e in refused.value.errors)

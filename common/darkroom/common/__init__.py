@@ -17,7 +17,7 @@ from .errors import (
     WorkerFatalError,
 )
 from .events import EventType, JobEvent
-from .jobs import Img2ImgJob, OutputFormat, validate_job
+from .jobs import Img2ImgJob, OutputFormat, ResizeMode, validate_job
 from .jobstore import JobRecord, JobStore
 from .queues import TASK_IMG2IMG, cold_queue, hot_queue
 from .results import FailureDetails, JobResult, OutputImage, Timings
@@ -46,6 +46,7 @@ __all__ = [
     "JobStore",
     "OutputFormat",
     "OutputImage",
+    "ResizeMode",
     "S3Uri",
     "SafetyAction",
     "SafetyPolicy",

@@ -60,6 +60,8 @@ class ErrorCode(StrEnum):
     ADAPTER_NOT_FOUND = "adapter_not_found"
     ADAPTER_NOT_ALLOWED = "adapter_not_allowed"
     ADAPTER_INVALID = "adapter_invalid"
+    EMBEDDING_NOT_FOUND = "embedding_not_found"
+    EMBEDDING_INVALID = "embedding_invalid"
     OUTPUT_WRITE_FAILED = "output_write_failed"
     TRANSIENT_EXHAUSTED = "transient_exhausted"
     DELIVERY_LIMIT = "delivery_limit"

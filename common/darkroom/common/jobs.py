@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import FieldError, InvalidJobError
@@ -21,15 +21,23 @@ from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import S3Uri
 
-__all__ = ["AdapterRef", "Img2ImgJob", "OutputFormat", "Priority", "MAX_SEED", "MAX_ADAPTERS", "validate_job",
+__all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
+           "MAX_SIDE", "validate_job",
            "allowed_range"]
 
 MAX_SEED = 2**63 - 1
 MAX_ADAPTERS = 8
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_TOKEN = re.compile(r"^\S{1,64}$")
+MAX_TEXTUAL_INVERSIONS = 8
 MAX_IMAGES = 16
 MAX_TIMESTEP = 999
+MAX_SIDE = 4096  # pixels; width and height of the working image
 _ONE, _PER_IMAGE = "one", "per_image"  # union tags; never shown in error locations
+
+
+def _side_allowed(side: str) -> str:
+    return f"a multiple of 8, 8 <= {side} <= {MAX_SIDE}; only with resize_mode resize, crop_resize or resize_fill"
 
 
 def _one_or_per_image(value: Any) -> str:
@@ -54,6 +62,22 @@ class CrossFieldError(ValueError):
     def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:
         super().__init__(f"{field}={value!r}: {message}; allowed: {allowed}")
         self.field, self.value, self.message, self.allowed = field, value, message, allowed
+
+
+class ResizeMode(StrEnum):
+    """How the decoded input becomes the image the pipeline works on (the A1111 img2img resize modes).
+
+    ``keep`` is diffusers' own behaviour: the image as sent, each side rounded down to a multiple of 8
+    by diffusers' image processor (a Lanczos resize, not a crop). The others produce exactly the
+    target size: ``resize`` stretches ("just resize"), ``crop_resize`` scales to cover the target and
+    crops the overflow around the center ("crop and resize"), ``resize_fill`` scales to fit inside it
+    and fills the two bands with the image's stretched edge rows or columns ("resize and fill").
+    """
+
+    KEEP = "keep"
+    RESIZE = "resize"
+    CROP_RESIZE = "crop_resize"
+    RESIZE_FILL = "resize_fill"
 
 
 class OutputFormat(StrEnum):
@@ -100,6 +124,49 @@ class AdapterRef(BaseModel):
         return v
 
 
+def _safetensors_uri(value: str) -> str:
+    S3Uri.parse(value)
+    if not value.endswith(".safetensors"):
+        raise ValueError("must be an s3://....safetensors object (pickle formats are refused)")
+    return value
+
+
+class TextualInversion(BaseModel):
+    """A textual-inversion embedding for one job: an ``s3://`` ``.safetensors`` file and the token it defines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(description="s3://bucket/key.safetensors holding one embedding (one or more vectors).")
+    token: str = Field(description="The token the prompt uses for it, e.g. <cat-toy>.",
+                       json_schema_extra={"allowed": "1..64 characters, no whitespace"})
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _safetensors_uri(v)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not _TOKEN.match(v):
+            raise ValueError("must be 1..64 characters without whitespace, e.g. <cat-toy>")
+        return v
+
+
+class FreeU(BaseModel):
+    """FreeU factors (Si et al. 2023): skip-feature (s) and backbone (b) scales of the UNet's up blocks.
+
+    Defaults are the values the FreeU authors suggest for Stable Diffusion 1.5.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    s1: Annotated[float, Ge(0.0), Le(10.0)] = Field(0.9, description="Skip-feature scale of the first up stage.")
+    s2: Annotated[float, Ge(0.0), Le(10.0)] = Field(0.2, description="Skip-feature scale of the second up stage.")
+    b1: Annotated[float, Ge(0.0), Le(10.0)] = Field(1.5, description="Backbone scale of the first up stage.")
+    b2: Annotated[float, Ge(0.0), Le(10.0)] = Field(1.6, description="Backbone scale of the second up stage.")
+
+
 class Img2ImgJob(BaseModel):
     """One SDEdit image-to-image request. Defaults follow diffusers' img2img pipeline."""
 
@@ -111,8 +178,26 @@ class Img2ImgJob(BaseModel):
     )
     model: str = Field(description="Model id from the workers' model registry.")
     image: str = Field(description="Input image as s3://bucket/key (PNG, JPEG, WebP...).")
-    prompt: TextValue = Field(
-        description="Text guiding the generation; or a list, one per image.",
+    resize_mode: ResizeMode = Field(
+        ResizeMode.KEEP, description="How the input becomes the working image (see \"Input images\"): keep (as "
+                                     "sent; sides rounded down to multiples of 8), resize, crop_resize, resize_fill.",
+    )
+    width: Annotated[int, Ge(8), Le(MAX_SIDE), MultipleOf(8)] | None = Field(
+        None, description="Working width in pixels; with height unset, height follows the input's aspect ratio.",
+        json_schema_extra={"allowed": _side_allowed("width")},
+    )
+    height: Annotated[int, Ge(8), Le(MAX_SIDE), MultipleOf(8)] | None = Field(
+        None, description="Working height in pixels; with width unset, width follows the input's aspect ratio.",
+        json_schema_extra={"allowed": _side_allowed("height")},
+    )
+    max_pixels: Annotated[int, Ge(64), Le(MAX_SIDE * MAX_SIDE)] | None = Field(
+        None, description="Without width and height: the input's size scaled down (never up) to at most this many "
+                          "pixels, aspect ratio kept, sides rounded down to multiples of 8.",
+        json_schema_extra={"allowed": f"64 <= max_pixels <= {MAX_SIDE * MAX_SIDE}; not with resize_mode keep, "
+                                      "width or height"},
+    )
+    prompt: TextValue | None = Field(
+        None, description="Text guiding the generation; or a list, one per image. Required unless prompt_embeds.",
         json_schema_extra={"allowed": "at most 4000 characters; a list has one per image"},
     )
     negative_prompt: TextValue | None = Field(
@@ -155,6 +240,25 @@ class Img2ImgJob(BaseModel):
     )
     adapters: Annotated[list[AdapterRef], MaxLen(MAX_ADAPTERS)] = Field(
         default_factory=list, description="LoRA adapters with weights (several blend); none = the base model."
+    )
+    prompt_embeds: str | None = Field(
+        None, description="Precomputed prompt embeddings instead of prompt: an s3://....safetensors with one tensor "
+                          "(prompt_embeds) of shape [1 or num_images_per_prompt, tokens, text hidden size].",
+    )
+    negative_prompt_embeds: str | None = Field(
+        None, description="Precomputed negative embeddings (same shape as prompt_embeds); only with prompt_embeds.",
+    )
+    textual_inversions: Annotated[list[TextualInversion], MaxLen(MAX_TEXTUAL_INVERSIONS)] = Field(
+        default_factory=list, description="Textual-inversion embeddings loaded for this job only (token + "
+                                          "s3:// file); the prompt uses their tokens.",
+    )
+    freeu: FreeU | None = Field(
+        None, description="FreeU for this job only: {s1, s2, b1, b2} (SD 1.5 defaults 0.9, 0.2, 1.5, 1.6); off "
+                          "when omitted.",
+    )
+    output_latents: bool = Field(
+        False, description="Also store each image's final latents (before the VAE decode) as "
+                           "NNN.latents.safetensors beside it.",
     )
     priority: Priority = Field(Priority.INTERACTIVE, description="interactive jobs go before bulk ones.")
     output_prefix: str | None = Field(
@@ -269,6 +373,35 @@ class Img2ImgJob(BaseModel):
                 )
         return self
 
+    @field_validator("prompt_embeds", "negative_prompt_embeds")
+    @classmethod
+    def _embeds_uri(cls, v: str | None) -> str | None:
+        return None if v is None else _safetensors_uri(v)
+
+    @model_validator(mode="after")
+    def _prompt_or_embeddings(self) -> Self:
+        if self.prompt is None and self.prompt_embeds is None:
+            raise CrossFieldError("prompt", None, "a job needs a prompt or prompt_embeds",
+                                  "exactly one of prompt and prompt_embeds")
+        if self.prompt is not None and self.prompt_embeds is not None:
+            raise CrossFieldError("prompt_embeds", self.prompt_embeds, "prompt is set as well",
+                                  "exactly one of prompt and prompt_embeds")
+        if self.negative_prompt_embeds is not None and self.prompt_embeds is None:
+            raise CrossFieldError("negative_prompt_embeds", self.negative_prompt_embeds, "prompt_embeds is not set",
+                                  "negative_prompt_embeds only with prompt_embeds")
+        if self.negative_prompt_embeds is not None and self.negative_prompt is not None:
+            raise CrossFieldError("negative_prompt_embeds", self.negative_prompt_embeds,
+                                  "negative_prompt is set as well", "one of negative_prompt and negative_prompt_embeds")
+        if self.prompt_embeds is not None:
+            for name in ("clip_skip", "textual_inversions"):
+                if getattr(self, name):
+                    raise CrossFieldError(name, getattr(self, name), "it changes how prompt text is encoded, and "
+                                          "this job sends embeddings", f"{name} only with prompt (not prompt_embeds)")
+        tokens = [t.token for t in self.textual_inversions]
+        if len(set(tokens)) != len(tokens):
+            raise CrossFieldError("textual_inversions", tokens, "a token is defined twice", "distinct tokens")
+        return self
+
     @model_validator(mode="after")
     def _scheduler_takes_options(self) -> Self:
         if self.scheduler is None:
@@ -280,6 +413,19 @@ class Img2ImgJob(BaseModel):
             raise CrossFieldError("timesteps", self.timesteps,
                                   f"scheduler {self.scheduler.value} does not accept explicit timesteps",
                                   f"timesteps only with scheduler {', '.join(sorted(ACCEPTS_TIMESTEPS))}")
+        return self
+
+    @model_validator(mode="after")
+    def _resize_options(self) -> Self:
+        sizes = {"width": self.width, "height": self.height, "max_pixels": self.max_pixels}
+        if self.resize_mode is ResizeMode.KEEP:
+            for name, value in sizes.items():
+                if value is not None:
+                    raise CrossFieldError(name, value, "resize_mode keep does not resize the input",
+                                          f"{name} only with resize_mode resize, crop_resize or resize_fill")
+        if self.max_pixels is not None and (self.width is not None or self.height is not None):
+            raise CrossFieldError("max_pixels", self.max_pixels, "width/height already fix the working size",
+                                  "max_pixels only without width and height")
         return self
 
     @property
@@ -298,8 +444,8 @@ class Img2ImgJob(BaseModel):
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images_per_prompt)]
 
     def prompts(self) -> list[str]:
-        """One prompt per output image."""
-        return _per_image_texts(self.prompt, self.num_images_per_prompt)
+        """One prompt per output image ("" each when the job sends prompt_embeds)."""
+        return _per_image_texts(self.prompt if self.prompt is not None else "", self.num_images_per_prompt)
 
     def negative_prompts(self) -> list[str] | None:
         """One negative prompt per output image, or None when the job has none."""

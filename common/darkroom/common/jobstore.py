@@ -6,7 +6,10 @@ Keys (all expire after ``Settings.status_ttl_seconds``)::
     darkroom:job:{job_id}:progress   last progress event as JSON (best effort)
     darkroom:job:{job_id}:cancel     present once the job was cancelled (the worker checks it)
     darkroom:job:{job_id}:history    deliveries and outcomes, newest 50 (JSON lines)
+    darkroom:job:{job_id}:history:previous   the history before the job was last resubmitted
     darkroom:dead-letters            hash job_id -> job, reason and history of jobs that kept coming back
+    darkroom:jobs                    sorted set of job ids scored by submission time (Redis clock), for listings
+                                     (dashboard); written with each record, entries older than the TTL trimmed
 
 Every transition also publishes a :class:`JobEvent` on ``darkroom:events:{job_id}``
 and on ``darkroom:events``, so waiters wake at once instead of polling.
@@ -31,7 +34,7 @@ from .status import IllegalTransition, JobStatus
 from .webhooks import outbox_push
 
 __all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key", "cancel_key", "DEAD_LETTERS_KEY", "stage_create",
-           "raise_taken", "advance", "stage_write"]
+           "raise_taken", "advance", "stage_write", "CREATED", "RESUBMITTED", "refused_status"]
 
 
 def job_key(job_id: str) -> str:
@@ -39,6 +42,7 @@ def job_key(job_id: str) -> str:
 
 
 DEAD_LETTERS_KEY = "darkroom:dead-letters"
+JOBS_INDEX_KEY = "darkroom:jobs"
 
 
 def cancel_key(job_id: str) -> str:
@@ -117,6 +121,19 @@ class JobStore:
     def progress(self, job_id: str) -> JobEvent | None:
         raw = self.redis.get(job_key(job_id) + ":progress")
         return None if raw is None else JobEvent.model_validate_json(raw)
+
+    def recent(self, *, since: float | None = None, until: float | None = None, offset: int = 0,
+               count: int = 100) -> list[tuple[str, float]]:
+        """Ids of jobs submitted between ``since`` and ``until`` (epoch seconds), newest first, with the time."""
+        found: list[tuple[bytes, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
+            JOBS_INDEX_KEY, "+inf" if until is None else until, "-inf" if since is None else since,
+            start=offset, num=count, withscores=True)
+        return [(k.decode() if isinstance(k, bytes) else str(k), float(score)) for k, score in found]
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``job_ids`` in one round trip (None where a record expired)."""
+        raws = self.redis.mget([job_key(j) for j in job_ids]) if job_ids else []
+        return [None if raw is None else JobRecord.model_validate_json(raw) for raw in raws]
 
     # -- writes ----------------------------------------------------------
     def create(
@@ -268,12 +285,57 @@ class JobStore:
 # -- building blocks for pipelines (sync or asyncio) ----------------------------
 # Records a job only if its id is free, and only then runs what goes with it (its events, its webhook,
 # its broker message): all or nothing, in one step. KEYS[1] record key; ARGV[1] record JSON, ARGV[2] TTL,
-# then (command, key or channel, value) triples, each PUBLISH or LPUSH.
+# then (command, key or channel, value) triples, each PUBLISH or LPUSH. The last key is JOBS_INDEX_KEY.
+# Both scripts index the job they write by the Redis clock (_INDEX_JOB) and trim entries older than the TTL.
+_INDEX_JOB = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[#KEYS], now[1] + now[2] / 1000000, string.sub(KEYS[1], 14))
+redis.call('ZREMRANGEBYSCORE', KEYS[#KEYS], '-inf', now[1] - ARGV[2])
+"""
 _CREATE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return 0 end
+""" + _INDEX_JOB + """
 for i = 3, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 1
 """
+
+# The same for a job that may be submitted again: a free id is created (reply 1); a record that ended
+# failed or cancelled is replaced (reply 2): its cancel flag and last progress go, its history moves to
+# :history:previous and the new one starts with a "resubmitted" note. Any other record is left as it is
+# and its status is the reply. KEYS: record, cancel flag, progress, history, previous history, jobs index.
+# ARGV[1] record JSON, ARGV[2] TTL, ARGV[3] time of the note, then the triples as above.
+_RESUBMIT = """
+local current = redis.call('GET', KEYS[1])
+local reply = 1
+if current then
+  local old = cjson.decode(current)
+  if old['status'] ~= 'failed' and old['status'] ~= 'cancelled' then return old['status'] end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('RENAME', KEYS[4], KEYS[5])
+    redis.call('EXPIRE', KEYS[5], ARGV[2])
+  end
+  redis.call('RPUSH', KEYS[4], cjson.encode({event = 'resubmitted', time = ARGV[3], previous_status = old['status'],
+    previous_error_code = old['error_code'], previous_attempt = old['attempt']}))
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
+  reply = 2
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+""" + _INDEX_JOB + """
+for i = 4, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+return reply
+"""
+CREATED, RESUBMITTED = 1, 2
+"""Replies of a staged create: the id was free, or a failed/cancelled job of that id was replaced."""
+
+
+def refused_status(reply: Any) -> JobStatus | None:
+    """The status of the job that a staged create left in place (its id was taken), or None if it wrote."""
+    if reply in (CREATED, RESUBMITTED):
+        return None
+    if isinstance(reply, (bytes, str)) and reply:
+        return JobStatus(reply.decode() if isinstance(reply, bytes) else reply)
+    return JobStatus.QUEUED  # a plain create answers 0 without saying what holds the id
 
 
 class _Deferred:
@@ -290,13 +352,17 @@ class _Deferred:
 
 
 def stage_create(
-    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None
+    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False
 ) -> JobRecord:
     """Add the creation of ``job``'s ``queued`` record to ``pipe`` (a sync or asyncio pipeline).
 
     With it go the ``queued`` event, the webhook and, with ``enqueue=(list key, message)``, an LPUSH of
     the job's broker message, all only if the id is free, in one script: a message never exists without
     its record, and a taken id changes nothing. The pipeline's reply for it is 1, or 0 if the id was taken.
+
+    With ``resubmit`` a job of that id that ended failed or cancelled is replaced in the same atomic step
+    (reply :data:`RESUBMITTED`; see ``_RESUBMIT``), and a job in any other state is left alone (the reply is
+    its status: :func:`refused_status` reads it).
     """
     assert job.job_id is not None
     now = _now()
@@ -305,16 +371,20 @@ def stage_create(
     JobStore._publish(deferred, record, JobStore._event(record))
     if enqueue is not None:
         deferred.lpush(*enqueue)
-    pipe.eval(_CREATE, 1, job_key(job.job_id), record.model_dump_json(), ttl, *deferred.args)
+    key = job_key(job.job_id)
+    if resubmit:
+        keys = (key, cancel_key(job.job_id), key + ":progress", key + ":history", key + ":history:previous", JOBS_INDEX_KEY)
+        pipe.eval(_RESUBMIT, len(keys), *keys, record.model_dump_json(), ttl, now.isoformat(), *deferred.args)
+    else:
+        pipe.eval(_CREATE, 2, key, JOBS_INDEX_KEY, record.model_dump_json(), ttl, *deferred.args)
     return record
 
 
-def raise_taken(taken: list[tuple[int | None, str]]) -> None:
+def raise_taken(taken: list[tuple[int | None, str]], reason: str = "already exists; choose another id or omit it") -> None:
     """Raise InvalidJobError for job ids that already exist, as (index in the batch or None, id) pairs."""
     if taken:
         raise InvalidJobError([
-            FieldError("job_id" if index is None else f"jobs[{index}].job_id", job_id,
-                       "already exists; choose another id or omit it")
+            FieldError("job_id" if index is None else f"jobs[{index}].job_id", job_id, reason)
             for index, job_id in taken
         ])
 

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ObjectNotFoundError, ObjectTooLargeError, StorageError, TransientError
 from .storage import S3Uri
 
-__all__ = ["ObjectStore"]
+__all__ = ["ListedObject", "ObjectStore"]
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+
+
+class ListedObject(NamedTuple):
+    """One object of a listing: where it is, its ETag (without quotes) and its size in bytes."""
+
+    uri: S3Uri
+    etag: str
+    size: int
 
 
 class ObjectStore:
@@ -35,6 +43,15 @@ class ObjectStore:
         with _translated(uri):
             response = self.client.get_object_tagging(Bucket=uri.bucket, Key=uri.key)
         return {tag["Key"]: tag["Value"] for tag in response.get("TagSet", [])}
+
+    def list_objects(self, prefix: S3Uri) -> Iterator[ListedObject]:
+        """Every object whose key starts with ``prefix.key``, in key order (pages of 1,000 fetched as needed)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        with _translated(prefix):
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for item in page.get("Contents", []):
+                    yield ListedObject(S3Uri(prefix.bucket, item["Key"]), str(item.get("ETag", "")).strip('"'),
+                                       int(item.get("Size", 0)))
 
     def exists(self, uri: S3Uri) -> bool:
         try:

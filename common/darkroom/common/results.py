@@ -28,6 +28,12 @@ class OutputImage(BaseModel):
     quarantine_uri: str | None = Field(
         None, description="The original under the worker's quarantine prefix, when blurred or blocked."
     )
+    thumbnail_uri: str | None = Field(
+        None, description="A small WebP of the public image beside it (for dashboards); None when blocked."
+    )
+    latents_uri: str | None = Field(
+        None, description="Its final latents as safetensors (tensor 'latents'), when the job set output_latents."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -36,6 +42,8 @@ class OutputImage(BaseModel):
             raise ValueError(f"nsfw={self.nsfw} contradicts safety.flagged={self.safety.flagged}")
         if (self.uri is None) != (action is SafetyAction.BLOCKED):
             raise ValueError(f"uri={self.uri!r} contradicts safety action {action.value!r}")
+        if self.uri is None and self.thumbnail_uri is not None:
+            raise ValueError(f"thumbnail_uri={self.thumbnail_uri!r} given for an output without a public image")
         if (self.quarantine_uri is not None) != action.quarantines:
             raise ValueError(f"quarantine_uri={self.quarantine_uri!r} contradicts safety action {action.value!r}")
         return self
@@ -47,6 +55,7 @@ class Timings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queue_wait: float | None = None
+    batch_wait: float = Field(0.0, description="Waiting for compatible jobs and for the pipeline (the call before).")
     download: float = 0.0
     decode: float = 0.0
     model_load: float = 0.0

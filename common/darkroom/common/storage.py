@@ -3,6 +3,9 @@
 Layout under a job's output prefix (``s3://bucket/some/prefix``)::
 
     {prefix}/{job_id}/{index:03d}.{ext}   one object per output image
+    {prefix}/{job_id}/{index:03d}.thumb.webp  its thumbnail (WebP, longest side 256 px) for dashboards;
+                                          made from the public image (blurred when blurred), none when blocked
+    {prefix}/{job_id}/{index:03d}.latents.safetensors  its final latents, when the job set output_latents
     {prefix}/{job_id}/result.json         the job's record; written last, once (commit marker)
 
 Pure functions only: no client, no I/O.
@@ -13,7 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["S3Uri", "output_image_uri", "result_uri", "job_prefix"]
+__all__ = ["S3Uri", "output_image_uri", "result_uri", "job_prefix", "thumbnail_uri", "latents_uri",
+           "THUMBNAIL_CONTENT_TYPE"]
 
 # AWS bucket naming rules (lower-case, digits, dots, hyphens; 3..63).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -54,6 +58,19 @@ def job_prefix(output_prefix: str, job_id: str) -> S3Uri:
 
 def output_image_uri(output_prefix: str, job_id: str, index: int, ext: str) -> S3Uri:
     return job_prefix(output_prefix, job_id).join(f"{index:03d}.{ext}")
+
+
+THUMBNAIL_CONTENT_TYPE = "image/webp"
+
+
+def thumbnail_uri(output_prefix: str, job_id: str, index: int) -> S3Uri:
+    """The thumbnail of output ``index``, beside it: ``{prefix}/{job_id}/{index:03d}.thumb.webp``."""
+    return job_prefix(output_prefix, job_id).join(f"{index:03d}.thumb.webp")
+
+
+def latents_uri(output_prefix: str, job_id: str, index: int) -> S3Uri:
+    """Output ``index``'s final latents (when the job asked for them): ``{prefix}/{job_id}/{index:03d}.latents.safetensors``."""
+    return job_prefix(output_prefix, job_id).join(f"{index:03d}.latents.safetensors")
 
 
 def result_uri(output_prefix: str, job_id: str) -> S3Uri:

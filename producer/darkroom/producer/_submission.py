@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from darkroom.common.errors import FieldError, InvalidJobError
 from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
-from darkroom.common.jobstore import stage_create
+from darkroom.common.jobstore import refused_status, stage_create
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -83,14 +83,17 @@ class Stager:
         self.ttl = ttl
         self.sender = sender
 
-    def stage(self, pipe: Any, job: Img2ImgJob, queue: str, priority: int | None = None) -> None:
-        """``priority`` (0 first .. 9) overrides the job's interactive/bulk priority."""
+    def stage(
+        self, pipe: Any, job: Img2ImgJob, queue: str, priority: int | None = None, *, resubmit: bool = False
+    ) -> None:
+        """``priority`` (0 first .. 9) overrides the job's interactive/bulk priority; ``resubmit`` replaces a
+        job of the same id that ended failed or cancelled (see ``jobstore.stage_create``)."""
         assert job.job_id is not None
         message = task_message(
             TASK_IMG2IMG, job.job_id, [job.model_dump(mode="json")], queue=queue,
             priority=job.priority.broker_priority if priority is None else priority, sender=self.sender,
         )
-        stage_create(pipe, job, self.ttl, enqueue=message)
+        stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit)
 
 
 def chunks(jobs: Sequence[Img2ImgJob], size: int) -> Iterable[tuple[int, Sequence[Img2ImgJob]]]:
@@ -102,12 +105,20 @@ def chunks(jobs: Sequence[Img2ImgJob], size: int) -> Iterable[tuple[int, Sequenc
 
 
 def taken(replies: Sequence[Any], jobs: Sequence[Img2ImgJob], first_index: int | None) -> list[tuple[int | None, str]]:
-    """The (index, id) of jobs whose create script answered 0: the id existed, nothing was written."""
+    """The (index, id) of jobs whose create script wrote nothing: the id existed (and, when resubmitting, its job
+    had not failed or been cancelled)."""
     return [
         (None if first_index is None else first_index + i, job.job_id or "")
         for i, (reply, job) in enumerate(zip(replies, jobs, strict=True))
-        if not reply
+        if refused_status(reply) is not None
     ]
+
+
+def taken_reason(resubmit: bool) -> str:
+    """Why a taken id was refused, for InvalidJobError."""
+    if resubmit:
+        return "already exists and did not fail or get cancelled; only such jobs are submitted again"
+    return "already exists; choose another id or omit it"
 
 
 # -- objects ------------------------------------------------------------------

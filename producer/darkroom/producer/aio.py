@@ -112,16 +112,18 @@ class AsyncClient:
         known = await self.fleet.catalog()
         return await asyncio.to_thread(submission.prepare, job, self.settings, known)
 
-    async def submit(self, job: submission.JobLike, *, priority: int | None = None) -> AsyncJobHandle:
+    async def submit(
+        self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False
+    ) -> AsyncJobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip (see ``Client.submit``)."""
         job = await self.prepare(job)
         pipe = self._redis.pipeline(transaction=False)
-        self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority)
-        raise_taken(submission.taken(await pipe.execute(), [job], None))
+        self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority, resubmit=resubmit)
+        raise_taken(submission.taken(await pipe.execute(), [job], None), submission.taken_reason(resubmit))
         return AsyncJobHandle(job.job_id or "", self)
 
     async def submit_many(
-        self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK
+        self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK, resubmit: bool = False
     ) -> list[AsyncJobHandle]:
         """Validate all jobs, then enqueue each ``chunk`` of them in one round trip (see ``Client.submit_many``)."""
         known = await self.fleet.catalog()
@@ -130,9 +132,9 @@ class AsyncClient:
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
             for job in part:
-                self._stager.stage(pipe, job, await self.fleet.queue_for(job.model))
+                self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), resubmit=resubmit)
             taken += submission.taken(await pipe.execute(), part, first)
-        raise_taken(taken)
+        raise_taken(taken, submission.taken_reason(resubmit))
         return [AsyncJobHandle(job.job_id or "", self) for job in prepared]
 
     def handle(self, job_id: str) -> AsyncJobHandle:

@@ -287,6 +287,10 @@ def workers(as_json: bool) -> None:
         click.echo(f"  resident: {', '.join(w.resident_models) or '-'}  ({used / 2**20:.0f} of "
                    f"{budget / 2**20:.0f} MiB budget)")
         click.echo(f"  serves:   {', '.join(w.models)}")
+        tuning = d.get("tuning") or {}
+        if tuning:  # e.g. attention=sdpa, cpu_offload=none, vae_tiling, fuse_qkv
+            click.echo("  tuning:   " + ", ".join(k if v is True else f"{k}={v}" for k, v in tuning.items()
+                                                  if v is not False))
 
 
 # -- services -----------------------------------------------------------------

@@ -104,34 +104,38 @@ class Client:
         job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
         return submission.prepare(job, self.settings, self.fleet.catalog())
 
-    def submit(self, job: submission.JobLike, *, priority: int | None = None) -> JobHandle:
+    def submit(self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False) -> JobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip. Raises InvalidJobError for bad input
         or a ``job_id`` that exists already.
 
         The job goes to its model's hot queue when a live worker holds the model resident, else to its cold
-        queue. ``priority`` (0 first .. 9) overrides the job's interactive/bulk priority.
+        queue. ``priority`` (0 first .. 9) overrides the job's interactive/bulk priority. With ``resubmit`` a job
+        of the same id that ended failed or cancelled is replaced atomically and runs again (its history moves
+        to ``:history:previous``); one queued, running or succeeded is still refused.
         """
         job = self.prepare(job)
         pipe = self._redis.pipeline(transaction=False)
-        self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority)
-        raise_taken(submission.taken(pipe.execute(), [job], None))
+        self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
+        raise_taken(submission.taken(pipe.execute(), [job], None), submission.taken_reason(resubmit))
         return JobHandle(job.job_id or "", self)
 
-    def submit_many(self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK) -> list[JobHandle]:
+    def submit_many(
+        self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK, resubmit: bool = False
+    ) -> list[JobHandle]:
         """Submit many jobs: all are validated first, then each ``chunk`` of them takes one Redis round trip.
 
         Raises InvalidJobError naming every bad job's index and fields (``jobs[3].strength``) before anything
         is sent. A job whose ``job_id`` exists already is neither recorded nor enqueued; the others are, and
-        then InvalidJobError names the taken ids.
+        then InvalidJobError names the taken ids. ``resubmit`` works as in :meth:`submit`.
         """
         prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog())
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
             for job in part:
-                self._stager.stage(pipe, job, self.fleet.queue_for(job.model))
+                self._stager.stage(pipe, job, self.fleet.queue_for(job.model), resubmit=resubmit)
             taken += submission.taken(pipe.execute(), part, first)
-        raise_taken(taken)
+        raise_taken(taken, submission.taken_reason(resubmit))
         return [JobHandle(job.job_id or "", self) for job in prepared]
 
     def handle(self, job_id: str) -> JobHandle:

@@ -92,7 +92,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     app = create_app(ctx)
     queues = ctx.queues.initial(ctx.models.resident)
     celery_worker = app.Worker(
-        hostname=ctx.name, pool_cls="solo", concurrency=1, queues=queues, loglevel=loglevel.upper(),
+        hostname=ctx.name, pool_cls="threads", concurrency=settings.slots, queues=queues, loglevel=loglevel.upper(),
         without_gossip=True, without_mingle=True, optimization="fair",
     )
     try:

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from .registry import ModelRegistry
 from .routing import QueueSubscriptions, sweep_orphaned_queues
 from .screening import Screening
 from .settings import WorkerSettings
+from .tuning import Tuning
 
 __all__ = ["WorkerContext", "Heartbeat"]
 
@@ -58,6 +60,7 @@ class WorkerContext:
     exit_code: int = 0
     last_heartbeat: float = 0.0
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    current_jobs: dict[str, float] = field(default_factory=dict)  # job id -> when it started here (epoch s)
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:
@@ -66,12 +69,14 @@ class WorkerContext:
             import torch
 
             torch.set_num_threads(settings.cpu_threads)
+        tuning = Tuning.from_settings(settings)
+        tuning.check(device, registry)  # a setting that cannot apply here stops the worker now, not mid-job
         client = make_redis(settings)
         store = ObjectStore(make_s3_client(settings))
         files = FileCache(settings.state_dir / "cache", store)
         models = PipelineCache(
             registry, device, files, budget_bytes=settings.model_memory_budget_bytes or device.default_budget(),
-            max_adapters=settings.max_adapters, allow_pickle=settings.allow_pickle_weights,
+            max_adapters=settings.max_adapters, allow_pickle=settings.allow_pickle_weights, tuning=tuning,
         )
         screening = Screening.from_settings(settings, registry, device=device.device)
         name = settings.worker_name or f"darkroom-{socket.gethostname()}-{os.getpid()}"
@@ -86,6 +91,7 @@ class WorkerContext:
             "device": self.device.device,
             "device_name": self.device.name,
             "dtype": self.device.dtype,
+            "tuning": self.models.tuning.describe(),
             "total_memory": self.device.total_memory,
             "models": self.models.registry.ids,
             "resident_models": self.models.resident,
@@ -113,8 +119,19 @@ class WorkerContext:
                 log.warning("heartbeat failed: %s", exc)
 
     def describe(self) -> dict[str, Any]:
-        """The latest report plus live device memory and the time (safe from any thread)."""
-        return {**self.report, "free_memory": self.device.free_memory(), "heartbeat_at": time.time()}
+        """The latest report plus live device memory, the jobs running now and the time (safe from any thread)."""
+        current = [{"job_id": j, "since": t} for j, t in list(self.current_jobs.items())]
+        return {**self.report, "free_memory": self.device.free_memory(), "current_jobs": current,
+                "heartbeat_at": time.time()}
+
+    @contextlib.contextmanager
+    def running(self, job_id: str) -> Iterator[None]:
+        """Count ``job_id`` among the jobs this worker runs now (its report's ``current_jobs``) while inside."""
+        self.current_jobs[job_id] = time.time()
+        try:
+            yield
+        finally:
+            self.current_jobs.pop(job_id, None)
 
 
 class Heartbeat:

@@ -77,10 +77,15 @@ def select_device(requested: str = "auto", dtype: str = "auto") -> DeviceInfo:
 
 
 def resolve_dtype(requested: str, device_type: str) -> str:
-    """``auto`` is float16 on GPUs and float32 on CPUs (half precision is slow or unsupported there)."""
+    """``auto`` is float16 on GPUs and float32 on CPUs; float16 on a CPU is refused (diffusers does not support
+    it there: slow or failing kernels), bfloat16 works there but is slow without AVX-512."""
     if requested == "auto":
         return "float16" if device_type in {"cuda", "mps"} else "float32"
     try:
-        return _DTYPES[requested.lower()]
+        dtype = _DTYPES[requested.lower()]
     except KeyError:
         raise ConfigurationError(f"unknown dtype {requested!r}; use auto, float32, float16 or bfloat16") from None
+    if dtype == "float16" and device_type == "cpu":
+        raise ConfigurationError(f"dtype {requested!r} on a CPU: diffusers pipelines do not run in float16 there; "
+                                 "use float32 (or bfloat16), or run on a GPU")
+    return dtype

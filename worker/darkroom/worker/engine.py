@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from darkroom.common.errors import ErrorCode, JobError
@@ -22,7 +23,9 @@ from .schedulers import accepts_eta, accepts_timesteps
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["WorkItem", "BatchKey", "BatchOutput", "batch_key", "check_call_options", "clip_skip_compat", "run_batch"]
+    from .latents import LatentCache
+
+__all__ = ["WorkItem", "LocalEmbedding", "BatchKey", "decode_latents", "BatchOutput", "batch_key", "check_call_options", "clip_skip_compat", "run_batch"]
 
 StepCallback = Callable[[int, int], None]
 
@@ -34,21 +37,51 @@ class WorkItem:
     job: Img2ImgJob
     image: Image
     seeds: list[int]
+    digest: str | None = None  # of the decoded input's pixels: the latent cache's key
+    prompt_embeds: Any = None  # CPU tensors [images, tokens, hidden], fetched with the input
+    negative_prompt_embeds: Any = None
+    textual_inversions: tuple[LocalEmbedding, ...] = ()
+
+    @property
+    def embeds_shape(self) -> tuple[int, int, bool] | None:
+        """(tokens, hidden size, has negative embeddings) when the job sends embeddings."""
+        if self.prompt_embeds is None:
+            return None
+        return (int(self.prompt_embeds.shape[1]), int(self.prompt_embeds.shape[2]),
+                self.negative_prompt_embeds is not None)
+
+
+@dataclass(frozen=True)
+class LocalEmbedding:
+    """A textual-inversion file fetched to local disk, with the token it defines."""
+
+    path: Path
+    token: str
+    sha256: str
 
 
 @dataclass(frozen=True)
 class BatchKey:
-    """Jobs with equal keys can share one pipeline call."""
+    """Jobs with equal keys can share one pipeline call.
+
+    Strength enters only through the steps it runs: diffusers starts at timestep index
+    ``num_inference_steps - int(num_inference_steps * strength)``, so strengths 0.50 and 0.52 of 20
+    steps denoise identically. Prompts, negative prompts, images and seeds may differ.
+    """
 
     model: str
-    strength: float
     num_inference_steps: int
+    steps_to_run: int
     guidance_scale: float
     size: tuple[int, int]
     scheduler: SchedulerName | None = None
     eta: float | None = None
     clip_skip: int | None = None
     timesteps: tuple[int, ...] | None = None
+    adapters: tuple[tuple[str, float], ...] = ()
+    embeds: tuple[int, int, bool] | None = None  # (tokens, hidden, negative?) of prompt_embeds jobs
+    textual_inversions: tuple[tuple[str, str], ...] = ()  # (token, sha256)
+    freeu: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,12 +93,16 @@ class BatchOutput:
 
     images: list[list[Image]]
     steps_run: int
+    latents: list[list[Any]] | None = None  # each image's final latents (CPU), when a job asked for them
 
 
 def batch_key(item: WorkItem) -> BatchKey:
     job = item.job
-    return BatchKey(job.model, job.strength, job.num_inference_steps, job.guidance_scale, item.image.size,
-                    job.scheduler, job.eta, job.clip_skip, None if job.timesteps is None else tuple(job.timesteps))
+    return BatchKey(job.model, job.num_inference_steps, job.steps_to_run, job.guidance_scale, item.image.size,
+                    job.scheduler, job.eta, job.clip_skip, None if job.timesteps is None else tuple(job.timesteps),
+                    tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
+                    tuple((e.token, e.sha256) for e in item.textual_inversions),
+                    None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2))
 
 
 def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
@@ -110,8 +147,13 @@ def _call_options(job: Img2ImgJob, scheduler: Any) -> dict[str, Any]:
     return options
 
 
-def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | None = None) -> BatchOutput:
-    """Run one pipeline call for batch-compatible ``items``; return each job's images in order."""
+def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | None = None,
+              latents: LatentCache | None = None) -> BatchOutput:
+    """Run one pipeline call for batch-compatible ``items``; return each job's images in order.
+
+    With a :class:`~.latents.LatentCache`, each input's VAE encoding is reused across calls and the
+    pipeline gets the initial latents (sampled with the job's own generator, as diffusers would).
+    """
     import torch
 
     if not items:
@@ -123,6 +165,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     prompts: list[str] = []
     negatives: list[str] = []
     images: list[Image] = []
+    digests: list[str | None] = []
     generators: list[torch.Generator] = []
     for item in items:
         job_negatives = item.job.negative_prompts() or [""] * len(item.seeds)
@@ -130,26 +173,68 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
             prompts.append(prompt)
             negatives.append(negative)
             images.append(item.image)
+            digests.append(item.digest)
             generators.append(torch.Generator("cpu").manual_seed(seed))
+    want_latents = any(item.job.output_latents for item in items)
+    text: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    if items[0].prompt_embeds is not None:
+        text = _embeddings(pipeline, items, negatives)
     output = pipeline(
-        prompt=prompts,
-        negative_prompt=negatives if any(negatives) else None,
-        image=images,
+        **text,
+        image=images if latents is None else latents.initial_latents(pipeline, images, digests, generators),
         strength=first.strength,
         num_inference_steps=first.num_inference_steps,
         guidance_scale=first.guidance_scale,
         generator=generators,
         num_images_per_prompt=1,
-        output_type="pil",
+        output_type="latent" if want_latents else "pil",
         callback_on_step_end=_step_hook(on_step) if on_step else None,
         **_call_options(first, pipeline.scheduler),
     )
+    final_latents = None
+    pictures = output.images
+    if want_latents:
+        final_latents = output.images
+        pictures = decode_latents(pipeline, final_latents, generators)
     results: list[list[Image]] = []
+    per_job_latents: list[list[Any]] = []
     cursor = 0
     for item in items:
-        results.append(list(output.images[cursor : cursor + len(item.seeds)]))
-        cursor += len(item.seeds)
-    return BatchOutput(results, int(getattr(pipeline, "num_timesteps", 0) or 0))
+        count = len(item.seeds)
+        results.append(list(pictures[cursor : cursor + count]))
+        if final_latents is not None:
+            per_job_latents.append([final_latents[i : i + 1].detach().to("cpu") for i in range(cursor, cursor + count)])
+        cursor += count
+    return BatchOutput(results, int(getattr(pipeline, "num_timesteps", 0) or 0),
+                       per_job_latents if final_latents is not None else None)
+
+
+def decode_latents(pipeline: Any, latents: Any, generators: Any) -> list[Image]:
+    """What the pipeline does after its last step for ``output_type="pil"`` (with no safety checker)."""
+    import torch
+
+    with torch.no_grad():
+        decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False,
+                                      generator=generators)[0]
+    images: list[Image] = pipeline.image_processor.postprocess(decoded, output_type="pil",
+                                                               do_denormalize=[True] * decoded.shape[0])
+    return images
+
+
+def _embeddings(pipeline: Any, items: Sequence[WorkItem], negatives: list[str]) -> dict[str, Any]:
+    """The call's text arguments for jobs that send embeddings (one row per image, in job order)."""
+    import torch
+
+    device = pipeline._execution_device
+    dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else pipeline.unet.dtype
+    text: dict[str, Any] = {
+        "prompt_embeds": torch.cat([item.prompt_embeds for item in items]).to(device=device, dtype=dtype)}
+    if items[0].negative_prompt_embeds is not None:
+        text["negative_prompt_embeds"] = torch.cat([item.negative_prompt_embeds for item in items]).to(
+            device=device, dtype=dtype)
+    elif any(negatives):
+        text["negative_prompt"] = negatives
+    return text
 
 
 def _step_hook(on_step: StepCallback) -> Callable[..., dict[str, Any]]:

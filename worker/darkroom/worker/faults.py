@@ -8,6 +8,7 @@ containing ``[[fault:KIND]]`` or ``[[fault:KIND@STEP]]`` triggers, at that denoi
 - ``oom``         a worker-fatal error, as CUDA out-of-memory would be
 - ``transient``   a transient error (storage/broker blip) on the first two attempts
 - ``hang``        sleep 30 s per step (for warm-shutdown and lease tests)
+- ``upload``      every upload of the job's outputs fails (a storage error after denoising)
 
 Like cog's ``killed_in_predict.py`` fixtures: one tiny trigger per failure mode, real processes.
 """
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 
 from darkroom.common.errors import TransientError, WorkerFatalError
 
-__all__ = ["Fault", "parse_fault"]
+__all__ = ["Fault", "parse_fault", "upload_fails"]
 
-_PATTERN = re.compile(r"\[\[fault:(kill-once|kill|oom|transient|hang)(?:@(\d+))?\]\]")
+_PATTERN = re.compile(r"\[\[fault:(kill-once|kill|oom|transient|hang|upload)(?:@(\d+))?\]\]")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Fault:
         """Called on every denoising step of the job."""
         if self.kind == "hang":
             time.sleep(30)
+        if self.kind == "upload":
+            return
         if step != self.step:
             return
         if self.kind == "kill" or (self.kind == "kill-once" and attempt == 1):
@@ -44,6 +47,12 @@ class Fault:
             raise WorkerFatalError("injected fault: CUDA out of memory")
         if self.kind == "transient" and attempt <= 2:
             raise TransientError(f"injected fault: transient error on attempt {attempt}")
+
+
+def upload_fails(prompt: str, enabled: bool) -> bool:
+    """Whether the job asked for its uploads to fail (``[[fault:upload]]``)."""
+    fault = parse_fault(prompt, enabled)
+    return fault is not None and fault.kind == "upload"
 
 
 def parse_fault(prompt: str, enabled: bool) -> Fault | None:

@@ -1,18 +1,20 @@
-"""Decoding input images safely and encoding output images."""
+"""Decoding input images safely, fitting them to the job's working size, and encoding output images."""
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from darkroom.common.errors import ErrorCode, JobError
-from darkroom.common.jobs import OutputFormat
+from darkroom.common.jobs import Img2ImgJob, OutputFormat, ResizeMode
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["decode_image", "encode_image", "MIN_SIDE"]
+__all__ = ["decode_image", "encode_image", "encode_latents", "fit_image", "fit_to_job", "working_size", "MIN_SIDE"]
 
 MIN_SIDE = 8
 
@@ -70,6 +72,76 @@ def _to_rgb(image: Image) -> Image:
         raise JobError(ErrorCode.INPUT_UNSUPPORTED, f"image mode {image.mode!r} cannot be converted to RGB") from exc
 
 
+def working_size(size: tuple[int, int], mode: ResizeMode | str, width: int | None = None,
+                 height: int | None = None, max_pixels: int | None = None, *, multiple: int = 8) -> tuple[int, int]:
+    """The (width, height) the pipeline works at, for an input of ``size``.
+
+    ``keep``: the input's own size (diffusers then rounds each side down to a multiple of 8).
+    Otherwise: ``width`` and ``height`` as given; one of them alone, the other following the input's
+    aspect ratio (nearest multiple of ``multiple``); neither, the input's size, scaled down (never up)
+    to at most ``max_pixels`` when given, each side rounded down to a multiple of ``multiple``.
+    """
+    src_w, src_h = size
+    if ResizeMode(mode) is ResizeMode.KEEP:
+        return size
+    if width and height:
+        return width, height
+    if width:
+        return width, _nearest(src_h * width / src_w, multiple)
+    if height:
+        return _nearest(src_w * height / src_h, multiple), height
+    scale = min(1.0, math.sqrt(max_pixels / (src_w * src_h))) if max_pixels else 1.0
+    w, h = _down(src_w * scale, multiple), _down(src_h * scale, multiple)
+    while max_pixels and w * h > max_pixels and max(w, h) > multiple:  # float rounding at the boundary
+        w, h = (w - multiple, h) if w >= h else (w, h - multiple)
+    return w, h
+
+
+def fit_image(image: Image, mode: ResizeMode | str, width: int | None = None, height: int | None = None,
+              max_pixels: int | None = None, *, limit: int | None = None, multiple: int = 8) -> Image:
+    """Bring a decoded RGB input to the job's working size with diffusers' own resize modes.
+
+    ``resize`` stretches to the size; ``crop_resize`` scales to cover it and crops the overflow
+    around the center; ``resize_fill`` scales to fit inside it and fills the bands on both sides
+    with the image's stretched edge rows (or columns). All resample with Lanczos, as diffusers'
+    ``VaeImageProcessor.resize`` does (it is what runs here). ``keep`` returns ``image`` untouched.
+    A working size above ``limit`` pixels fails the job (``invalid_job``).
+    """
+    mode = ResizeMode(mode)
+    if mode is ResizeMode.KEEP:
+        return image
+    w, h = working_size(image.size, mode, width, height, max_pixels, multiple=multiple)
+    if limit is not None and w * h > limit:
+        raise JobError(ErrorCode.INVALID_JOB,
+                       f"resize_mode {mode.value} to {w}x{h} = {w * h} pixels is above this worker's limit of "
+                       f"{limit} pixels (DARKROOM_MAX_IMAGE_PIXELS); ask for a smaller width/height or set max_pixels")
+    resized: Image = _processor(multiple).resize(image, height=h, width=w, resize_mode=_DIFFUSERS_MODE[mode])
+    return resized
+
+
+def fit_to_job(image: Image, job: Img2ImgJob, *, limit: int | None = None) -> Image:
+    """:func:`fit_image` with the job's ``resize_mode``, ``width``, ``height`` and ``max_pixels``."""
+    return fit_image(image, job.resize_mode, job.width, job.height, job.max_pixels, limit=limit)
+
+
+_DIFFUSERS_MODE = {ResizeMode.RESIZE: "default", ResizeMode.CROP_RESIZE: "crop", ResizeMode.RESIZE_FILL: "fill"}
+
+
+@functools.cache
+def _processor(multiple: int) -> Any:
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=multiple)  # the img2img pipeline's own defaults (Lanczos)
+
+
+def _nearest(value: float, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def _down(value: float, multiple: int) -> int:
+    return max(multiple, int(value) // multiple * multiple)
+
+
 def encode_image(image: Image, fmt: OutputFormat, quality: int = 95) -> bytes:
     """Encode an output image; PNG is lossless so outputs compare pixel for pixel."""
     buffer = io.BytesIO()
@@ -80,3 +152,10 @@ def encode_image(image: Image, fmt: OutputFormat, quality: int = 95) -> bytes:
     else:
         image.save(buffer, format="WEBP", quality=quality)
     return buffer.getvalue()
+
+
+def encode_latents(latents: Any, seed: int) -> bytes:
+    """One image's final latents ``[1, 4, h/8, w/8]`` as safetensors (tensor ``latents``, float32)."""
+    from safetensors.torch import save
+
+    return save({"latents": latents.float().contiguous()}, metadata={"seed": str(seed), "format": "darkroom-latents-1"})

@@ -4,8 +4,13 @@
 (measured from the loaded tensors, not counted in models) would exceed the
 budget; then the least recently used model is evicted and its memory released.
 A component that is byte-identical between models (typically the VAE, which
-many fine-tunes share) is loaded once and shared. UNets and text encoders are
-never shared, because LoRA adapters are injected into them per model.
+many fine-tunes share) is loaded once and shared (not with CPU offload, whose
+hooks are per pipeline). UNets and text encoders are never shared, because LoRA
+adapters are injected into them per model.
+
+A model is a diffusers folder or a single-file checkpoint (see :mod:`.checkpoints`),
+local or ``s3://``. Every pipeline gets the worker's :class:`~.tuning.Tuning`
+(attention, VAE slicing/tiling, fused QKV, channels-last, compile, offload) as it loads.
 
 One pipeline is never called from two threads at once (its scheduler holds
 state): the worker runs one pipeline call at a time.
@@ -20,19 +25,22 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
+from darkroom.common.errors import ConfigurationError, ErrorCode, JobError, ObjectNotFoundError, StorageError
 from darkroom.common.storage import S3Uri
 
 from .adapters import AdapterManager
-from .device import DeviceInfo
+from .checkpoints import PICKLE_SUFFIXES, load_single_file
+from .device import DeviceInfo, resolve_dtype
 from .filecache import FileCache, sha256_file
 from .registry import ModelRegistry, ModelSpec
 from .schedulers import SchedulerSwitch
+from .tuning import Tuning
 
 __all__ = ["EntryState", "LoadedModel", "PipelineCache", "load_pipeline", "module_bytes"]
 
@@ -76,16 +84,22 @@ def module_bytes(module: Any) -> int:
 
 
 def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: bool = False,
-                  components: dict[str, Any] | None = None, scheduler: str | None = None) -> Any:
-    """Load a diffusers folder as StableDiffusionImg2ImgPipeline on ``device``; local files only."""
+                  components: dict[str, Any] | None = None, scheduler: str | None = None,
+                  config: Path | None = None, tuning: Tuning | None = None) -> Any:
+    """Load a diffusers folder (or, with ``config``, a single-file checkpoint) as StableDiffusionImg2ImgPipeline
+    on ``device`` with ``tuning`` applied; local files only."""
     import diffusers
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, path, getattr(torch, dtype), allow_pickle, components)
-    pipe.to(device.torch_device())
+    if config is not None:
+        pipe = load_single_file(path, config, getattr(torch, dtype), components)
+    else:
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, path, getattr(torch, dtype), allow_pickle,
+                                    components)
+    (tuning or Tuning()).apply(pipe, device)
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
         scheduler_cls = getattr(diffusers, scheduler, None)
@@ -119,6 +133,7 @@ class PipelineCache:
         budget_bytes: int,
         max_adapters: int = 8,
         allow_pickle: bool = False,
+        tuning: Tuning | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -126,6 +141,8 @@ class PipelineCache:
         self.budget_bytes = budget_bytes
         self.max_adapters = max_adapters
         self.allow_pickle = allow_pickle
+        self.tuning = tuning or Tuning()
+        self._check_sources()
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
         self._shared: dict[str, weakref.ref[Any]] = {}  # fingerprint -> module
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -151,6 +168,24 @@ class PipelineCache:
                 if hasattr(module, "parameters") and id(module) not in seen:
                     seen[id(module)] = module_bytes(module)
         return sum(seen.values())
+
+    def dtype_of(self, spec: ModelSpec) -> str:
+        """The dtype a model loads in: its registry dtype, else the worker's (one rule: :func:`resolve_dtype`)."""
+        return resolve_dtype(spec.dtype, self.device.device.partition(":")[0]) if spec.dtype else self.device.dtype
+
+    def _check_sources(self) -> None:
+        """At start-up: every model's dtype suits the device, and pickle checkpoints are allowed if named."""
+        for spec in self.registry:
+            try:
+                self.dtype_of(spec)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"model {spec.id!r}: {exc}") from None
+            suffix = Path(spec.source).suffix.lower()
+            if spec.is_single_file and suffix in PICKLE_SUFFIXES and not self.allow_pickle:
+                raise ConfigurationError(
+                    f"model {spec.id!r}: {spec.source} is a pickle checkpoint ({suffix}), which can run code when "
+                    "loaded; convert it to .safetensors, or set DARKROOM_ALLOW_PICKLE_WEIGHTS=true if you trust it"
+                )
 
     # -- use -------------------------------------------------------------------
     def get(self, model_id: str) -> LoadedModel:
@@ -189,8 +224,10 @@ class PipelineCache:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.perf_counter()
         path = self._local_path(spec)
-        dtype = spec.dtype or self.device.dtype
-        fingerprints = {c: self._fingerprint(path / c, dtype) for c in SHAREABLE if (path / c).is_dir()}
+        config = self._config_path(spec) if spec.is_single_file else None
+        dtype = self.dtype_of(spec)
+        share = self.tuning.shares_components and config is None
+        fingerprints = {c: self._fingerprint(path / c, dtype) for c in SHAREABLE if share and (path / c).is_dir()}
         reuse = {c: m for c, fp in fingerprints.items() if (m := self._live_shared(fp)) is not None}
         estimate = self._estimate_bytes(path, dtype) - sum(module_bytes(m) for m in reuse.values())
         if estimate > self.budget_bytes:
@@ -199,7 +236,7 @@ class PipelineCache:
         self._make_room(estimate)
         try:
             pipeline = load_pipeline(path, self.device, dtype, allow_pickle=self.allow_pickle, components=reuse,
-                                     scheduler=spec.scheduler)
+                                     scheduler=spec.scheduler, config=config, tuning=self.tuning)
         except (OSError, ValueError) as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r} from {spec.source}: {exc}") from exc
         for component, fp in fingerprints.items():
@@ -213,14 +250,31 @@ class PipelineCache:
     def _local_path(self, spec: ModelSpec) -> Path:
         if not spec.is_s3:
             return Path(spec.source)
+        if spec.is_single_file:
+            return self._fetch(spec, lambda: self.files.fetch_file(S3Uri.parse(spec.source)))
+        path = self._fetch(spec, lambda: self.files.fetch_tree(S3Uri.parse(spec.source.rstrip("/"),
+                                                                           allow_empty_key=True)))
+        if not (path / "model_index.json").is_file():
+            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {spec.source} holds no model_index.json")
+        return path
+
+    def _config_path(self, spec: ModelSpec) -> Path:
+        config = spec.config or ""
+        if not config.startswith("s3://"):
+            return Path(config)
+        path = self._fetch(spec, lambda: self.files.fetch_tree(S3Uri.parse(config.rstrip("/"), allow_empty_key=True)))
+        if not (path / "model_index.json").is_file():
+            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: config {config} holds no model_index.json")
+        return path
+
+    @staticmethod
+    def _fetch(spec: ModelSpec, fetch: Callable[[], Path]) -> Path:
         try:
-            path = self.files.fetch_tree(S3Uri.parse(spec.source.rstrip("/"), allow_empty_key=True))
+            path: Path = fetch()
         except ObjectNotFoundError as exc:
             raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {exc}") from exc
         except StorageError as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r}: {exc}") from exc
-        if not (path / "model_index.json").is_file():
-            raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: {spec.source} holds no model_index.json")
         return path
 
     def _live_shared(self, fingerprint: str) -> Any | None:
@@ -246,7 +300,8 @@ class PipelineCache:
 
     def _estimate_bytes(self, path: Path, dtype: str) -> int:
         """Weight bytes once loaded: file sizes, scaled when fp32 files load as 16-bit."""
-        total = sum(p.stat().st_size for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+        total = sum(p.stat().st_size for p in files)
         return total // 2 if dtype in {"float16", "bfloat16"} and _looks_fp32(path) else total
 
     def _make_room(self, incoming: int) -> None:
@@ -266,4 +321,5 @@ def module_bytes_all(pipeline: Any) -> int:
 
 
 def _looks_fp32(path: Path) -> bool:
-    return not any(".fp16." in p.name for p in path.rglob("*.safetensors"))
+    files = [path] if path.is_file() else path.rglob("*.safetensors")
+    return not any(".fp16." in p.name for p in files)

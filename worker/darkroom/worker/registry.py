@@ -8,6 +8,10 @@ A TOML file (``DARKROOM_MODELS_FILE`` or ``darkroom worker --models-file``)::
     scheduler = "EulerDiscreteScheduler"         # optional default scheduler (a diffusers class)
     adapters = ["house-style", "s3://loras/"]    # optional allowlist: adapter ids or s3:// prefixes
 
+    [models.dreamy]
+    source = "s3://models/dreamy-v2.safetensors" # a single-file checkpoint (local path or s3://)
+    config = "/models/sd15-config"               # a diffusers folder (or s3:// prefix) for its configs and tokenizer
+
     [adapters.house-style]
     source = "s3://loras/house-style.safetensors"   # or a local .safetensors file
 
@@ -24,9 +28,11 @@ from typing import Any
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
 
+from .checkpoints import is_single_file
+
 __all__ = ["AdapterSpec", "ModelSpec", "ModelRegistry"]
 
-_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters"}
+_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters", "config"}
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,16 @@ class ModelSpec:
     dtype: str | None = None
     scheduler: str | None = None
     allowed_adapters: tuple[str, ...] | None = None
+    config: str | None = None  # single-file checkpoints: the diffusers folder (or s3:// prefix) with their configs
 
     @property
     def is_s3(self) -> bool:
         return self.source.startswith("s3://")
+
+    @property
+    def is_single_file(self) -> bool:
+        """A whole-pipeline checkpoint file (``.safetensors``; pickle ``.ckpt``/``.pt``/``.bin``) rather than a folder."""
+        return is_single_file(self.source)
 
     def allows(self, adapter_id: str, uri: str) -> bool:
         """Whether a job may use this adapter on this model (no allowlist: any)."""
@@ -69,12 +81,12 @@ class ModelRegistry:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
 
     def add(self, spec: ModelSpec) -> None:
-        if not spec.is_s3 and Path(spec.source).suffix in {".safetensors", ".ckpt"}:
-            raise ConfigurationError(
-                f"model {spec.id!r}: single-file checkpoints ({spec.source}) are not supported yet; "
-                "convert it to a diffusers folder (diffusers' convert_original_stable_diffusion_to_diffusers.py)"
-            )
-        if not spec.is_s3 and not (Path(spec.source) / "model_index.json").is_file():
+        if spec.is_single_file:
+            _check_single_file(spec)
+        elif spec.config is not None:
+            raise ConfigurationError(f"model {spec.id!r}: 'config' is only for single-file checkpoints; "
+                                     f"{spec.source} is a folder with its own configs")
+        elif not spec.is_s3 and not (Path(spec.source) / "model_index.json").is_file():
             raise ConfigurationError(
                 f"model {spec.id!r}: {spec.source} is not a diffusers model folder (no model_index.json)"
             )
@@ -162,10 +174,25 @@ def _read_toml(file: Path, registry: ModelRegistry) -> None:
         allowed = table.get("adapters")
         if allowed is not None and not (isinstance(allowed, list) and all(isinstance(a, str) for a in allowed)):
             raise ConfigurationError(f"{file}: [models.{model_id}] adapters must be a list of ids or s3:// prefixes")
+        config = _resolve(str(table["config"]), file) if "config" in table else None
         registry.add(ModelSpec(
             model_id, _source(table, file, f"models.{model_id}"), table.get("dtype"), table.get("scheduler"),
-            tuple(allowed) if allowed is not None else None,
+            tuple(allowed) if allowed is not None else None, config,
         ))
+
+
+def _check_single_file(spec: ModelSpec) -> None:
+    if spec.config is None:
+        raise ConfigurationError(
+            f"model {spec.id!r}: the single-file checkpoint {spec.source} needs a 'config' in the registry file: a "
+            "diffusers folder (local or s3://) of the same architecture, e.g. stable-diffusion-v1-5, whose "
+            "model_index.json, component configs and tokenizer describe it (its weights are not read)"
+        )
+    if not spec.is_s3 and not Path(spec.source).is_file():
+        raise ConfigurationError(f"model {spec.id!r}: checkpoint file {spec.source} does not exist")
+    if not spec.config.startswith("s3://") and not (Path(spec.config) / "model_index.json").is_file():
+        raise ConfigurationError(f"model {spec.id!r}: config {spec.config} is not a diffusers folder "
+                                 "(no model_index.json)")
 
 
 def _tables(data: dict[str, Any], name: str, file: Path) -> dict[str, dict[str, Any]]:
@@ -178,7 +205,11 @@ def _tables(data: dict[str, Any], name: str, file: Path) -> dict[str, dict[str, 
 def _source(table: dict[str, Any], file: Path, where: str) -> str:
     if "source" not in table:
         raise ConfigurationError(f"{file}: [{where}] needs a 'source'")
-    source = str(table["source"])
+    return _resolve(str(table["source"]), file)
+
+
+def _resolve(source: str, file: Path) -> str:
+    """Local paths relative to the registry file; s3:// URIs as they are."""
     if not source.startswith("s3://") and not Path(source).is_absolute():
         source = str(file.parent / source)
     return source

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -30,21 +30,24 @@ from darkroom.common.errors import (
     TransientError,
     WorkerFatalError,
 )
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
+from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority, validate_job
 from darkroom.common.jobstore import JobRecord
 from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timings
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.status import IllegalTransition, JobStatus
-from darkroom.common.storage import S3Uri, output_image_uri, result_uri
+from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
-from .adapters import AdapterFile
+from .batcher import BatchPolicy, Engine, JobCancelled, Request
 from .context import WorkerContext
-from .engine import WorkItem, check_call_options, run_batch
-from .faults import Fault, parse_fault
-from .images import decode_image, encode_image
-from .registry import ModelSpec
+from .engine import WorkItem, batch_key
+from .faults import Fault, parse_fault, upload_fails
+from .features import fetch_embeddings, fetch_textual_inversions
+from .images import decode_image, encode_image, encode_latents, fit_to_job
+from .inference import BatchExecutor
+from .latents import LatentCache, pixel_digest
 from .safety import object_metadata, object_tags, public_image
 from .screening import InputFlaggedError
+from .thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail
 
 __all__ = ["JobRunner"]
 
@@ -74,10 +77,27 @@ class _Stage:
 class JobRunner:
     """Runs jobs against a :class:`WorkerContext`."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, engine: Engine | None = None) -> None:
         self.ctx = ctx
-        self._adapter_files: dict[str, AdapterFile] = {}
-        self.lease_lost: Callable[[], bool] = lambda: False
+        settings = ctx.settings
+        self.latents = LatentCache(settings.latent_cache_bytes) if settings.latent_cache_bytes else None
+        self.executor = BatchExecutor(ctx, self.latents)
+        self.engine = engine or Engine(
+            BatchPolicy(max_images=settings.batch_max_images, max_wait=settings.batch_max_wait_ms / 1000,
+                        max_pixels=settings.batch_max_pixels),
+            self.executor, slots=settings.slots, after_batch=ctx.after_job,
+        )
+        self._local = threading.local()  # per task thread: the delivery's lease
+
+    @property
+    def lease_lost(self) -> Callable[[], bool]:
+        """Whether this thread's delivery lost its job's lease (set by the delivery handler)."""
+        check: Callable[[], bool] = getattr(self._local, "lease_lost", _never)
+        return check
+
+    @lease_lost.setter
+    def lease_lost(self, check: Callable[[], bool]) -> None:
+        self._local.lease_lost = check
 
     # -- entry points ----------------------------------------------------
     def run(self, payload: dict[str, Any]) -> JobRecord | None:
@@ -89,16 +109,14 @@ class JobRunner:
         record = self._start(job)
         if record is None:
             return None
-        try:
+        with self.ctx.running(record.job_id), self.engine.occupied():  # the report names its current jobs
             return self._run_started(record, job, started)
-        finally:
-            self.ctx.after_job()
 
     def _run_started(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobRecord | None:
         timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
         try:
             result = self._execute(record, job, started, timings)
-        except _Cancelled:
+        except JobCancelled:
             log.info("job %s cancelled while running; nothing published", job.job_id)
             return self.ctx.jobs.get(record.job_id)
         except JobError as exc:
@@ -187,43 +205,43 @@ class JobRunner:
         self._check_bucket(job.image, "image")
         self._check_bucket(job.output_prefix or "", "output_prefix")
         rules = self.ctx.screening.rules(job)
-        with clock.time("download"):
-            data = self._fetch_input(job)
-        with clock.time("decode"):
-            image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
-        input_safety = None
-        if rules.precheck:  # before any model loads or denoising step runs
-            with clock.time("safety"):
-                input_safety = self.ctx.screening.check_input(image, rules)
-        with clock.time("model_load"):
-            loaded = self.ctx.models.get(job.model)
-        with clock.time("adapters"):
-            wanted = [(self._adapter_file(loaded.spec, ref.uri), ref.weight) for ref in job.adapters]
-            activation = loaded.adapters.activate(wanted)
-        scheduler = loaded.schedulers.use(loaded.pipeline, job.scheduler)  # the job's, or back to the default
-        check_call_options(job, loaded.pipeline)
-        item = WorkItem(job, image, job.seeds())
-        fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
-        progress = _ProgressReporter(self.ctx, record, fault)
-        with clock.time("inference"):
-            batch = run_batch(loaded.pipeline, [item], on_step=progress)
+        with self.engine.preparing() as slot:  # fetch and decode while the engine runs other jobs
+            with clock.time("download"):
+                data = self._fetch_input(job)
+            with clock.time("decode"):
+                image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
+                image = fit_to_job(image, job, limit=self.ctx.settings.max_image_pixels)  # resize_mode, width, ...
+            input_safety = None
+            if rules.precheck:  # before any model loads or denoising step runs
+                with clock.time("safety"):
+                    input_safety = self.ctx.screening.check_input(image, rules)
+            with clock.time("download"):
+                embeds = {name: fetch_embeddings(self.ctx.store, uri, job, name)
+                          for name in ("prompt_embeds", "negative_prompt_embeds")
+                          if (uri := getattr(job, name)) is not None}
+                inversions = fetch_textual_inversions(self.ctx.files, job.textual_inversions)
+            item = WorkItem(job, image, job.seeds(), digest=pixel_digest(image) if self.latents is not None else None,
+                            textual_inversions=inversions, **embeds)
+            fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
+            request = Request(item, batch_key(item), on_step=_ProgressReporter(self.ctx, record, fault),
+                              priority=0 if job.priority is Priority.INTERACTIVE else 1)
+            inference = slot.infer(request)
+        for stage in ("model_load", "adapters", "inference", "batch_wait"):
+            setattr(timings, stage, getattr(timings, stage) + getattr(inference, stage))
         if self.ctx.jobs.is_cancelled(record.job_id):
-            raise _Cancelled(record.job_id)
+            raise JobCancelled(record.job_id)
         if self.lease_lost():
             raise TransientError("lost the job's lease before publishing; another worker may have taken it over")
         with clock.time("safety"):
-            verdicts = self.ctx.screening.judge(batch.images[0], rules)
-        outputs = self._store_outputs(job, batch.images[0], item.seeds, verdicts, clock)
+            verdicts = self.ctx.screening.judge(inference.images, rules)
+        outputs = self._store_outputs(job, inference.images, item.seeds, verdicts, clock, inference.latents)
         timings.total = time.perf_counter() - started
         result = JobResult(
             job_id=record.job_id,
             model=job.model,
             outputs=outputs,
             result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
-            parameters={**job.model_dump(mode="json"), "steps_run": batch.steps_run,
-                        "scheduler": type(scheduler).__name__,
-                        "scheduler_config": loaded.schedulers.overrides(job.scheduler),
-                        "model_source": loaded.spec.source, "adapters_resolved": activation.adapters,
+            parameters={**job.model_dump(mode="json"), "steps_run": inference.steps_run, **inference.details,
                         "safety_policy": rules.policy.value, "safety_threshold": rules.threshold},
             input_safety=input_safety,
             timings=timings,
@@ -233,24 +251,6 @@ class JobRunner:
             finished_at=datetime.now(UTC),
         )
         return self._commit(result, clock)
-
-    def _adapter_file(self, model: ModelSpec, ref: str) -> AdapterFile:
-        """Resolve, fetch once and inspect an adapter reference (cached by path)."""
-        source = self.ctx.models.registry.adapter_source(model, ref)
-        if source.startswith("s3://"):
-            try:
-                path = self.ctx.files.fetch_file(S3Uri.parse(source))
-            except ObjectNotFoundError:
-                raise JobError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {source} does not exist") from None
-            except StorageError as exc:
-                raise JobError(ErrorCode.ADAPTER_INVALID, f"adapter {source}: {exc}") from None
-            sha = path.parent.name
-        else:
-            path, sha = Path(source), None
-        cached = self._adapter_files.get(str(path))
-        if cached is None:
-            cached = self._adapter_files[str(path)] = AdapterFile.inspect(path, sha)
-        return cached
 
     def _fetch_input(self, job: Img2ImgJob) -> bytes:
         try:
@@ -263,12 +263,13 @@ class JobRunner:
             raise JobError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {job.image}: {exc}") from None
 
     def _store_outputs(self, job: Img2ImgJob, images: list[Any], seeds: list[int], verdicts: list[SafetyVerdict],
-                       clock: _Stopwatch) -> list[OutputImage]:
-        return [self._store_output(job, index, image, seed, verdict, clock)
+                       clock: _Stopwatch, latents: list[Any] | None = None) -> list[OutputImage]:
+        return [self._store_output(job, index, image, seed, verdict, clock,
+                                   None if latents is None else latents[index])
                 for index, (image, seed, verdict) in enumerate(zip(images, seeds, verdicts, strict=True))]
 
     def _store_output(self, job: Img2ImgJob, index: int, image: Any, seed: int, verdict: SafetyVerdict,
-                      clock: _Stopwatch) -> OutputImage:
+                      clock: _Stopwatch, latents: Any = None) -> OutputImage:
         """Store one image as its verdict says: the original to quarantine when blurred or blocked, then
         the public image (as made, or blurred) unless blocked. Both carry the verdict as metadata and tags."""
         assert job.job_id is not None and job.output_prefix is not None
@@ -279,19 +280,35 @@ class JobRunner:
             self._upload(quarantine, image, job, metadata, object_tags(verdict), clock)
         with clock.time("safety"):
             public = public_image(image, verdict)
-        uri = None
+        uri = thumb = None
         if public is not None:
             uri = output_image_uri(job.output_prefix, job.job_id, index, _extension(job))
             self._upload(uri, public, job, metadata, object_tags(verdict), clock)
+            thumb = thumbnail_uri(job.output_prefix, job.job_id, index)  # of the public image: blurred if blurred
+            with clock.time("encode"):
+                small = make_thumbnail(public)
+            with clock.time("upload"):
+                self._put(thumb, small, THUMBNAIL_CONTENT_TYPE, metadata, tags=object_tags(verdict))
+        latents_at = None
+        if public is not None and latents is not None and job.output_latents:  # never for a blocked image
+            latents_at = latents_uri(job.output_prefix, job.job_id, index)
+            with clock.time("encode"):
+                data = encode_latents(latents, seed)
+            with clock.time("upload"):
+                self._put(latents_at, data, "application/octet-stream", metadata, tags=object_tags(verdict))
         return OutputImage(index=index, uri=None if uri is None else str(uri), seed=seed, width=image.width,
                            height=image.height, content_type=job.output_format.content_type, nsfw=verdict.flagged,
-                           safety=verdict, quarantine_uri=None if quarantine is None else str(quarantine))
+                           safety=verdict, quarantine_uri=None if quarantine is None else str(quarantine),
+                           thumbnail_uri=None if thumb is None else str(thumb),
+                           latents_uri=None if latents_at is None else str(latents_at))
 
     def _upload(self, uri: S3Uri, image: Any, job: Img2ImgJob, metadata: dict[str, str], tags: str,
                 clock: _Stopwatch) -> None:
         with clock.time("encode"):
             data = encode_image(image, job.output_format, job.output_quality)
         with clock.time("upload"):
+            if upload_fails("\n".join(job.prompts()), self.ctx.settings.fault_injection):
+                raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: injected fault: upload failed")
             self._put(uri, data, job.output_format.content_type, metadata, tags=tags)
 
     def _commit(self, result: JobResult, clock: _Stopwatch) -> JobResult:
@@ -318,6 +335,10 @@ class JobRunner:
             raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
 
 
+def _never() -> bool:
+    return False
+
+
 OUTCOME_EVENTS = frozenset({"finished", "transient", "worker_fatal"})
 
 
@@ -326,10 +347,6 @@ def lost_attempts(history: list[dict[str, Any]]) -> int:
     events = [e.get("event") for e in history if e.get("event") != "deferred"]
     return sum(1 for i, event in enumerate(events)
                if event == "started" and (i + 1 == len(events) or events[i + 1] not in OUTCOME_EVENTS))
-
-
-class _Cancelled(Exception):
-    """Raised inside the pipeline call to stop a job that was cancelled."""
 
 
 class _ProgressReporter:
@@ -352,7 +369,7 @@ class _ProgressReporter:
             log.debug("progress event lost: %s", exc)
             return
         if cancelled:
-            raise _Cancelled(self.record.job_id)
+            raise JobCancelled(self.record.job_id)
 
 
 def _extension(job: Img2ImgJob) -> str:

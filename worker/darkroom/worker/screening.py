@@ -12,6 +12,7 @@ the verdict (:func:`.safety.public_image`); the runner stores it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class Screening:
                  threshold_max: float | None = None, policy: SafetyPolicy = SafetyPolicy.BLUR,
                  quarantine_prefix: str = "s3://darkroom/quarantine") -> None:
         self.checker = checker
+        self._lock = threading.Lock()  # task threads score concurrently; checkers are not all thread-safe
         self.threshold, self.threshold_min = threshold, threshold_min
         self.threshold_max = threshold if threshold_max is None else threshold_max
         self.policy = SafetyPolicy(policy)
@@ -99,14 +101,17 @@ class Screening:
 
     def check_input(self, image: Image, rules: JobSafety) -> SafetyVerdict:
         """Score the input; raise :class:`InputFlaggedError` when it is flagged."""
-        verdict = precheck(self.checker, image, rules.threshold)
+        with self._lock:
+            verdict = precheck(self.checker, image, rules.threshold)
         if verdict.flagged:
             raise InputFlaggedError(verdict)
         return verdict
 
     def judge(self, images: Sequence[Image], rules: JobSafety) -> list[SafetyVerdict]:
         """One verdict per output image (scores from the checker, action from the job's policy)."""
-        return judge(self.checker.scores(images), rules.threshold, rules.policy, self.checker)
+        with self._lock:
+            scores = self.checker.scores(images)
+        return judge(scores, rules.threshold, rules.policy, self.checker)
 
     def quarantine_uri(self, job_id: str, index: int, ext: str) -> S3Uri:
         """``{quarantine_prefix}/{job_id}/{index:03d}.{ext}``: where a blurred or blocked original goes."""

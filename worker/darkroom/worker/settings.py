@@ -22,10 +22,29 @@ class WorkerSettings(Settings):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch CPU threads; set it when several workers share a CPU host (default: all)."
     )
-    dtype: str = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16.")
+    dtype: str = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16 "
+                                           "(float16 is refused on CPU); a registry model's dtype overrides it.")
+    attention: Literal["sdpa", "xformers", "slicing"] = Field(
+        "sdpa", description="Attention kernel: sdpa (torch scaled_dot_product_attention), xformers (CUDA, when "
+                            "installed) or slicing (less memory, slower).",
+    )
+    vae_slicing: bool = Field(False, description="Decode a batch's latents one image at a time (less memory).")
+    vae_tiling: bool = Field(False, description="Encode and decode large images in overlapping tiles (less memory; "
+                                                "seams possible).")
+    fuse_qkv: bool = Field(False, description="Fuse attention q/k/v projections (UNet, VAE); needs attention sdpa "
+                                              "and models without adapters.")
+    channels_last: bool = Field(False, description="Keep the UNet in channels-last memory format (faster convs on "
+                                                   "many GPUs).")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first job per shape); checked at start-up; "
+                                             "needs models without adapters.")
+    cpu_offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="Keep weights in CPU memory for small GPUs: model (one model on the GPU at a time) or "
+                            "sequential (layer by layer, slowest); CUDA only.",
+    )
     worker_name: str | None = Field(None, description="Defaults to darkroom-<host>-<pid>.")
     max_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Input objects larger than this fail at once.")
-    max_image_pixels: int = Field(2048 * 2048, ge=64, description="Decoded inputs with more pixels fail at once.")
+    max_image_pixels: int = Field(2048 * 2048, ge=64, description="Decoded inputs (and resized working images) with more pixels "
+                                                                "fail at once.")
     transient_retries: int = Field(
         8, ge=0, le=50, description="Retries of transient errors (backoff 1 s doubling to 60 s) before a job fails."
     )
@@ -33,6 +52,27 @@ class WorkerSettings(Settings):
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the worker announces itself in Redis.")
     model_memory_budget_bytes: int | None = Field(
         None, ge=1, description="Bytes of model weights kept resident; auto: 70% of GPU memory or 50% of RAM."
+    )
+    batch_max_images: int = Field(
+        8, ge=1, le=256, description="Images per pipeline call when compatible jobs are queued; 1 turns batching off."
+    )
+    batch_max_wait_ms: float = Field(
+        20.0, ge=0.0, le=60_000.0,
+        description="Longest a job waits for compatible jobs to join its call (only while others are being "
+                    "prepared).",
+    )
+    batch_max_pixels: int | None = Field(
+        None, ge=64, description="Pixels (width x height x images) per call; bounds a batch's device memory. "
+                                 "Default: no bound beyond batch_max_images.",
+    )
+    task_slots: int | None = Field(
+        None, ge=1, le=512,
+        description="Messages a worker holds at once (Celery thread pool): jobs being fetched/decoded, waiting "
+                    "for or in the pipeline, being encoded/uploaded. Default: 2 x batch_max_images (min 2).",
+    )
+    latent_cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Bytes of VAE encodings of inputs kept for reuse across a source's variants; 0 disables.",
     )
     max_adapters: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per model (LRU).")
     lease_seconds: float = Field(
@@ -67,3 +107,8 @@ class WorkerSettings(Settings):
         "s3://darkroom/quarantine",
         description="s3:// prefix for the originals of blurred and blocked images; keep it private.",
     )
+
+    @property
+    def slots(self) -> int:
+        """Task slots: ``task_slots`` or enough to prepare one batch while another runs."""
+        return self.task_slots or max(2, 2 * self.batch_max_images)

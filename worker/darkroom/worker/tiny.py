@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["build_tiny_pipeline", "make_tiny_model", "is_tiny_model_dir", "VAE_SCALE_FACTOR"]
+__all__ = ["build_tiny_pipeline", "make_tiny_model", "make_tiny_single_file", "is_tiny_model_dir", "VAE_SCALE_FACTOR"]
 
 #: Sizes shared by the text encoder and the UNet's cross-attention.
 TEXT_HIDDEN_SIZE = 32
@@ -276,6 +276,35 @@ def make_tiny_model(directory: Path, seed: int = 0, *, overwrite: bool = False) 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def make_tiny_single_file(path: Path, model_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """Write the tiny model as one checkpoint file in the original LDM (CompVis) key layout, like SD 1.x
+    single-file models: ``.safetensors``, or for ``.ckpt``/``.pt`` a torch pickle of ``{"state_dict": ...}``.
+
+    The weights are ``model_dir``'s when given (so the file loads to exactly that folder's model), else
+    built from ``seed``. Load it with ``config`` = a diffusers folder of the tiny model (see
+    :func:`darkroom.worker.checkpoints.copy_config_folder`).
+    """
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from safetensors.torch import save_file
+
+    from .checkpoints import ldm_state_dict
+
+    if model_dir is not None:
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                              requires_safety_checker=False)
+    else:
+        pipe = build_tiny_pipeline(seed)
+    state = ldm_state_dict(pipe)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path), metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
 
 
 def make_tiny_lora(

@@ -1,0 +1,187 @@
+"""The batcher's choices (a pure policy on a given clock) and its engine thread (with a plain executor)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from darkroom.common.jobs import Img2ImgJob
+from darkroom.worker.batcher import BatchPolicy, Engine, Inference, JobCancelled, Request, mark_batch_wide
+from darkroom.worker.engine import WorkItem, batch_key
+
+IMAGE = Image.new("RGB", (64, 64))
+IDS = itertools.count()
+
+
+def request(steps: int = 4, *, images: int = 1, at: float = 0.0, priority: int = 0, size: int = 64,
+            **fields: Any) -> Request:
+    values: dict[str, Any] = {"model": "tiny", "image": "s3://inputs/x.png", "prompt": "p", "strength": 1.0,
+                              "seed": 1, "num_inference_steps": steps, "num_images_per_prompt": images,
+                              "job_id": f"job-{next(IDS)}", **fields}
+    job = Img2ImgJob(**values)
+    item = WorkItem(job, IMAGE if size == 64 else Image.new("RGB", (size, size)), job.seeds())
+    return Request(item, batch_key(item), priority=priority, enqueued=at)
+
+
+def test_compatible_jobs_share_a_key_and_incompatible_ones_do_not() -> None:
+    a, b = request(4), request(4, prompt="other", seed=9)
+    assert a.key == b.key  # prompts, seeds and images may differ
+    assert request(4, guidance_scale=3.0).key != a.key
+    assert request(5).key != a.key
+    assert request(4, size=72).key != a.key
+    assert request(4, scheduler="ddim").key != a.key
+    assert request(4, adapters=[{"uri": "style", "weight": 0.5}]).key != a.key
+
+
+def test_strengths_that_run_the_same_steps_batch_together() -> None:
+    def key(strength: float) -> Any:
+        job = Img2ImgJob(model="tiny", image="s3://inputs/x.png", prompt="p", num_inference_steps=20, strength=strength)
+        return batch_key(WorkItem(job, IMAGE, [1]))
+
+    assert key(0.50) == key(0.52)  # int(20 * s) == 10 for both: the same timesteps
+    assert key(0.50) != key(0.55)
+
+
+def test_a_full_group_runs_at_once() -> None:
+    policy = BatchPolicy(max_images=2, max_wait=10.0)
+    pending = [request(at=0.0), request(at=0.1), request(at=0.2)]
+    batch, _ = policy.choose(pending, now=0.3)
+    assert batch == pending[:2]
+
+
+def test_a_group_that_can_still_grow_waits_until_its_deadline() -> None:
+    policy = BatchPolicy(max_images=4, max_wait=1.0)
+    pending = [request(at=0.0), request(at=0.5)]
+    batch, wake = policy.choose(pending, now=0.6)
+    assert batch == [] and wake == pytest.approx(1.0)
+    batch, _ = policy.choose(pending, now=1.0)
+    assert batch == pending
+
+
+def test_a_group_runs_at_once_when_nothing_can_join() -> None:
+    policy = BatchPolicy(max_images=4, max_wait=10.0)
+    pending = [request(at=0.0)]
+    batch, _ = policy.choose(pending, now=0.0, can_grow=False)
+    assert batch == pending
+
+
+def test_an_incompatible_job_is_not_held_back_past_the_maximum_wait() -> None:
+    # Given a lone job of one kind and a stream of jobs of another kind that never fills a batch
+    policy = BatchPolicy(max_images=8, max_wait=1.0)
+    lone = request(steps=6, at=0.0)
+    stream = [request(steps=4, at=0.1 * i) for i in range(1, 6)]
+    # Before the deadline nothing runs
+    assert policy.choose([lone, *stream], now=0.9)[0] == []
+    # At the lone job's deadline it runs, although the other group is bigger
+    assert policy.choose([lone, *stream], now=1.0)[0] == [lone]
+
+
+def test_ready_groups_go_interactive_first_then_oldest_first() -> None:
+    policy = BatchPolicy(max_images=1, max_wait=0.0)
+    bulk_old = request(steps=4, at=0.0, priority=1)
+    interactive = request(steps=5, at=0.5, priority=0)
+    older = request(steps=6, at=0.1, priority=0)
+    assert policy.choose([bulk_old, interactive, older], now=1.0)[0] == [older]
+    assert policy.choose([bulk_old, interactive], now=1.0)[0] == [interactive]
+
+
+def test_limits_count_images_and_pixels_and_a_big_job_still_runs_alone() -> None:
+    by_images = BatchPolicy(max_images=4, max_wait=0.0)
+    pending = [request(images=3, at=0.0), request(images=2, at=0.1)]
+    assert by_images.choose(pending, now=1.0)[0] == pending[:1]
+    assert by_images.choose([request(images=6)], now=1.0)[0] != []  # larger than a batch: runs alone
+    by_pixels = BatchPolicy(max_images=8, max_wait=0.0, max_pixels=2 * 64 * 64)
+    pending = [request(at=0.0), request(at=0.1), request(at=0.2)]
+    assert by_pixels.choose(pending, now=1.0)[0] == pending[:2]
+
+
+class Recorder:
+    """An executor that records each call's jobs; a job whose prompt says so fails inside a batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
+        with self.lock:
+            self.calls.append([r.job.job_id or "" for r in batch])
+        if any(r.job.prompt == "explode" for r in batch):
+            error = RuntimeError("boom")
+            if len(batch) > 1:
+                mark_batch_wide(error)
+            return [error] * len(batch)
+        return [Inference([IMAGE], 1, {}, len(batch), len(batch), 0.0, 0.0, 0.0, 0.0) for _ in batch]
+
+
+def run_together(engine: Engine, requests: list[Request]) -> list[Any]:
+    """Each request from its own task thread, all announced as being prepared before any is submitted."""
+    results: list[Any] = [None] * len(requests)
+    ready = threading.Barrier(len(requests))
+
+    def task(index: int) -> None:
+        with engine.occupied(), engine.preparing() as slot:
+            ready.wait()
+            try:
+                results[index] = slot.infer(requests[index], timeout=30)
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+                results[index] = exc
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_the_engine_batches_jobs_prepared_together() -> None:
+    recorder = Recorder()
+    engine = Engine(BatchPolicy(max_images=8, max_wait=30.0), recorder, slots=3)
+    requests = [request(at=0.0, prompt=f"p{i}") for i in range(3)]
+    results = run_together(engine, requests)
+    # every slot is taken and nothing is being prepared: the batch runs without waiting 30 s
+    assert len(recorder.calls) == 1
+    assert sorted(recorder.calls[0]) == sorted(r.job.job_id for r in requests)
+    assert all(isinstance(r, Inference) for r in results)
+
+
+def test_a_failed_batch_is_retried_job_by_job_and_only_the_culprit_fails() -> None:
+    recorder = Recorder()
+    engine = Engine(BatchPolicy(max_images=8, max_wait=30.0), recorder, slots=3)
+    requests = [request(prompt="fine"), request(prompt="explode"), request(prompt="also fine", seed=3)]
+    results = run_together(engine, requests)
+    assert len(recorder.calls[0]) == 3 and len(recorder.calls) == 4
+    assert isinstance(results[0], Inference) and isinstance(results[2], Inference)
+    assert isinstance(results[1], RuntimeError)
+
+
+def test_a_job_that_fails_before_the_pipeline_does_not_keep_others_waiting() -> None:
+    recorder = Recorder()
+    engine = Engine(BatchPolicy(max_images=8, max_wait=30.0), recorder, slots=2)
+    done, finished = threading.Event(), threading.Event()
+
+    def failing_task() -> None:
+        with engine.occupied():
+            with engine.preparing():
+                done.wait(30)  # fetches... then fails: never submits
+            finished.wait(30)  # still recording its failure: its slot stays taken
+
+    failing = threading.Thread(target=failing_task)
+    failing.start()
+    results: list[Any] = []
+    submitter = threading.Thread(target=lambda: results.append(engine.infer(request(), timeout=30)))
+    with engine.occupied():
+        submitter.start()
+        done.set()  # the failing job gives up: both slots are taken, nothing is being prepared
+        submitter.join(60)
+    finished.set()
+    failing.join(60)
+    assert len(results) == 1 and isinstance(results[0], Inference)
+
+
+def test_job_cancelled_is_an_exception_the_runner_can_catch() -> None:
+    assert issubclass(JobCancelled, Exception)

@@ -1,0 +1,298 @@
+"""Cross-request batching: one thread owns the pipelines; task threads hand it prepared jobs.
+
+The worker runs Celery's thread pool with a few task slots. Each slot takes one message, leases
+the job, fetches and decodes its input (I/O that overlaps the pipeline call in progress), then
+:meth:`Engine.infer` queues it and waits. The single engine thread picks a *group* of queued jobs
+that can share one pipeline call (same :class:`~.engine.BatchKey`: model, adapter set, scheduler,
+effective steps, guidance, size), runs it, and hands each job its own images back; the slot then
+screens, encodes, uploads and commits while the engine already runs the next group.
+
+Pipelines are touched by the engine thread only (a diffusers pipeline called from two threads
+returns wrong images, silently): model loads, adapter switches, scheduler swaps and the call.
+
+Which group runs next (:meth:`BatchPolicy.choose`):
+
+- a group runs as soon as it is full (``max_images`` samples or ``max_pixels``), or its oldest
+  job has waited ``max_wait``, or nothing could join it (no job is being prepared and every
+  task slot is taken, so no message can arrive);
+- among ready groups, interactive before bulk, then the oldest first. So a job incompatible with
+  everything else waits at most ``max_wait`` for batching, plus the call already running.
+
+A failure inside a batched call (an injected fault, out of memory) is not blamed on the whole
+batch: each of its jobs runs again alone, so only the job that fails alone fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from darkroom.common.jobs import Img2ImgJob
+
+from .engine import BatchKey, WorkItem
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = ["BatchPolicy", "Engine", "Inference", "JobCancelled", "Request", "Slot", "mark_batch_wide"]
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
+    """A job was cancelled while queued for, or during, its pipeline call."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One prepared job waiting for the pipeline."""
+
+    item: WorkItem
+    key: BatchKey
+    on_step: StepCallback | None = None
+    priority: int = 0  # 0 = interactive, served first
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[Inference] = field(default_factory=Future)
+    cancelled: bool = False
+
+    @property
+    def job(self) -> Img2ImgJob:
+        return self.item.job
+
+    @property
+    def images(self) -> int:
+        return len(self.item.seeds)
+
+    @property
+    def pixels(self) -> int:
+        width, height = self.item.image.size
+        return width * height * self.images
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What the engine hands back to one job: its images and how they were made."""
+
+    images: list[Image]
+    steps_run: int
+    details: dict[str, Any]  # scheduler, adapters, model source ... for result.json
+    batch_jobs: int
+    batch_images: int
+    batch_wait: float
+    model_load: float
+    adapters: float
+    inference: float
+    latents: list[Any] | None = None  # each image's final latents, when the job asked for them
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When to run which group of compatible requests."""
+
+    max_images: int = 8
+    max_wait: float = 0.02
+    max_pixels: int | None = None
+
+    def choose(self, pending: Sequence[Request], now: float, can_grow: bool = True
+               ) -> tuple[list[Request], float | None]:
+        """The group to run now (empty if none is ready) and, if none, when to look again (None: on news).
+
+        ``can_grow``: whether another job may still join (one is being prepared, or a task slot is free).
+        """
+        groups: dict[BatchKey, list[Request]] = {}
+        for request in pending:
+            groups.setdefault(request.key, []).append(request)
+        ready: list[tuple[int, float, list[Request]]] = []
+        wake: float | None = None
+        for requests in groups.values():
+            take = self._fill(requests)
+            oldest = requests[0].enqueued
+            full = len(take) < len(requests) or sum(r.images for r in take) >= self.max_images
+            due = now - oldest >= self.max_wait
+            if full or due or not can_grow:
+                ready.append((min(r.priority for r in take), oldest, take))
+            else:
+                deadline = oldest + self.max_wait
+                wake = deadline if wake is None else min(wake, deadline)
+        if ready:
+            return min(ready, key=lambda entry: (entry[0], entry[1]))[2], None
+        return [], wake
+
+    def _fill(self, requests: Sequence[Request]) -> list[Request]:
+        """The longest prefix within the limits; at least the first request (a big job runs alone)."""
+        take = [requests[0]]
+        images, pixels = requests[0].images, requests[0].pixels
+        for request in requests[1:]:
+            images += request.images
+            pixels += request.pixels
+            if images > self.max_images or (self.max_pixels is not None and pixels > self.max_pixels):
+                break
+            take.append(request)
+        return take
+
+
+class Slot:
+    """A task thread's place in the engine while it prepares one job (see :meth:`Engine.preparing`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._announced = True
+
+    def infer(self, request: Request, timeout: float | None = None) -> Inference:
+        """Queue the prepared job and wait for its images (or raise its error)."""
+        self._engine._submit(request, self._announced)
+        self._announced = False
+        return request.future.result(timeout)
+
+    def close(self) -> None:
+        if self._announced:
+            self._announced = False
+            self._engine._withdraw()
+
+
+Executor = Callable[[list[Request]], list["Inference | BaseException"]]
+
+
+class Engine:
+    """The inference thread: gathers requests into batches and runs them one call at a time."""
+
+    def __init__(self, policy: BatchPolicy, execute: Executor, *, slots: int | None = None,
+                 after_batch: Callable[[], None] | None = None, name: str = "darkroom-engine") -> None:
+        self.policy = policy
+        self.slots = slots  # task slots of the worker; None: unknown (more jobs may always come)
+        self._busy = 0
+        self._execute = execute
+        self._after_batch = after_batch
+        self._pending: list[Request] = []
+        self._arriving = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._name = name
+        self.batches = 0
+        self.batched_jobs = 0
+        self.split_batches = 0
+
+    # -- task threads --------------------------------------------------------
+    @contextmanager
+    def occupied(self) -> Iterator[None]:
+        """Count a task slot as taken (a delivery in progress) for the duration of the block."""
+        with self._cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def preparing(self) -> Iterator[Slot]:
+        """Announce a job being prepared (it may join a batch soon); submit it through the slot.
+
+        The announcement ends when the job is submitted (atomically with its queueing) or when the
+        block exits (the job failed before reaching the pipeline), so the engine never waits for a
+        job that is not coming.
+        """
+        slot = Slot(self)
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield slot
+        finally:
+            slot.close()
+
+    def infer(self, request: Request, timeout: float | None = None) -> Inference:
+        """Queue ``request`` and wait for its result (or its exception)."""
+        with self.preparing() as slot:
+            return slot.infer(request, timeout)
+
+    def _submit(self, request: Request, announced: bool) -> None:
+        self._ensure_started()
+        with self._cond:
+            request.enqueued = time.monotonic()
+            self._pending.append(request)
+            if announced:
+                self._arriving -= 1
+            self._cond.notify_all()
+
+    def _withdraw(self) -> None:
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # -- the engine thread ---------------------------------------------------
+    def _ensure_started(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            try:
+                self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - the engine must never die with jobs waiting
+                log.exception("engine error; failing the batch")
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+            if self._after_batch is not None:
+                try:
+                    self._after_batch()
+                except Exception:  # noqa: BLE001 - reporting is best effort
+                    log.exception("after-batch hook failed")
+
+    def _next_batch(self) -> list[Request]:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                can_grow = self._arriving > 0 or self.slots is None or self._busy < self.slots
+                batch, wake = self.policy.choose(self._pending, now, can_grow)
+                if batch:
+                    chosen = set(map(id, batch))
+                    self._pending = [r for r in self._pending if id(r) not in chosen]
+                    return batch
+                self._cond.wait(None if wake is None else max(0.0, wake - now))
+
+    def _run(self, batch: list[Request]) -> None:
+        outcomes = self._execute(batch)
+        if len(batch) > 1 and any(_splittable(o) for o in outcomes):
+            failed = next(o for o in outcomes if _splittable(o))
+            log.warning("a batch of %d jobs failed (%s: %s); running each of them alone", len(batch),
+                        type(failed).__name__, failed)
+            self.split_batches += 1
+            for request in batch:
+                self._run([request])
+            return
+        self.batches += 1
+        self.batched_jobs += len(batch)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+
+
+def _splittable(outcome: Inference | BaseException) -> bool:
+    """Errors of the shared call (not of one job's own checks) are retried job by job."""
+    return isinstance(outcome, BaseException) and getattr(outcome, "batch_wide", False)
+
+
+def mark_batch_wide(exc: BaseException) -> BaseException:
+    """Tag an exception raised by the shared pipeline call (see :meth:`Engine._run`)."""
+    exc.batch_wide = True  # type: ignore[attr-defined]
+    return exc
