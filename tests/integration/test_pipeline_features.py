@@ -191,6 +191,10 @@ def test_guidance_scale_embedding_matches_diffusers(client: Client, features_wor
                                                     gcond_model: Path) -> None:
     uri, image = upload_input(client)
     result = run(client, {"image": uri, "prompt": "a bridge", "guidance_scale": 4.0}, model="gcond")
+    tiny = run(client, {"image": uri, "prompt": "a bridge"})
+    # the record names each model by the content of its files
+    assert len(result.parameters["model_sha256"]) == 64
+    assert result.parameters["model_sha256"] != tiny.parameters["model_sha256"]
     pipe = load(gcond_model)
     assert pipe.unet.config.time_cond_proj_dim == 32  # the pipeline feeds it w = guidance_scale - 1
     expected = np.asarray(call(pipe, image, prompt="a bridge", guidance_scale=4.0))

@@ -142,7 +142,8 @@ def test_flag_stores_each_image_as_made_and_marks_it(client: Client, safety_work
         assert output.uri == public_uri(result, output) and output.quarantine_uri is None
         assert_recorded(client, output.uri, output.safety)
         assert not exists(client, quarantine_uri(result, output))
-    assert keys_under(client, f"{OUTPUTS}/{result.job_id}") == ["000.png", "001.png", "result.json"]
+    assert keys_under(client, f"{OUTPUTS}/{result.job_id}") == ["000.png", "000.thumb.webp", "001.png",
+                                                                  "001.thumb.webp", "result.json"]
     assert len(client.open_images(result)) == 2
 
 

@@ -33,6 +33,7 @@ MAX_TEXTUAL_INVERSIONS = 8
 MAX_IMAGES = 16
 MAX_TIMESTEP = 999
 MAX_SIDE = 4096  # pixels; width and height of the working image
+MAX_IP_ADAPTER_SCALE = 2.0
 _ONE, _PER_IMAGE = "one", "per_image"  # union tags; never shown in error locations
 
 
@@ -256,6 +257,15 @@ class Img2ImgJob(BaseModel):
         None, description="FreeU for this job only: {s1, s2, b1, b2} (SD 1.5 defaults 0.9, 0.2, 1.5, 1.6); off "
                           "when omitted.",
     )
+    ip_adapter_image: str | None = Field(
+        None, description="Image prompt as s3://bucket/key for the model's IP-Adapter (see \"IP-Adapter\"); the "
+                          "model must have one in the workers' registry.",
+    )
+    ip_adapter_scale: Annotated[float, Ge(0.0), Le(MAX_IP_ADAPTER_SCALE)] | None = Field(
+        None, description="How strongly ip_adapter_image steers the output (0: not at all); the model's registry "
+                          "scale (1.0 unless set) when omitted.",
+        json_schema_extra={"allowed": f"0.0 <= ip_adapter_scale <= {MAX_IP_ADAPTER_SCALE}; only with ip_adapter_image"},
+    )
     output_latents: bool = Field(
         False, description="Also store each image's final latents (before the VAE decode) as "
                            "NNN.latents.safetensors beside it.",
@@ -315,6 +325,20 @@ class Img2ImgJob(BaseModel):
     def _image(cls, v: str) -> str:
         S3Uri.parse(v)
         return v
+
+    @field_validator("ip_adapter_image")
+    @classmethod
+    def _ip_adapter_image(cls, v: str | None) -> str | None:
+        if v is not None:
+            S3Uri.parse(v)
+        return v
+
+    @model_validator(mode="after")
+    def _ip_adapter_scale_needs_image(self) -> Self:
+        if self.ip_adapter_scale is not None and self.ip_adapter_image is None:
+            raise CrossFieldError("ip_adapter_scale", self.ip_adapter_scale, "the job has no ip_adapter_image",
+                                  "ip_adapter_scale only with ip_adapter_image")
+        return self
 
     @field_validator("output_prefix")
     @classmethod

@@ -14,7 +14,8 @@ import time
 from enum import Enum
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import click
 
@@ -55,15 +56,23 @@ def main() -> None:
 
 
 # -- submit ---------------------------------------------------------------
+def _scalar_type(annotation: Any) -> Any:
+    """The flag type of a field: unwrap Annotated and Optional, take a union's first member (str for
+    "one text or a list"); a list or model stays what it is (it has no flag)."""
+    for _ in range(8):
+        if hasattr(annotation, "__metadata__"):  # Annotated[T, ...]
+            annotation = annotation.__origin__
+        elif get_origin(annotation) in (Union, UnionType):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            break
+    return get_origin(annotation) or annotation
+
+
 def _job_options(command: Any) -> Any:
     """Add one --option per scalar Img2ImgJob field, with its description, default and range."""
     for name, info in reversed(list(Img2ImgJob.model_fields.items())):
-        annotation = info.annotation
-        types = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
-        base = types[0]
-        if getattr(base, "__origin__", None) is not None:  # Annotated[...] inside Optional
-            base = get_args(base)[0]
-        base = getattr(base, "__origin__", base)
+        base = _scalar_type(info.annotation)
         if isinstance(base, type) and issubclass(base, Enum):
             click_type: Any = click.Choice([m.value for m in base])
         elif base in (int, float, str, bool):

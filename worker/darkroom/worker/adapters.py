@@ -8,6 +8,13 @@ when the slots are full the least recently used adapter not needed by the job
 gives way. If it has the same shape as the newcomer and both are UNet-only,
 the newcomer is hot-swapped into its place (weights copied in, no new modules,
 no recompilation); otherwise the old adapter is deleted and the new one loaded.
+
+For mixed-adapter batching (:mod:`.mixing`) every adapter set of a call must be resident at once as
+*one* adapter at scale 1.0, because peft's scale is per adapter, not per sample. A plain adapter at
+weight 1.0 is its file's slot; any other set (a blend, another weight) becomes a *combined* adapter:
+the sets' LoRA ranks stacked into one (``A = [A1; A2]``, ``B = [w1 s1 B1, w2 s2 B2]``, so
+``B A = w1 s1 B1 A1 + w2 s2 B2 A2``), built once from the loaded weights and kept in a slot of its
+own like any adapter, keyed by its files and weights.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,7 +35,8 @@ from darkroom.common.errors import ErrorCode, JobError
 
 from .filecache import sha256_file
 
-__all__ = ["AdapterManager", "AdapterFile", "Activation", "SlotState"]
+__all__ = ["BASE", "AdapterManager", "AdapterFile", "AdapterSet", "Activation", "SlotState", "StackError",
+           "set_key", "stack_adapters"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ class AdapterFile:
     sha256: str
     unet_only: bool
     signature: str
+    dora: bool = False  # weight-decomposed (DoRA): peft cannot route it per sample
 
     @classmethod
     def inspect(cls, path: Path, sha256: str | None = None) -> AdapterFile:
@@ -62,16 +73,41 @@ class AdapterFile:
             raise JobError(ErrorCode.ADAPTER_INVALID, f"{path.name} holds no LoRA weights (keys must contain 'lora')")
         signature = hashlib.sha256(json.dumps([keys, shapes, metadata], sort_keys=True).encode()).hexdigest()
         unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in keys)
-        return cls(path, sha256 or sha256_file(path), unet_only, signature)
+        dora = any("lora_magnitude_vector" in k or "dora_scale" in k for k in keys)
+        return cls(path, sha256 or sha256_file(path), unet_only, signature, dora)
+
+
+AdapterSet = tuple[tuple[AdapterFile, float], ...]
+"""One job's adapters with their weights; empty = the base model."""
+
+BASE = "__base__"
+"""peft's name for "no adapter" in a per-sample ``adapter_names`` list."""
+
+
+def set_key(adapters: AdapterSet) -> str | None:
+    """The slot key of a set as one adapter: its file's sha256 (plain, weight 1.0), a combined key, None if empty."""
+    if not adapters:
+        return None
+    if len(adapters) == 1 and adapters[0][1] == 1.0:
+        return adapters[0][0].sha256
+    parts = sorted((f.sha256, float(w)) for f, w in adapters)
+    return "combined:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 @dataclass
 class _Slot:
     name: str
-    file: AdapterFile
+    file: AdapterFile | None  # None: a combined adapter made from ``combined``
+    combined: AdapterSet = ()
     state: SlotState = SlotState.IDLE
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        if self.file is not None:
+            return self.file.path.name
+        return "+".join(f"{f.path.name}:{w:g}" for f, w in self.combined)
 
 
 @dataclass(frozen=True)
@@ -82,6 +118,8 @@ class Activation:
     loaded: int
     hotswapped: int
     seconds: float
+    routes: list[str] = field(default_factory=list)  # mixed activations: each set's adapter name (BASE: none)
+    combined: int = 0  # combined adapters built for it
 
 
 class AdapterManager:
@@ -93,17 +131,23 @@ class AdapterManager:
         self.pipeline = pipeline
         self.max_slots = max_slots
         self.hotswap = hotswap
-        self._slots: dict[str, _Slot] = {}  # by content sha256
+        self._slots: dict[str, _Slot] = {}  # by content sha256, or a combined key (see set_key)
         self._counter = 0
         self._enabled: bool | None = None  # None: unknown (after a load), so the next switch sets it
         self._layer_cache: list[Any] | None = None
         self.loads = 0
         self.hotswaps = 0
         self.switches = 0
+        self.combines = 0
 
     @property
     def resident(self) -> list[str]:
         return list(self._slots)
+
+    @property
+    def fused(self) -> bool:
+        """Whether any LoRA is merged into the base weights (peft then refuses per-sample adapters)."""
+        return any(getattr(layer, "merged", False) for layer in self._layers())
 
     def activate(self, wanted: Sequence[tuple[AdapterFile, float]]) -> Activation:
         """Make exactly ``wanted`` (file, weight) active; nothing wanted = base model."""
@@ -126,6 +170,37 @@ class AdapterManager:
             loaded=self.loads - loaded_before,
             hotswapped=self.hotswaps - hotswapped_before,
             seconds=time.perf_counter() - started,
+        )
+
+    def activate_mixed(self, sets: Sequence[AdapterSet]) -> Activation:
+        """Make every set resident at once, each as one adapter at scale 1.0, for a call routed per sample.
+
+        ``routes[i]`` of the result is the adapter name for ``sets[i]`` (:data:`BASE` for an empty set). At
+        most ``max_slots`` distinct non-empty sets; a set that cannot load raises its ``JobError``.
+        """
+        started = time.perf_counter()
+        loaded_before, hotswapped_before, combined_before = self.loads, self.hotswaps, self.combines
+        keys = [set_key(s) for s in sets]
+        keep = {k for k in keys if k is not None}
+        if len(keep) > self.max_slots:
+            raise ValueError(f"{len(keep)} adapter sets do not fit in {self.max_slots} adapter slots")
+        for slot in self._slots.values():
+            slot.state = SlotState.IDLE
+        routes = []
+        for adapters, key in zip(sets, keys, strict=True):
+            if key is None:
+                routes.append(BASE)
+                continue
+            plain = key == adapters[0][0].sha256
+            slot = self._ensure(adapters[0][0], keep) if plain else self._ensure_combined(adapters, key, keep)
+            slot.state, slot.uses, slot.last_used = SlotState.ACTIVE, slot.uses + 1, time.monotonic()
+            routes.append(slot.name)
+        names = sorted({r for r in routes if r != BASE})
+        self._apply(names, [1.0] * len(names))
+        self.switches += 1
+        return Activation(
+            adapters=[], loaded=self.loads - loaded_before, hotswapped=self.hotswaps - hotswapped_before,
+            seconds=time.perf_counter() - started, routes=routes, combined=self.combines - combined_before,
         )
 
     def _disable(self) -> None:
@@ -164,15 +239,50 @@ class AdapterManager:
         slot = self._slots.get(file.sha256)
         if slot is not None:
             return slot
-        if len(self._slots) >= self.max_slots:
-            victim = min((s for s in self._slots.values() if s.file.sha256 not in keep), key=lambda s: s.last_used)
-            del self._slots[victim.file.sha256]
-            if self._can_hotswap(victim.file, file):
-                return self._hotswap(victim, file)
-            self.pipeline.delete_adapters([victim.name])
-            self._layer_cache = None
-            log.info("adapter %s left slot %s", victim.file.path.name, victim.name)
+        victim = self._make_room(keep, file)
+        if victim is not None:
+            return self._hotswap(victim, file)
         return self._load(file)
+
+    def _make_room(self, keep: set[str], newcomer: AdapterFile | None) -> _Slot | None:
+        """Free a slot when all are taken: the victim's slot if ``newcomer`` can be hot-swapped into it, else None."""
+        if len(self._slots) < self.max_slots:
+            return None
+        key, victim = min(((k, s) for k, s in self._slots.items() if k not in keep), key=lambda e: e[1].last_used)
+        del self._slots[key]
+        if newcomer is not None and victim.file is not None and self._can_hotswap(victim.file, newcomer):
+            return victim
+        self.pipeline.delete_adapters([victim.name])
+        self._layer_cache = None
+        log.info("adapter %s left slot %s", victim.label, victim.name)
+        return None
+
+    def _ensure_combined(self, adapters: AdapterSet, key: str, keep: set[str]) -> _Slot:
+        """The resident combined adapter of ``adapters``, built from their weights if needed."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        self._make_room(keep, None)
+        sources, temporary = [], []
+        try:
+            for file, weight in adapters:
+                resident = self._slots.get(file.sha256)
+                name = resident.name if resident is not None else self._next_name("part")
+                if resident is None:
+                    temporary.append(name)
+                    self._load_weights(file, name)
+                sources.append((name, weight))
+            name = self._next_name()
+            stack_adapters(self.pipeline, sources, name)
+        finally:
+            if temporary:
+                self.pipeline.delete_adapters(temporary)
+            self._layer_cache = None
+            self._enabled = None
+        self.combines += 1
+        slot = self._slots[key] = _Slot(name, None, tuple(adapters))
+        log.info("combined adapter %s built in slot %s", slot.label, name)
+        return slot
 
     def _can_hotswap(self, old: AdapterFile, new: AdapterFile) -> bool:
         return self.hotswap and old.unet_only and new.unet_only and old.signature == new.signature
@@ -192,15 +302,69 @@ class AdapterManager:
         return slot
 
     def _load(self, file: AdapterFile) -> _Slot:
-        self._counter += 1
-        name = f"slot{self._counter}"
-        try:
-            self.pipeline.load_lora_weights(str(file.path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise JobError(ErrorCode.ADAPTER_INVALID, f"cannot load LoRA {file.path.name}: {exc}") from None
-        self.loads += 1
+        name = self._next_name()
+        self._load_weights(file, name)
         self._layer_cache = None
         self._enabled = None  # new layers may be enabled while older ones are disabled
         slot = _Slot(name, file)
         self._slots[file.sha256] = slot
         return slot
+
+    def _load_weights(self, file: AdapterFile, name: str) -> None:
+        try:
+            self.pipeline.load_lora_weights(str(file.path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise JobError(ErrorCode.ADAPTER_INVALID, f"cannot load LoRA {file.path.name}: {exc}") from None
+        self.loads += 1
+
+    def _next_name(self, prefix: str = "slot") -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+
+class StackError(ValueError):
+    """Raised when adapters cannot be stacked into one (DoRA, LoRA biases, embedding LoRAs)."""
+
+
+def stack_adapters(pipeline: Any, sources: Sequence[tuple[str, float]], name: str) -> None:
+    """Load adapter ``name`` into ``pipeline``: the loaded adapters ``sources`` at their weights, ranks stacked.
+
+    At scale 1.0 it equals the blend ``set_adapters([n1, n2], [w1, w2])`` up to float rounding.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    state: dict[str, Any] = {}
+    with torch.no_grad():
+        for component in ("unet", "text_encoder"):
+            module = getattr(pipeline, component, None)
+            for path, layer in (module.named_modules() if module is not None else ()):
+                if not isinstance(layer, LoraLayer):
+                    continue
+                parts = [(n, w) for n, w in sources if n in layer.lora_A]
+                if not parts:
+                    continue
+                if any(n in layer.lora_variant or layer.lora_B[n].bias is not None for n, _ in parts):
+                    raise StackError(f"{component}.{path}: DoRA or LoRA-bias adapters cannot be combined")
+                a = torch.cat([layer.lora_A[n].weight for n, _ in parts], dim=0)
+                b = torch.cat([layer.lora_B[n].weight * (w * _unit_scale(layer, n)) for n, w in parts], dim=1)
+                state[f"{component}.{path}.lora_A.weight"] = a.detach().clone()
+                state[f"{component}.{path}.lora_B.weight"] = b.detach().clone()
+    if not state:
+        raise StackError("the adapters have no LoRA layers to combine")
+    with warnings.catch_warnings():  # a UNet-only combination makes diffusers warn about the text encoder
+        warnings.simplefilter("ignore")
+        pipeline.load_lora_weights(state, adapter_name=name)
+    with torch.no_grad():  # fold whatever scale the loader chose into B, so scale 1.0 means exactly B A
+        for component in ("unet", "text_encoder"):
+            module = getattr(pipeline, component, None)
+            for layer in (module.modules() if module is not None else ()):
+                if isinstance(layer, LoraLayer) and name in layer.lora_B:
+                    layer.lora_B[name].weight.div_(_unit_scale(layer, name))
+
+
+def _unit_scale(layer: Any, name: str) -> float:
+    """The layer's scaling of adapter ``name`` at weight 1.0 (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    rank = layer.r[name]
+    scale: float = layer.lora_alpha[name] / (math.sqrt(rank) if layer.use_rslora.get(name, False) else rank)
+    return scale

@@ -18,6 +18,7 @@ from darkroom.common.errors import ErrorCode, JobError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.schedulers import SchedulerName
 
+from .ip_adapter import ip_adapter_inputs
 from .schedulers import accepts_eta, accepts_timesteps
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class WorkItem:
     prompt_embeds: Any = None  # CPU tensors [images, tokens, hidden], fetched with the input
     negative_prompt_embeds: Any = None
     textual_inversions: tuple[LocalEmbedding, ...] = ()
+    ip_adapter_image: Image | None = None  # the decoded image prompt, fetched with the input
+    ip_adapter_scale: float | None = None  # the job's, else the model's; None without an image prompt
 
     @property
     def embeds_shape(self) -> tuple[int, int, bool] | None:
@@ -82,6 +85,7 @@ class BatchKey:
     embeds: tuple[int, int, bool] | None = None  # (tokens, hidden, negative?) of prompt_embeds jobs
     textual_inversions: tuple[tuple[str, str], ...] = ()  # (token, sha256)
     freeu: tuple[float, float, float, float] | None = None
+    ip_adapter_scale: float | None = None  # jobs with an image prompt (any image) share calls at one scale
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,15 @@ class BatchOutput:
     latents: list[list[Any]] | None = None  # each image's final latents (CPU), when a job asked for them
 
 
-def batch_key(item: WorkItem) -> BatchKey:
+def batch_key(item: WorkItem, *, mixed_adapters: bool = False) -> BatchKey:
+    """The job's batch key; with ``mixed_adapters`` its adapters are left out (:mod:`.mixing` routes them)."""
     job = item.job
     return BatchKey(job.model, job.num_inference_steps, job.steps_to_run, job.guidance_scale, item.image.size,
                     job.scheduler, job.eta, job.clip_skip, None if job.timesteps is None else tuple(job.timesteps),
-                    tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
+                    () if mixed_adapters else tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
                     tuple((e.token, e.sha256) for e in item.textual_inversions),
-                    None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2))
+                    None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2),
+                    ip_adapter_scale=item.ip_adapter_scale)
 
 
 def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
@@ -112,6 +118,14 @@ def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
     if job.eta is not None and not accepts_eta(scheduler):
         raise JobError(ErrorCode.INVALID_JOB, f"eta={job.eta} needs a scheduler whose step takes eta (ddim); "
                                               f"this job runs {name}, which ignores it")
+    config = getattr(scheduler, "config", None)
+    train = int(getattr(config, "num_train_timesteps", 0) or 0)
+    offset = int(getattr(config, "steps_offset", 0) or 0)
+    if (job.timesteps is None and train and getattr(config, "timestep_spacing", "leading") == "leading"
+            and job.num_inference_steps > train - offset):  # diffusers would index past its noise schedule
+        raise JobError(ErrorCode.INVALID_JOB, f"num_inference_steps={job.num_inference_steps} is more than {name} "
+                                              f"can run on this model ({train} training timesteps, steps_offset "
+                                              f"{offset}): 1 <= num_inference_steps <= {train - offset}")
     if job.timesteps is not None and not accepts_timesteps(scheduler):
         raise JobError(ErrorCode.INVALID_JOB, f"timesteps={job.timesteps} needs a scheduler that accepts "
                                               f"explicit timesteps (euler, dpmpp_2m, lcm); this job runs {name}")
@@ -158,7 +172,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
 
     if not items:
         return BatchOutput([], 0)
-    keys = {batch_key(item) for item in items}
+    keys = {batch_key(item, mixed_adapters=True) for item in items}  # adapters are set up by the caller
     if len(keys) != 1:
         raise ValueError(f"items are not batch-compatible: {sorted(map(str, keys))}")
     first = items[0].job
@@ -190,6 +204,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
         output_type="latent" if want_latents else "pil",
         callback_on_step_end=_step_hook(on_step) if on_step else None,
         **_call_options(first, pipeline.scheduler),
+        **ip_adapter_inputs(pipeline, items, first.guidance_scale),
     )
     final_latents = None
     pictures = output.images

@@ -1,4 +1,4 @@
-"""Per-job pipeline features: prompt embeddings, textual inversions and FreeU.
+"""Per-job pipeline features: prompt embeddings, textual inversions, FreeU and the IP-Adapter scale.
 
 Fetching (embeddings, textual-inversion files) is I/O and runs on the job's task thread with the
 input image. Applying them touches the pipeline, so :func:`applied` runs on the engine thread, for
@@ -18,6 +18,7 @@ from darkroom.common.jobs import FreeU, Img2ImgJob, TextualInversion
 from darkroom.common.storage import S3Uri
 
 from .engine import LocalEmbedding
+from .ip_adapter import ip_adapter_scaled
 
 __all__ = ["MAX_EMBEDDING_BYTES", "applied", "check_embeddings", "fetch_embeddings", "fetch_textual_inversions"]
 
@@ -87,8 +88,10 @@ def fetch_textual_inversions(files: Any, refs: Sequence[TextualInversion]) -> tu
 
 
 @contextlib.contextmanager
-def applied(pipeline: Any, textual_inversions: Sequence[LocalEmbedding], freeu: FreeU | None) -> Iterator[None]:
-    """The job's textual inversions and FreeU on ``pipeline`` for the duration of one call."""
+def applied(pipeline: Any, textual_inversions: Sequence[LocalEmbedding], freeu: FreeU | None,
+            ip_adapter_scale: float | None = None) -> Iterator[None]:
+    """The job's textual inversions, FreeU and IP-Adapter scale on ``pipeline`` for the duration of one call
+    (a model's IP-Adapter rests at scale 0; see :mod:`.ip_adapter`)."""
     loaded: list[str] = []
     vocabulary = len(pipeline.tokenizer) if textual_inversions else 0
     try:
@@ -102,7 +105,8 @@ def applied(pipeline: Any, textual_inversions: Sequence[LocalEmbedding], freeu: 
             loaded.append(embedding.token)
         if freeu is not None:
             pipeline.enable_freeu(s1=freeu.s1, s2=freeu.s2, b1=freeu.b1, b2=freeu.b2)
-        yield
+        with ip_adapter_scaled(pipeline, ip_adapter_scale):
+            yield
     finally:
         if freeu is not None:
             pipeline.disable_freeu()

@@ -1,27 +1,33 @@
 """What the engine thread does with one group of compatible requests: model, adapters, scheduler, call.
 
 Everything here touches pipelines, so it runs on the engine thread only (see :mod:`.batcher`).
-Errors shared by the whole group (the model cannot load, an adapter is missing) end every job of
-the group; a job's own option that its scheduler or text encoder cannot honour ends that job only;
-a failure inside the shared call is tagged batch-wide so the engine retries each job alone.
+A group whose jobs differ only in their adapters runs as one call routed per sample, or as one call
+per adapter set where that cannot apply (:mod:`.mixing`).
+Errors shared by the whole group (the model cannot load) end every job of the group; an adapter
+that is missing or cannot load ends the jobs that asked for it; a job's own option that its scheduler
+or text encoder cannot honour ends that job only; a failure inside the shared call is tagged
+batch-wide so the engine retries each job alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
 from darkroom.common.storage import S3Uri
 
-from .adapters import AdapterFile
+from .adapters import AdapterFile, AdapterSet
 from .batcher import Inference, JobCancelled, Request, mark_batch_wide
 from .context import WorkerContext
 from .engine import check_call_options, run_batch
 from .features import applied, check_embeddings
 from .latents import LatentCache
+from .mixing import CallPlan, MixedAdapters, Routing, describe, routed, split
+from .pipelines import LoadedModel
 from .registry import ModelSpec
 
 __all__ = ["BatchExecutor"]
@@ -35,21 +41,68 @@ class BatchExecutor:
     def __init__(self, ctx: WorkerContext, latents: LatentCache | None = None) -> None:
         self.ctx = ctx
         self.latents = latents
+        self.mixing = MixedAdapters(ctx.settings.mixed_adapters)
         self._adapter_files: dict[str, AdapterFile] = {}
 
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         outcomes: list[Inference | BaseException | None] = [None] * len(batch)
         started = time.monotonic()
-        first = batch[0].job
         try:
             t0 = time.perf_counter()
-            loaded = self.ctx.models.get(first.model)
+            loaded = self.ctx.models.get(batch[0].job.model)
+            model_load = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - the same model: the same error for all
+            return [exc] * len(batch)
+        sets = self._adapter_sets(loaded.spec, batch, outcomes)
+        calls = deque(self.mixing.plan(loaded.spec.id, loaded.pipeline, loaded.adapters, sets))
+        while calls:
+            call = calls.popleft()
             t1 = time.perf_counter()
-            wanted = [(self.adapter_file(loaded.spec, ref.uri), ref.weight) for ref in first.adapters]
-            activation = loaded.adapters.activate(wanted)
-            t2 = time.perf_counter()
-            scheduler = loaded.schedulers.use(loaded.pipeline, first.scheduler)  # the job's, or the default
-        except Exception as exc:  # noqa: BLE001 - the same model/adapters/scheduler: the same error for all
+            try:
+                mixed = call.routing is Routing.MIXED
+                activation = (loaded.adapters.activate_mixed(call.distinct) if mixed
+                              else loaded.adapters.activate(list(call.sets[0])))
+            except Exception as exc:  # noqa: BLE001 - a set that cannot load fails its own jobs only
+                if call.routing is Routing.MIXED:  # so run the sets apart, each failing or not on its own
+                    calls.extendleft(reversed(split(call, f"the adapter sets could not all be made resident: {exc}")))
+                    continue
+                for index in call.indices:
+                    outcomes[index] = exc
+                continue
+            routes = dict(zip(call.distinct, activation.routes, strict=True)) if mixed else None
+            results = self._run_call([batch[i] for i in call.indices], loaded, call,
+                                     None if routes is None else [routes[s] for s in call.sets],
+                                     started, model_load, time.perf_counter() - t1)
+            for index, outcome in zip(call.indices, results, strict=True):
+                outcomes[index] = outcome
+        return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
+
+    def _adapter_sets(self, model: ModelSpec, batch: list[Request],
+                      outcomes: list[Inference | BaseException | None]) -> dict[int, AdapterSet]:
+        """Each job's adapters as files (resolved once per distinct list); a job whose adapters fail gets the error."""
+        resolved: dict[tuple[tuple[str, float], ...], AdapterSet | BaseException] = {}
+        sets: dict[int, AdapterSet] = {}
+        for index, request in enumerate(batch):
+            refs = tuple((ref.uri, ref.weight) for ref in request.job.adapters)
+            if refs not in resolved:
+                try:
+                    resolved[refs] = tuple((self.adapter_file(model, uri), weight) for uri, weight in refs)
+                except Exception as exc:  # noqa: BLE001 - the jobs with these adapters only
+                    resolved[refs] = exc
+            value = resolved[refs]
+            if isinstance(value, BaseException):
+                outcomes[index] = value
+            else:
+                sets[index] = value
+        return sets
+
+    def _run_call(self, batch: list[Request], loaded: LoadedModel, call: CallPlan, routes: list[str] | None,
+                  started: float, model_load: float, adapters: float) -> list[Inference | BaseException]:
+        """One pipeline call for the requests of ``call``, their adapters already active (``routes``: per job)."""
+        outcomes: list[Inference | BaseException | None] = [None] * len(batch)
+        try:
+            scheduler = loaded.schedulers.use(loaded.pipeline, batch[0].job.scheduler)  # the job's, or the default
+        except Exception as exc:  # noqa: BLE001 - the same scheduler: the same error for all
             return [exc] * len(batch)
         runnable: list[int] = []
         for index, request in enumerate(batch):
@@ -63,8 +116,11 @@ class BatchExecutor:
         requests = [batch[i] for i in runnable]
         if requests:
             t3 = time.perf_counter()
+            names = None if routes is None else [routes[i] for i in runnable for _ in range(batch[i].images)]
             try:
-                with applied(loaded.pipeline, requests[0].item.textual_inversions, requests[0].job.freeu):
+                first = requests[0].item
+                with applied(loaded.pipeline, first.textual_inversions, first.job.freeu, first.ip_adapter_scale), \
+                        routed(loaded.pipeline, names):
                     output = run_batch(loaded.pipeline, [r.item for r in requests], on_step=_fan_out(requests),
                                        latents=self.latents)
             except JobCancelled:
@@ -89,16 +145,20 @@ class BatchExecutor:
                         "scheduler": type(scheduler).__name__,
                         "scheduler_config": loaded.schedulers.overrides(request.job.scheduler),
                         "model_source": loaded.spec.source,
-                        "adapters_resolved": activation.adapters,
-                        "batch": {"jobs": len(requests), "images": total_images},
+                        "model_sha256": loaded.weights_sha256,
+                        "adapters_resolved": describe(call.sets[index]),
+                        "adapter_routing": call.routing.value,
+                        **({} if call.reason is None else {"adapter_routing_reason": call.reason}),
+                        "batch": {"jobs": len(requests), "images": total_images,
+                                  "adapter_sets": len({call.sets[i] for i in runnable})},
                         "textual_inversions_resolved": [
                             {"token": e.token, "sha256": e.sha256} for e in request.item.textual_inversions],
                     },
                     batch_jobs=len(requests),
                     batch_images=total_images,
                     batch_wait=max(0.0, started - request.enqueued),
-                    model_load=t1 - t0,
-                    adapters=t2 - t1,
+                    model_load=model_load,
+                    adapters=adapters,
                     inference=elapsed,
                 )
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]

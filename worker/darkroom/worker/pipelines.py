@@ -38,6 +38,7 @@ from .adapters import AdapterManager
 from .checkpoints import PICKLE_SUFFIXES, load_single_file
 from .device import DeviceInfo, resolve_dtype
 from .filecache import FileCache, sha256_file
+from .ip_adapter import IPAdapterFiles, load_ip_adapter
 from .registry import ModelRegistry, ModelSpec
 from .schedulers import SchedulerSwitch
 from .tuning import Tuning
@@ -71,6 +72,7 @@ class LoadedModel:
     shared: dict[str, str] = field(default_factory=dict)  # component -> fingerprint
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    weights_sha256: str | None = None  # of every file of the model (content, not paths or dates)
     schedulers: SchedulerSwitch = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,9 +87,10 @@ def module_bytes(module: Any) -> int:
 
 def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: bool = False,
                   components: dict[str, Any] | None = None, scheduler: str | None = None,
-                  config: Path | None = None, tuning: Tuning | None = None) -> Any:
+                  config: Path | None = None, tuning: Tuning | None = None,
+                  ip_adapter: IPAdapterFiles | None = None) -> Any:
     """Load a diffusers folder (or, with ``config``, a single-file checkpoint) as StableDiffusionImg2ImgPipeline
-    on ``device`` with ``tuning`` applied; local files only."""
+    on ``device`` with ``tuning`` applied, and its IP-Adapter if it has one; local files only."""
     import diffusers
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -99,6 +102,8 @@ def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: b
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
             pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, path, getattr(torch, dtype), allow_pickle,
                                     components)
+    if ip_adapter is not None:  # before tuning: placement and offload then cover the image encoder too
+        load_ip_adapter(pipe, ip_adapter, allow_pickle=allow_pickle)
     (tuning or Tuning()).apply(pipe, device)
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
@@ -186,6 +191,12 @@ class PipelineCache:
                     f"model {spec.id!r}: {spec.source} is a pickle checkpoint ({suffix}), which can run code when "
                     "loaded; convert it to .safetensors, or set DARKROOM_ALLOW_PICKLE_WEIGHTS=true if you trust it"
                 )
+            ip_weights = spec.ip_adapter.weights if spec.ip_adapter is not None else ""
+            if Path(ip_weights).suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+                raise ConfigurationError(
+                    f"model {spec.id!r}: IP-Adapter weights {ip_weights} are a pickle, which can run code when "
+                    "loaded; convert them to .safetensors, or set DARKROOM_ALLOW_PICKLE_WEIGHTS=true if you trust them"
+                )
 
     # -- use -------------------------------------------------------------------
     def get(self, model_id: str) -> LoadedModel:
@@ -234,9 +245,11 @@ class PipelineCache:
             raise JobError(ErrorCode.MODEL_TOO_LARGE,
                            f"model {spec.id!r} needs about {estimate} bytes; the budget is {self.budget_bytes}")
         self._make_room(estimate)
+        ip_adapter = self._ip_adapter_files(spec)
         try:
             pipeline = load_pipeline(path, self.device, dtype, allow_pickle=self.allow_pickle, components=reuse,
-                                     scheduler=spec.scheduler, config=config, tuning=self.tuning)
+                                     scheduler=spec.scheduler, config=config, tuning=self.tuning,
+                                     ip_adapter=ip_adapter)
         except (OSError, ValueError) as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r} from {spec.source}: {exc}") from exc
         for component, fp in fingerprints.items():
@@ -245,7 +258,7 @@ class PipelineCache:
         log.info("loaded model %s from %s in %.2f s (%d MB, sharing %s)", spec.id, spec.source, seconds,
                  module_bytes_all(pipeline) // 2**20, ", ".join(reuse) or "nothing")
         return LoadedModel(spec, pipeline, AdapterManager(pipeline, max_slots=self.max_adapters), path, seconds,
-                           shared=fingerprints)
+                           shared=fingerprints, weights_sha256=self._identity(path))
 
     def _local_path(self, spec: ModelSpec) -> Path:
         if not spec.is_s3:
@@ -266,6 +279,22 @@ class PipelineCache:
         if not (path / "model_index.json").is_file():
             raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: config {config} holds no model_index.json")
         return path
+
+    def _ip_adapter_files(self, spec: ModelSpec) -> IPAdapterFiles | None:
+        """The model's IP-Adapter on local disk (``s3://`` files fetched once into the host's cache)."""
+        ip = spec.ip_adapter
+        if ip is None:
+            return None
+        weights = (self._fetch(spec, lambda: self.files.fetch_file(S3Uri.parse(ip.weights)))
+                   if ip.weights.startswith("s3://") else Path(ip.weights))
+        encoder = Path(ip.image_encoder)
+        if ip.image_encoder.startswith("s3://"):
+            encoder = self._fetch(spec, lambda: self.files.fetch_tree(S3Uri.parse(ip.image_encoder.rstrip("/"),
+                                                                                  allow_empty_key=True)))
+            if not (encoder / "config.json").is_file():
+                raise JobError(ErrorCode.MODEL_NOT_FOUND, f"model {spec.id!r}: IP-Adapter image_encoder "
+                                                          f"{ip.image_encoder} holds no config.json")
+        return IPAdapterFiles(weights, encoder)
 
     @staticmethod
     def _fetch(spec: ModelSpec, fetch: Callable[[], Path]) -> Path:
@@ -288,6 +317,16 @@ class PipelineCache:
         digest = hashlib.sha256(f"{dtype}|{self.device.device}".encode())
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(file.relative_to(folder).as_posix().encode())
+            digest.update(self._file_hash(file).encode())
+        return digest.hexdigest()
+
+    def _identity(self, path: Path) -> str:
+        """What result.json names the model by: a sha256 over its files' relative paths and sha256s
+        (cached per file by size and mtime, so a model is hashed once per process)."""
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update((file.name if file == path else file.relative_to(path).as_posix()).encode())
             digest.update(self._file_hash(file).encode())
         return digest.hexdigest()
 

@@ -12,6 +12,14 @@ A TOML file (``DARKROOM_MODELS_FILE`` or ``darkroom worker --models-file``)::
     source = "s3://models/dreamy-v2.safetensors" # a single-file checkpoint (local path or s3://)
     config = "/models/sd15-config"               # a diffusers folder (or s3:// prefix) for its configs and tokenizer
 
+    [models.sd15-ip]
+    source = "/models/stable-diffusion-v1-5"
+
+    [models.sd15-ip.ip_adapter]                  # or inline: ip_adapter = { weights = ..., image_encoder = ... }
+    weights = "/models/ip-adapter/ip-adapter_sd15.safetensors"   # local or s3://
+    image_encoder = "/models/ip-adapter/image_encoder"           # a CLIPVisionModelWithProjection folder
+    scale = 0.6                                                  # optional; default 1.0
+
     [adapters.house-style]
     source = "s3://loras/house-style.safetensors"   # or a local .safetensors file
 
@@ -30,9 +38,21 @@ from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
 
 from .checkpoints import is_single_file
 
-__all__ = ["AdapterSpec", "ModelSpec", "ModelRegistry"]
+__all__ = ["AdapterSpec", "IPAdapterSpec", "ModelSpec", "ModelRegistry"]
 
-_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters", "config"}
+_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters", "config", "ip_adapter"}
+_IP_ADAPTER_KEYS = {"weights", "image_encoder", "scale"}
+MAX_IP_ADAPTER_SCALE = 2.0  # as jobs may ask (darkroom.common.jobs)
+
+
+@dataclass(frozen=True)
+class IPAdapterSpec:
+    """A model's IP-Adapter: its weights file, its CLIP image encoder folder (each local or ``s3://``) and the
+    scale jobs get unless they set ``ip_adapter_scale``."""
+
+    weights: str
+    image_encoder: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,7 @@ class ModelSpec:
     scheduler: str | None = None
     allowed_adapters: tuple[str, ...] | None = None
     config: str | None = None  # single-file checkpoints: the diffusers folder (or s3:// prefix) with their configs
+    ip_adapter: IPAdapterSpec | None = None  # loaded with the model; jobs may then send ip_adapter_image
 
     @property
     def is_s3(self) -> bool:
@@ -90,6 +111,8 @@ class ModelRegistry:
             raise ConfigurationError(
                 f"model {spec.id!r}: {spec.source} is not a diffusers model folder (no model_index.json)"
             )
+        if spec.ip_adapter is not None:
+            _check_ip_adapter(spec.id, spec.ip_adapter)
         self.models[spec.id] = spec
 
     def add_adapter(self, spec: AdapterSpec) -> None:
@@ -175,10 +198,40 @@ def _read_toml(file: Path, registry: ModelRegistry) -> None:
         if allowed is not None and not (isinstance(allowed, list) and all(isinstance(a, str) for a in allowed)):
             raise ConfigurationError(f"{file}: [models.{model_id}] adapters must be a list of ids or s3:// prefixes")
         config = _resolve(str(table["config"]), file) if "config" in table else None
+        ip_adapter = _ip_adapter(table["ip_adapter"], file, model_id) if "ip_adapter" in table else None
         registry.add(ModelSpec(
             model_id, _source(table, file, f"models.{model_id}"), table.get("dtype"), table.get("scheduler"),
-            tuple(allowed) if allowed is not None else None, config,
+            tuple(allowed) if allowed is not None else None, config, ip_adapter,
         ))
+
+
+def _ip_adapter(table: Any, file: Path, model_id: str) -> IPAdapterSpec:
+    where = f"{file}: [models.{model_id}] ip_adapter"
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{where} must be a table: {{ weights = ..., image_encoder = ..., scale = 1.0 }}")
+    bad = set(table) - _IP_ADAPTER_KEYS
+    if bad:
+        raise ConfigurationError(f"{where} has unknown keys {sorted(bad)}; allowed: {sorted(_IP_ADAPTER_KEYS)}")
+    missing = {"weights", "image_encoder"} - set(table)
+    if missing or not all(isinstance(table[k], str) for k in ("weights", "image_encoder")):
+        raise ConfigurationError(f"{where} needs 'weights' (a .safetensors file) and 'image_encoder' (a "
+                                 "CLIPVisionModelWithProjection folder), each a local path or s3:// URI")
+    scale = table.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 <= scale <= MAX_IP_ADAPTER_SCALE:
+        raise ConfigurationError(f"{where} scale={scale!r}; allowed: 0.0 <= scale <= {MAX_IP_ADAPTER_SCALE}")
+    return IPAdapterSpec(_resolve(table["weights"], file), _resolve(table["image_encoder"], file), float(scale))
+
+
+def _check_ip_adapter(model_id: str, spec: IPAdapterSpec) -> None:
+    if not is_single_file(spec.weights):
+        raise ConfigurationError(f"model {model_id!r}: IP-Adapter weights {spec.weights} is not a weights file "
+                                 "(.safetensors; .bin only with DARKROOM_ALLOW_PICKLE_WEIGHTS=true)")
+    if not spec.weights.startswith("s3://") and not Path(spec.weights).is_file():
+        raise ConfigurationError(f"model {model_id!r}: IP-Adapter weights {spec.weights} does not exist")
+    encoder = spec.image_encoder
+    if not encoder.startswith("s3://") and not (Path(encoder) / "config.json").is_file():
+        raise ConfigurationError(f"model {model_id!r}: IP-Adapter image_encoder {encoder} is not a "
+                                 "CLIPVisionModelWithProjection folder (no config.json)")
 
 
 def _check_single_file(spec: ModelSpec) -> None:

@@ -204,6 +204,7 @@ class JobRunner:
         clock = _Stopwatch(timings)
         self._check_bucket(job.image, "image")
         self._check_bucket(job.output_prefix or "", "output_prefix")
+        ip_scale = self._ip_adapter_scale(job)  # before any download: the model must have an IP-Adapter
         rules = self.ctx.screening.rules(job)
         with self.engine.preparing() as slot:  # fetch and decode while the engine runs other jobs
             with clock.time("download"):
@@ -220,10 +221,18 @@ class JobRunner:
                           for name in ("prompt_embeds", "negative_prompt_embeds")
                           if (uri := getattr(job, name)) is not None}
                 inversions = fetch_textual_inversions(self.ctx.files, job.textual_inversions)
+            ip_image = None
+            if job.ip_adapter_image is not None:
+                with clock.time("download"):
+                    ip_data = self._fetch_input(job, "ip_adapter_image")
+                with clock.time("decode"):
+                    ip_image = decode_image(ip_data, max_pixels=self.ctx.settings.max_image_pixels)
             item = WorkItem(job, image, job.seeds(), digest=pixel_digest(image) if self.latents is not None else None,
-                            textual_inversions=inversions, **embeds)
+                            textual_inversions=inversions, ip_adapter_image=ip_image, ip_adapter_scale=ip_scale,
+                            **embeds)
             fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
-            request = Request(item, batch_key(item), on_step=_ProgressReporter(self.ctx, record, fault),
+            key = batch_key(item, mixed_adapters=self.executor.mixing.allows(job.model))
+            request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fault),
                               priority=0 if job.priority is Priority.INTERACTIVE else 1)
             inference = slot.infer(request)
         for stage in ("model_load", "adapters", "inference", "batch_wait"):
@@ -242,6 +251,7 @@ class JobRunner:
             outputs=outputs,
             result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
             parameters={**job.model_dump(mode="json"), "steps_run": inference.steps_run, **inference.details,
+                        **self._ip_adapter_details(job, ip_scale),
                         "safety_policy": rules.policy.value, "safety_threshold": rules.threshold},
             input_safety=input_safety,
             timings=timings,
@@ -252,15 +262,40 @@ class JobRunner:
         )
         return self._commit(result, clock)
 
-    def _fetch_input(self, job: Img2ImgJob) -> bytes:
+    def _fetch_input(self, job: Img2ImgJob, field: str = "image") -> bytes:
+        uri = getattr(job, field)
+        label = "input" if field == "image" else field
         try:
-            return self.ctx.store.get_bytes(S3Uri.parse(job.image), max_bytes=self.ctx.settings.max_image_bytes)
+            return self.ctx.store.get_bytes(S3Uri.parse(uri), max_bytes=self.ctx.settings.max_image_bytes)
         except ObjectNotFoundError:
-            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"input {job.image} does not exist; upload it first") from None
+            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"{label} {uri} does not exist; upload it first") from None
         except ObjectTooLargeError as exc:
-            raise JobError(ErrorCode.INPUT_TOO_LARGE, str(exc)) from None
+            raise JobError(ErrorCode.INPUT_TOO_LARGE, str(exc) if field == "image" else f"{label}: {exc}") from None
         except StorageError as exc:
-            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {job.image}: {exc}") from None
+            raise JobError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {uri}: {exc}") from None
+
+    def _ip_adapter_scale(self, job: Img2ImgJob) -> float | None:
+        """The scale a job with an image prompt runs at (its own, else its model's); None without one."""
+        if job.ip_adapter_image is None:
+            return None
+        self._check_bucket(job.ip_adapter_image, "ip_adapter_image")
+        spec = self.ctx.models.registry.get(job.model)
+        if spec.ip_adapter is None:
+            with_one = sorted(m.id for m in self.ctx.models.registry if m.ip_adapter is not None)
+            raise JobError(ErrorCode.INVALID_JOB,
+                           f"ip_adapter_image needs a model with an IP-Adapter, and model {job.model!r} has none "
+                           f"configured (registry: ip_adapter = {{ weights = ..., image_encoder = ... }}); models "
+                           f"here with one: {', '.join(with_one) or 'none'}")
+        return job.ip_adapter_scale if job.ip_adapter_scale is not None else spec.ip_adapter.scale
+
+    def _ip_adapter_details(self, job: Img2ImgJob, scale: float | None) -> dict[str, Any]:
+        """What the result records of the IP-Adapter: the scale applied and the adapter's files."""
+        if scale is None:
+            return {}
+        spec = self.ctx.models.registry.get(job.model).ip_adapter
+        assert spec is not None
+        return {"ip_adapter_scale": scale, "ip_adapter_resolved": {"weights": spec.weights,
+                                                                   "image_encoder": spec.image_encoder}}
 
     def _store_outputs(self, job: Img2ImgJob, images: list[Any], seeds: list[int], verdicts: list[SafetyVerdict],
                        clock: _Stopwatch, latents: list[Any] | None = None) -> list[OutputImage]:

@@ -75,6 +75,10 @@ class WorkerSettings(Settings):
         description="Bytes of VAE encodings of inputs kept for reuse across a source's variants; 0 disables.",
     )
     max_adapters: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per model (LRU).")
+    mixed_adapters: bool = Field(
+        True, description="Batch jobs that differ only in their LoRA adapters into one call, each sample routed to "
+                          "its own adapters; false: only jobs with identical adapter sets share a call.",
+    )
     lease_seconds: float = Field(
         10.0, ge=1.0, description="Job lease lifetime; a dead worker's job is taken over about this long after."
     )

@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["build_tiny_pipeline", "make_tiny_model", "make_tiny_single_file", "is_tiny_model_dir", "VAE_SCALE_FACTOR"]
+__all__ = ["build_tiny_pipeline", "make_tiny_model", "make_tiny_single_file", "make_tiny_ip_adapter", "is_tiny_model_dir",
+           "VAE_SCALE_FACTOR"]
 
 #: Sizes shared by the text encoder and the UNet's cross-attention.
 TEXT_HIDDEN_SIZE = 32
@@ -316,10 +317,12 @@ def make_tiny_lora(
     unet: bool = True,
     text_encoder: bool = False,
     scale: float = 1.0,
+    dora: bool = False,
 ) -> Path:
     """Write a LoRA with random weights for the tiny model (UNet and/or text encoder) as ``path`` (.safetensors).
 
-    Random A *and* B (peft's ``init_lora_weights=False``), so it visibly changes outputs.
+    Random A *and* B (peft's ``init_lora_weights=False``), so it visibly changes outputs. ``dora``: a
+    weight-decomposed LoRA (DoRA, with magnitude vectors).
     """
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -338,7 +341,8 @@ def make_tiny_lora(
             if not wanted:
                 continue
             module = getattr(pipe, component)
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets[component])
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets[component],
+                                use_dora=dora)
             inject_adapter_in_model(config, module)
             state = {k: v * scale for k, v in get_peft_model_state_dict(module).items()}
             layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
@@ -348,3 +352,80 @@ def make_tiny_lora(
         str(path.parent), weight_name=path.name, safe_serialization=True, **layers
     )
     return path
+
+
+#: File and folder names :func:`make_tiny_ip_adapter` writes (the layout of h94/IP-Adapter's ``models/``).
+IP_ADAPTER_WEIGHTS = "ip-adapter_tiny.safetensors"
+IP_ADAPTER_ENCODER = "image_encoder"
+#: Side of the square images the tiny CLIP vision encoder takes (real ones: 224).
+IP_ADAPTER_IMAGE_SIZE = 32
+
+
+def _build_image_encoder(projection_dim: int) -> Any:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=projection_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IP_ADAPTER_IMAGE_SIZE,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    )
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def _ip_adapter_state(unet: Any, image_embed_dim: int, tokens: int = 4) -> dict[str, Any]:
+    """Random IP-Adapter weights for ``unet`` in the original key layout (``image_proj.*``, ``ip_adapter.N.*``).
+
+    The image projection maps one CLIP image embedding to ``tokens`` extra cross-attention tokens. Each
+    cross-attention layer (``attn2``, in ``unet.attn_processors`` order) gets a key and a value
+    projection for them; the original numbering counts every attention layer, self-attention at even
+    and cross-attention at odd indices, so the k-th cross-attention layer is ``2k + 1``.
+    """
+    import torch
+
+    cross = int(unet.config.cross_attention_dim)
+    projection = torch.nn.Linear(image_embed_dim, cross * tokens)
+    norm = torch.nn.LayerNorm(cross)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.1)
+    state = {"image_proj.proj.weight": projection.weight, "image_proj.proj.bias": projection.bias,
+             "image_proj.norm.weight": norm.weight, "image_proj.norm.bias": norm.bias}
+    cross_layers = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    modules = dict(unet.named_modules())
+    for index, name in enumerate(cross_layers):
+        attention = modules[name.removesuffix(".processor")]
+        for part in ("to_k_ip", "to_v_ip"):
+            layer = torch.nn.Linear(cross, attention.to_k.out_features, bias=False)
+            state[f"ip_adapter.{2 * index + 1}.{part}.weight"] = layer.weight
+    return {key: value.detach().contiguous() for key, value in state.items()}
+
+
+def make_tiny_ip_adapter(folder: Path, model_dir: Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """Write a random-weight IP-Adapter for the tiny model into ``folder``; return (weights file, encoder folder).
+
+    ``folder/ip-adapter_tiny.safetensors`` holds the adapter (image projection + per-layer key/value
+    projections, the layout diffusers' ``load_ip_adapter`` reads) and ``folder/image_encoder/`` a tiny
+    ``CLIPVisionModelWithProjection`` (safetensors) with its ``CLIPImageProcessor`` config. Offline and
+    deterministic: the same seed gives byte-identical files. Noise, like the tiny model itself.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor
+
+    unet = UNet2DConditionModel.from_pretrained(str(Path(model_dir) / "unet"))
+    folder = Path(folder)
+    encoder_dir = folder / IP_ADAPTER_ENCODER
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = _build_image_encoder(projection_dim=TEXT_HIDDEN_SIZE)
+        state = _ip_adapter_state(unet, image_embed_dim=TEXT_HIDDEN_SIZE)
+    encoder.save_pretrained(str(encoder_dir), safe_serialization=True)
+    CLIPImageProcessor(size=IP_ADAPTER_IMAGE_SIZE, crop_size=IP_ADAPTER_IMAGE_SIZE).save_pretrained(str(encoder_dir))
+    weights = folder / IP_ADAPTER_WEIGHTS
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return weights, encoder_dir

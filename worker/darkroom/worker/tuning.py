@@ -106,6 +106,12 @@ class Tuning:
         if self.compile and self.cpu_offload is Offload.SEQUENTIAL:
             problems.append("DARKROOM_COMPILE=true with DARKROOM_CPU_OFFLOAD=sequential: weights move in and out "
                             "of the GPU at every layer, which a compiled graph cannot hold; use model offload or none")
+        with_ip = [m.id for m in registry or () if m.ip_adapter is not None]
+        if with_ip and (self.attention is Attention.SLICING or self.fuse_qkv):
+            flag = "DARKROOM_ATTENTION=slicing" if self.attention is Attention.SLICING else "DARKROOM_FUSE_QKV=true"
+            problems.append(f"{flag} replaces every attention processor, the IP-Adapter's included, and models "
+                            f"{', '.join(with_ip)} have an IP-Adapter; use sdpa (the default) or xformers, or "
+                            "remove their ip_adapter")
         takes_adapters = [m.id for m in registry or () if m.allowed_adapters is None or m.allowed_adapters]
         for flag, why in (("fuse_qkv", "fused QKV projections bypass LoRA layers (adapters would be silently "
                                        "ignored)"),
