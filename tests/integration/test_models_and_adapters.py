@@ -44,8 +44,8 @@ def fleet_files(tmp_path_factory: pytest.TempPathFactory, settings: Settings) ->
     return {"a": a, "b": b, "lora": lora, "registry": registry}
 
 
-def spawn(services: Any, settings: Settings, name: str, *args: str) -> WorkerProcess:
-    return spawn_worker(services, settings, f"{name}-{uuid.uuid4().hex[:6]}", *args)
+def spawn(services: Any, settings: Settings, name: str, *args: str, **env: str) -> WorkerProcess:
+    return spawn_worker(services, settings, f"{name}-{uuid.uuid4().hex[:6]}", *args, **env)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,10 @@ def test_interactive_jobs_go_before_bulk_jobs(
     client.fleet.register_models([model_id])
     bulk = [client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "bulk"}) for _ in range(3)]
     interactive = client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "interactive"})
-    # When a worker for the model starts
-    worker = spawn(services, settings, "prio", "--model", f"{model_id}={fleet_files['a']}").start()
+    # When a worker for the model starts (batching off: with it, the jobs would share one call, the
+    # interactive one taking the first place; see tests/unit/test_batching.py)
+    worker = spawn(services, settings, "prio", "--model", f"{model_id}={fleet_files['a']}",
+                   DARKROOM_BATCH_MAX_IMAGES="1").start()
     try:
         first = interactive.wait(timeout=120)
         rest = [h.wait(timeout=120) for h in bulk]

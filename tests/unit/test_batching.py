@@ -89,6 +89,13 @@ def test_ready_groups_go_interactive_first_then_oldest_first() -> None:
     assert policy.choose([bulk_old, interactive], now=1.0)[0] == [interactive]
 
 
+def test_within_a_group_interactive_jobs_take_the_places_first() -> None:
+    policy = BatchPolicy(max_images=2, max_wait=0.0)
+    bulk = [request(at=0.1 * i, priority=1) for i in range(3)]
+    interactive = request(at=1.0, priority=0)
+    assert policy.choose([*bulk, interactive], now=2.0)[0] == [interactive, bulk[0]]
+
+
 def test_limits_count_images_and_pixels_and_a_big_job_still_runs_alone() -> None:
     by_images = BatchPolicy(max_images=4, max_wait=0.0)
     pending = [request(images=3, at=0.0), request(images=2, at=0.1)]

@@ -123,6 +123,46 @@ def test_after_a_mixed_call_single_jobs_are_unaffected(
     assert manager.activate_mixed(sets).combined == 0
 
 
+def conv_lora(model_dir: Path, path: Path) -> Path:
+    """A LoRA on the UNet's ResNet convolutions (and its attention), which routing hands to peft's own path."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                          requires_safety_checker=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(31)
+        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["conv1", "conv2", "to_q"])
+        inject_adapter_in_model(config, pipe.unet)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionImg2ImgPipeline.save_lora_weights(str(path.parent), weight_name=path.name,
+                                                     safe_serialization=True, unet_lora_layers=layers)
+    return path
+
+
+def test_convolution_loras_and_their_blends_are_routed_too(
+    tiny_model: Path, loras: dict[str, AdapterFile], inputs: list[Image.Image], reference: Any,
+    tmp_path: Path
+) -> None:
+    # Given a LoRA on convolutions (peft's per-sample path) alone and blended with an attention LoRA
+    conv = AdapterFile.inspect(conv_lora(tiny_model, tmp_path / "conv.safetensors"))
+    reference.load_lora_weights(str(conv.path), adapter_name="conv")
+    everything = {**loras, "conv": conv}
+    sets: list[AdapterSet] = [((conv, 1.0),), (), ((conv, 0.5), (loras["unet"], 0.8))]
+    jobs = [job(i) for i in range(len(sets))]
+    items = [WorkItem(j, image, j.seeds()) for j, image in zip(jobs, inputs[:len(sets)], strict=True)]
+    # When they run as one mixed call
+    pipe = load_pipeline(tiny_model, CPU, "float32")
+    with routed(pipe, AdapterManager(pipe).activate_mixed(sets).routes):
+        mixed = [np.asarray(images[0]).astype(int) for images in run_batch(pipe, items).images]
+    # Then each equals its single-job diffusers call within one uint8 step, and the conv LoRA does something
+    for index, adapters in enumerate(sets):
+        expected = direct(reference, everything, adapters, inputs[index], jobs[index])
+        assert np.abs(mixed[index] - expected).max() <= 1, f"job {index}"
+    assert np.abs(mixed[0] - direct(reference, everything, (), inputs[0], jobs[0])).max() > 8
+
+
 def test_a_layer_called_with_an_unexpected_batch_fails_instead_of_running_unrouted(
     tiny_model: Path, loras: dict[str, AdapterFile]
 ) -> None:

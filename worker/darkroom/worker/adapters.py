@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -36,7 +36,7 @@ from darkroom.common.errors import ErrorCode, JobError
 from .filecache import sha256_file
 
 __all__ = ["BASE", "AdapterManager", "AdapterFile", "AdapterSet", "Activation", "SlotState", "StackError",
-           "set_key", "stack_adapters"]
+           "lora_layers", "set_key", "stack_adapters"]
 
 log = logging.getLogger(__name__)
 
@@ -332,35 +332,39 @@ def stack_adapters(pipeline: Any, sources: Sequence[tuple[str, float]], name: st
     At scale 1.0 it equals the blend ``set_adapters([n1, n2], [w1, w2])`` up to float rounding.
     """
     import torch
-    from peft.tuners.lora import LoraLayer
 
     state: dict[str, Any] = {}
     with torch.no_grad():
-        for component in ("unet", "text_encoder"):
-            module = getattr(pipeline, component, None)
-            for path, layer in (module.named_modules() if module is not None else ()):
-                if not isinstance(layer, LoraLayer):
-                    continue
-                parts = [(n, w) for n, w in sources if n in layer.lora_A]
-                if not parts:
-                    continue
-                if any(n in layer.lora_variant or layer.lora_B[n].bias is not None for n, _ in parts):
-                    raise StackError(f"{component}.{path}: DoRA or LoRA-bias adapters cannot be combined")
-                a = torch.cat([layer.lora_A[n].weight for n, _ in parts], dim=0)
-                b = torch.cat([layer.lora_B[n].weight * (w * _unit_scale(layer, n)) for n, w in parts], dim=1)
-                state[f"{component}.{path}.lora_A.weight"] = a.detach().clone()
-                state[f"{component}.{path}.lora_B.weight"] = b.detach().clone()
+        for path, layer in lora_layers(pipeline):
+            parts = [(n, w) for n, w in sources if n in layer.lora_A]
+            if not parts:
+                continue
+            if any(n in layer.lora_variant or layer.lora_B[n].bias is not None for n, _ in parts):
+                raise StackError(f"{path}: DoRA or LoRA-bias adapters cannot be combined")
+            a = torch.cat([layer.lora_A[n].weight for n, _ in parts], dim=0)
+            b = torch.cat([layer.lora_B[n].weight * (w * _unit_scale(layer, n)) for n, w in parts], dim=1)
+            state[f"{path}.lora_A.weight"] = a.detach().clone()
+            state[f"{path}.lora_B.weight"] = b.detach().clone()
     if not state:
         raise StackError("the adapters have no LoRA layers to combine")
     with warnings.catch_warnings():  # a UNet-only combination makes diffusers warn about the text encoder
         warnings.simplefilter("ignore")
         pipeline.load_lora_weights(state, adapter_name=name)
     with torch.no_grad():  # fold whatever scale the loader chose into B, so scale 1.0 means exactly B A
-        for component in ("unet", "text_encoder"):
-            module = getattr(pipeline, component, None)
-            for layer in (module.modules() if module is not None else ()):
-                if isinstance(layer, LoraLayer) and name in layer.lora_B:
-                    layer.lora_B[name].weight.div_(_unit_scale(layer, name))
+        for _, layer in lora_layers(pipeline):
+            if name in layer.lora_B:
+                layer.lora_B[name].weight.div_(_unit_scale(layer, name))
+
+
+def lora_layers(pipeline: Any) -> Iterator[tuple[str, Any]]:
+    """Every peft LoRA layer of the pipeline's UNet and text encoder, with its name (``unet.down_blocks...``)."""
+    from peft.tuners.lora import LoraLayer
+
+    for component in ("unet", "text_encoder"):
+        module = getattr(pipeline, component, None)
+        for path, layer in (module.named_modules() if module is not None else ()):
+            if isinstance(layer, LoraLayer):
+                yield f"{component}.{path}", layer
 
 
 def _unit_scale(layer: Any, name: str) -> float:

@@ -108,13 +108,13 @@ class BatchPolicy:
         ``can_grow``: whether another job may still join (one is being prepared, or a task slot is free).
         """
         groups: dict[BatchKey, list[Request]] = {}
-        for request in pending:
+        for request in sorted(pending, key=lambda r: (r.priority, r.enqueued)):  # interactive fill a call first
             groups.setdefault(request.key, []).append(request)
         ready: list[tuple[int, float, list[Request]]] = []
         wake: float | None = None
         for requests in groups.values():
             take = self._fill(requests)
-            oldest = requests[0].enqueued
+            oldest = min(r.enqueued for r in requests)
             full = len(take) < len(requests) or sum(r.images for r in take) >= self.max_images
             due = now - oldest >= self.max_wait
             if full or due or not can_grow:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .adapters import AdapterManager, AdapterSet, set_key
+from .adapters import AdapterManager, AdapterSet, lora_layers, set_key
 
 __all__ = ["CallPlan", "MixedAdapters", "Routing", "describe", "routed", "split"]
 
@@ -138,25 +138,19 @@ def routed(pipeline: Any, names: Sequence[str] | None) -> Iterator[None]:
     if names is None:
         yield
         return
-    from peft.tuners.lora import LoraLayer
-
     per_sample = list(names)
     handles: list[Any] = []
     silenced: list[tuple[Any, bool]] = []
     try:
-        for component in ("unet", "text_encoder"):
-            module = getattr(pipeline, component, None)
-            for layer in (module.modules() if module is not None else ()):
-                if not isinstance(layer, LoraLayer):
-                    continue
-                stacked = _Stacked.build(layer, per_sample)
-                if stacked is None:
-                    handles.append(layer.register_forward_pre_hook(_PeftNames(per_sample), with_kwargs=True))
-                    continue
-                silenced.append((layer, layer._disable_adapters))
-                layer._disable_adapters = True  # peft runs the base layer only; the hook adds the routed LoRAs
-                if stacked.rank:
-                    handles.append(layer.register_forward_hook(stacked, with_kwargs=True))
+        for _, layer in lora_layers(pipeline):
+            stacked = _Stacked.build(layer, per_sample)
+            if stacked is None:
+                handles.append(layer.register_forward_pre_hook(_PeftNames(per_sample), with_kwargs=True))
+                continue
+            silenced.append((layer, layer._disable_adapters))
+            layer._disable_adapters = True  # peft runs the base layer only; the hook adds the routed LoRAs
+            if stacked.rank:
+                handles.append(layer.register_forward_hook(stacked, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -208,18 +202,19 @@ class _Stacked:
         if not isinstance(layer, Linear) or layer.fan_in_fan_out or any(
                 n in layer.lora_variant or layer.lora_B[n].bias is not None for n in present):
             return None
+        lora: Any = layer
         if not present:
             empty = torch.zeros((0, 0))
             return cls(empty, empty, empty)
         with torch.no_grad():
-            a = torch.cat([layer.lora_A[n].weight for n in present])
-            b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in present], dim=1)
+            a = torch.cat([lora.lora_A[n].weight for n in present])
+            b = torch.cat([lora.lora_B[n].weight * lora.scaling[n] for n in present], dim=1)
             mask = torch.zeros((len(names), a.shape[0]), dtype=a.dtype, device=a.device)
             start = 0
             blocks = {}
             for n in present:
-                blocks[n] = (start, start + layer.r[n])
-                start += layer.r[n]
+                blocks[n] = (start, start + lora.r[n])
+                start += lora.r[n]
             for row, n in enumerate(names):
                 if n in blocks:
                     mask[row, blocks[n][0]:blocks[n][1]] = 1
@@ -228,7 +223,7 @@ class _Stacked:
     def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         import torch.nn.functional as F  # noqa: N812
 
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        x: Any = args[0] if args else kwargs.get("x", kwargs.get("input"))
         rows = _rows(x, self.mask.shape[0])
         mask = self._masks.get(rows)
         if mask is None:
