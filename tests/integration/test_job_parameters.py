@@ -93,10 +93,12 @@ def test_every_scheduler_matches_diffusers(client: Client, worker: WorkerProcess
         ({"clip_skip": 1}, {"clip_skip": None}),
         ({"scheduler": "euler", "timesteps": [950, 700, 400, 150]}, {"timesteps": [950, 600, 400, 150]}),
         ({"scheduler": "dpmpp_2m", "timesteps": [900, 650, 300, 100]}, {"timesteps": [900, 650, 350, 100]}),
+        ({"scheduler": "euler", "sigmas": [14.0, 7.0, 3.0, 1.0]}, {"sigmas": [14.0, 6.0, 3.0, 1.0]}),
         ({"num_images_per_prompt": 2, "seed": [5, 99], "prompt": ["a red boat", "a green tree"],
           "negative_prompt": ["fog", "rain"]}, {"seed": [5, 100]}),
     ],
-    ids=["ddim-eta", "clip-skip", "euler-timesteps", "dpmpp_2m-timesteps", "per-image-lists"],
+    ids=["ddim-eta", "clip-skip", "euler-timesteps", "dpmpp_2m-timesteps", "euler-sigmas",
+         "per-image-lists"],
 )
 def test_each_parameter_matches_diffusers(client: Client, worker: WorkerProcess, direct: Any,
                                           extra: dict[str, Any], changed: dict[str, Any]) -> None:

@@ -6,8 +6,14 @@ import pytest
 
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.jobs import validate_job
-from darkroom.common.schedulers import ACCEPTS_ETA, ACCEPTS_TIMESTEPS, SchedulerName
-from darkroom.worker.schedulers import SchedulerSwitch, accepts_eta, accepts_timesteps, build_scheduler
+from darkroom.common.schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
+from darkroom.worker.schedulers import (
+    SchedulerSwitch,
+    accepts_eta,
+    accepts_sigmas,
+    accepts_timesteps,
+    build_scheduler,
+)
 
 BASE = {"model": "tiny", "image": "s3://darkroom/inputs/cat.png", "prompt": "a cat"}
 
@@ -31,6 +37,9 @@ def refused(**fields: object) -> InvalidJobError:
         ({"timesteps": [900, 500], "scheduler": "ddim"}, "timesteps", "timesteps only with scheduler dpmpp_2m, euler, lcm"),
         ({"timesteps": [900, 500], "scheduler": "dpmpp_2m_karras"}, "timesteps", "timesteps only with scheduler"),
         ({"timesteps": [900], "strength": 0.5, "scheduler": "euler"}, "timesteps", "int(len(timesteps) * strength) >= 1"),
+        ({"sigmas": [3.0, 5.0], "scheduler": "euler"}, "sigmas", "strictly descending numbers"),
+        ({"sigmas": [5.0, 3.0], "scheduler": "ddim"}, "sigmas", "sigmas only with scheduler euler"),
+        ({"sigmas": [5.0, 3.0], "timesteps": [900, 500], "scheduler": "euler"}, "sigmas", "one of timesteps and sigmas"),
         ({"seed": [1, 2, 3], "num_images_per_prompt": 2}, "seed", "len(seed) == num_images_per_prompt (2)"),
         ({"seed": [1, -2], "num_images_per_prompt": 2}, "seed.1", "0 <= seed <="),
         ({"prompt": ["a", "b"]}, "prompt", "len(prompt) == num_images_per_prompt (1)"),
@@ -65,6 +74,7 @@ def test_submit_time_capabilities_match_diffusers(name: SchedulerName, tiny_mode
     scheduler = build_scheduler(name, PNDMScheduler.from_pretrained(f"{tiny_model}/scheduler").config)
     assert accepts_eta(scheduler) is (name in ACCEPTS_ETA)
     assert accepts_timesteps(scheduler) is (name in ACCEPTS_TIMESTEPS)
+    assert accepts_sigmas(scheduler) is (name in ACCEPTS_SIGMAS)
 
 
 def test_the_switch_builds_each_scheduler_once_and_restores_the_default(tiny_model: object) -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from .errors import FieldError, InvalidJobError
 from .events import EventType
 from .safety import SafetyPolicy
-from .schedulers import ACCEPTS_ETA, ACCEPTS_TIMESTEPS, SchedulerName
+from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import S3Uri
 
 __all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
@@ -239,6 +239,13 @@ class Img2ImgJob(BaseModel):
                                       f"scheduler one of {', '.join(sorted(ACCEPTS_TIMESTEPS))} (or a model "
                                       "default that takes timesteps)"},
     )
+    sigmas: Annotated[list[Annotated[float, Gt(0.0), Le(1000.0)]], MinLen(1), MaxLen(1000)] | None = Field(
+        None, description="Explicit noise levels instead of num_inference_steps (euler); "
+                          "int(len(sigmas) * strength) of them run.",
+        json_schema_extra={"allowed": f"strictly descending numbers in (0, 1000], 1..1000 of them; not with "
+                                      f"timesteps; scheduler one of {', '.join(sorted(ACCEPTS_SIGMAS))} (or a model "
+                                      "default that takes sigmas)"},
+    )
     adapters: Annotated[list[AdapterRef], MaxLen(MAX_ADAPTERS)] = Field(
         default_factory=list, description="LoRA adapters with weights (several blend); none = the base model."
     )
@@ -355,6 +362,15 @@ class Img2ImgJob(BaseModel):
             raise ValueError("must be an http(s):// URL")
         return v
 
+    @field_validator("sigmas")
+    @classmethod
+    def _descending_sigmas(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            for i, (a, b) in enumerate(zip(v, v[1:], strict=False)):
+                if a <= b:
+                    raise ValueError(f"must be strictly descending, but sigmas[{i}]={a} <= sigmas[{i + 1}]={b}")
+        return v
+
     @field_validator("timesteps")
     @classmethod
     def _descending(cls, v: list[int] | None) -> list[int] | None:
@@ -374,11 +390,17 @@ class Img2ImgJob(BaseModel):
 
     @model_validator(mode="after")
     def _runs_at_least_one_step(self) -> Self:
+        if self.timesteps is not None and self.sigmas is not None:
+            raise CrossFieldError("sigmas", self.sigmas, "timesteps are given as well",
+                                  "one of timesteps and sigmas")
+        if self.sigmas and self.steps_to_run < 1:
+            raise CrossFieldError("sigmas", self.sigmas, f"with strength {self.strength} no step runs",
+                                  "int(len(sigmas) * strength) >= 1")
         if self.timesteps and self.steps_to_run < 1:
             raise CrossFieldError("timesteps", self.timesteps,
                                   f"with strength {self.strength} no timestep runs",
                                   "int(len(timesteps) * strength) >= 1")
-        if not self.timesteps and int(self.num_inference_steps * self.strength) < 1:
+        if not self.timesteps and not self.sigmas and int(self.num_inference_steps * self.strength) < 1:
             raise ValueError(
                 f"strength × num_inference_steps = {self.strength} × {self.num_inference_steps} "
                 "runs no denoising step; raise strength or num_inference_steps so that "
@@ -433,6 +455,10 @@ class Img2ImgJob(BaseModel):
         if self.eta is not None and self.scheduler not in ACCEPTS_ETA:
             raise CrossFieldError("eta", self.eta, f"scheduler {self.scheduler.value} ignores eta",
                                   f"eta only with scheduler {', '.join(sorted(ACCEPTS_ETA))}")
+        if self.sigmas is not None and self.scheduler not in ACCEPTS_SIGMAS:
+            raise CrossFieldError("sigmas", self.sigmas,
+                                  f"scheduler {self.scheduler.value} does not accept explicit sigmas",
+                                  f"sigmas only with scheduler {', '.join(sorted(ACCEPTS_SIGMAS))}")
         if self.timesteps is not None and self.scheduler not in ACCEPTS_TIMESTEPS:
             raise CrossFieldError("timesteps", self.timesteps,
                                   f"scheduler {self.scheduler.value} does not accept explicit timesteps",
@@ -455,8 +481,9 @@ class Img2ImgJob(BaseModel):
     @property
     def steps_to_run(self) -> int:
         """Denoising steps diffusers actually runs: ``int(num_inference_steps * strength)``
-        (``len(timesteps)`` in place of ``num_inference_steps`` when timesteps are given)."""
-        steps = len(self.timesteps) if self.timesteps else self.num_inference_steps
+        (``len(timesteps)`` or ``len(sigmas)`` in place of ``num_inference_steps`` when given)."""
+        explicit = self.timesteps or self.sigmas
+        steps = len(explicit) if explicit else self.num_inference_steps
         return int(steps * self.strength)
 
     def seeds(self) -> list[int]:

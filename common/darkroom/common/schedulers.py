@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["SchedulerName", "SCHEDULER_CLASSES", "ACCEPTS_ETA", "ACCEPTS_TIMESTEPS"]
+__all__ = ["SchedulerName", "SCHEDULER_CLASSES", "ACCEPTS_ETA", "ACCEPTS_TIMESTEPS", "ACCEPTS_SIGMAS"]
 
 
 class SchedulerName(StrEnum):
@@ -48,3 +48,7 @@ ACCEPTS_ETA = frozenset({SchedulerName.DDIM})
 
 #: Schedulers whose ``set_timesteps`` takes explicit ``timesteps`` (Karras sigmas refuse them).
 ACCEPTS_TIMESTEPS = frozenset({SchedulerName.EULER, SchedulerName.DPMPP_2M, SchedulerName.LCM})
+
+#: Schedulers whose ``set_timesteps`` takes explicit ``sigmas`` (UniPC only with flow-matching sigmas, which
+#: Stable Diffusion's configs do not use).
+ACCEPTS_SIGMAS = frozenset({SchedulerName.EULER})

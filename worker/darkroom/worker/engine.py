@@ -19,7 +19,7 @@ from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.schedulers import SchedulerName
 
 from .ip_adapter import ip_adapter_inputs
-from .schedulers import accepts_eta, accepts_timesteps
+from .schedulers import accepts_eta, accepts_sigmas, accepts_timesteps
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -81,6 +81,7 @@ class BatchKey:
     eta: float | None = None
     clip_skip: int | None = None
     timesteps: tuple[int, ...] | None = None
+    sigmas: tuple[float, ...] | None = None
     adapters: tuple[tuple[str, float], ...] = ()
     embeds: tuple[int, int, bool] | None = None  # (tokens, hidden, negative?) of prompt_embeds jobs
     textual_inversions: tuple[tuple[str, str], ...] = ()  # (token, sha256)
@@ -105,6 +106,7 @@ def batch_key(item: WorkItem, *, mixed_adapters: bool = False) -> BatchKey:
     job = item.job
     return BatchKey(job.model, job.num_inference_steps, job.steps_to_run, job.guidance_scale, item.image.size,
                     job.scheduler, job.eta, job.clip_skip, None if job.timesteps is None else tuple(job.timesteps),
+                    None if job.sigmas is None else tuple(job.sigmas),
                     () if mixed_adapters else tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
                     tuple((e.token, e.sha256) for e in item.textual_inversions),
                     None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2),
@@ -121,11 +123,14 @@ def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
     config = getattr(scheduler, "config", None)
     train = int(getattr(config, "num_train_timesteps", 0) or 0)
     offset = int(getattr(config, "steps_offset", 0) or 0)
-    if (job.timesteps is None and train and getattr(config, "timestep_spacing", "leading") == "leading"
+    if (job.timesteps is None and job.sigmas is None and train and getattr(config, "timestep_spacing", "leading") == "leading"
             and job.num_inference_steps > train - offset):  # diffusers would index past its noise schedule
         raise JobError(ErrorCode.INVALID_JOB, f"num_inference_steps={job.num_inference_steps} is more than {name} "
                                               f"can run on this model ({train} training timesteps, steps_offset "
                                               f"{offset}): 1 <= num_inference_steps <= {train - offset}")
+    if job.sigmas is not None and not accepts_sigmas(scheduler):
+        raise JobError(ErrorCode.INVALID_JOB, f"sigmas={job.sigmas} needs a scheduler that accepts explicit sigmas "
+                                              f"(euler); this job runs {name}")
     if job.timesteps is not None and not accepts_timesteps(scheduler):
         raise JobError(ErrorCode.INVALID_JOB, f"timesteps={job.timesteps} needs a scheduler that accepts "
                                               f"explicit timesteps (euler, dpmpp_2m, lcm); this job runs {name}")
@@ -158,6 +163,8 @@ def _call_options(job: Img2ImgJob, scheduler: Any) -> dict[str, Any]:
         options["clip_skip"] = job.clip_skip
     if job.timesteps is not None:
         options["timesteps"] = list(job.timesteps)
+    if job.sigmas is not None:
+        options["sigmas"] = list(job.sigmas)
     return options
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from darkroom.common.errors import ErrorCode, JobError
 from darkroom.common.schedulers import SCHEDULER_CLASSES, SchedulerName
 
-__all__ = ["SchedulerSwitch", "build_scheduler", "accepts_eta", "accepts_timesteps"]
+__all__ = ["SchedulerSwitch", "build_scheduler", "accepts_eta", "accepts_sigmas", "accepts_timesteps"]
 
 _SIGMA_SCHEDULES = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
 
@@ -40,6 +40,14 @@ def accepts_timesteps(scheduler: Any) -> bool:
         return False
     config = getattr(scheduler, "config", {})
     return not any(bool(config.get(flag, False)) for flag in _SIGMA_SCHEDULES)
+
+
+def accepts_sigmas(scheduler: Any) -> bool:
+    """Whether ``scheduler.set_timesteps`` takes explicit ``sigmas`` with this scheduler's config."""
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        return False
+    config = getattr(scheduler, "config", {})
+    return type(scheduler).__name__ != "UniPCMultistepScheduler" or bool(config.get("use_flow_sigmas", False))
 
 
 class SchedulerSwitch:
