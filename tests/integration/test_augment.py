@@ -37,13 +37,14 @@ from .conftest import spawn_worker
 pytestmark = pytest.mark.integration
 
 DARKROOM = str(Path(sys.executable).with_name("darkroom"))
+MODEL = "tiny-augment"  # served by this module's worker only (no safety checker: the fastest jobs)
 QUICK = ["--set", "num_inference_steps=2", "--set", "guidance_scale=1.0"]  # one denoising step, no CFG
 
 
 @pytest.fixture(scope="module")
 def quick_worker(services: object, settings: Settings, tiny_model: Path) -> Iterator[WorkerProcess]:
     """A worker serving the tiny model without a safety checker (the fastest jobs the worker can run)."""
-    process = spawn_worker(services, settings, f"augment-{uuid.uuid4().hex[:6]}", "--model", f"tiny={tiny_model}",
+    process = spawn_worker(services, settings, f"augment-{uuid.uuid4().hex[:6]}", "--model", f"{MODEL}={tiny_model}",
                            DARKROOM_SAFETY_CHECKER="none").start(timeout=120)
     try:
         yield process
@@ -75,11 +76,11 @@ def test_a_run_killed_midway_and_resumed_makes_every_cell_exactly_once(
     for i, image in enumerate(source_images(10)):
         image.save(folder / f"photo-{i:02d}.png")
     output = f"s3://darkroom/augment-{uuid.uuid4().hex[:8]}"
-    command = [DARKROOM, "augment", "--model", "tiny", "--source", str(folder), "--output", output,
+    command = [DARKROOM, "augment", "--model", MODEL, "--source", str(folder), "--output", output,
                "--prompt", "{stem}, watercolor", "--prompt", "{stem} at night", "--strength", "0.5,0.75",
                "--seed", "0-4", "--window", "16", *QUICK]
     env = cli_env(services, settings)
-    spec = AugmentSpec.build({"model": "tiny", "sources": str(folder), "output_prefix": output,
+    spec = AugmentSpec.build({"model": MODEL, "sources": str(folder), "output_prefix": output,
                               "prompts": ["{stem}, watercolor", "{stem} at night"], "strengths": [0.5, 0.75],
                               "seeds": [0, 1, 2, 3, 4], "fields": {"num_inference_steps": 2, "guidance_scale": 1.0}})
     board = augment_run_key(spec.run_id)
@@ -161,7 +162,7 @@ def test_failed_cells_are_reported_and_resubmitted_on_the_next_run(
     for i, image in enumerate(source_images(2)):
         client.upload(png_bytes(image), f"{sources}/ok-{i}.png")
     client.upload(b"not an image at all", f"{sources}/broken.png")
-    spec = AugmentSpec.build({"model": "tiny", "sources": sources + "/", "output_prefix": sources + "-out",
+    spec = AugmentSpec.build({"model": MODEL, "sources": sources + "/", "output_prefix": sources + "-out",
                               "prompts": ["a boat"], "strengths": [0.5], "seeds": [3],
                               "fields": {"num_inference_steps": 2}})
 

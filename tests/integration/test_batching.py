@@ -23,13 +23,14 @@ from .test_walking_skeleton import fetch_image
 pytestmark = pytest.mark.integration
 
 MAX_WAIT_S = 3.0
-COMMON: dict[str, Any] = {"model": "tiny", "strength": 0.75, "num_inference_steps": 4, "guidance_scale": 6.0}
+MODEL = "tiny-batching"  # served by this module's worker only: the session's worker must not take its jobs
+COMMON: dict[str, Any] = {"model": MODEL, "strength": 0.75, "num_inference_steps": 4, "guidance_scale": 6.0}
 
 
 @pytest.fixture(scope="module")
 def batching_worker(services: object, settings: Settings, tiny_model: Path) -> Iterator[WorkerProcess]:
     """A worker that batches up to 4 images and waits up to 3 s for a batch to fill."""
-    process = spawn_worker(services, settings, f"batch-{uuid.uuid4().hex[:6]}", "--model", f"tiny={tiny_model}",
+    process = spawn_worker(services, settings, f"batch-{uuid.uuid4().hex[:6]}", "--model", f"{MODEL}={tiny_model}",
                            DARKROOM_BATCH_MAX_IMAGES="4", DARKROOM_BATCH_MAX_WAIT_MS=str(int(MAX_WAIT_S * 1000)),
                            DARKROOM_SAFETY_CHECKER="none", DARKROOM_FAULT_INJECTION="true").start(timeout=120)
     try:

@@ -24,7 +24,8 @@ from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration
 
-COMMON: dict[str, Any] = {"model": "tiny", "strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}
+MODEL = "tiny-mixing"  # served by this module's worker only: the session's worker must not take its jobs
+COMMON: dict[str, Any] = {"model": MODEL, "strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}
 WORKER_ENV = {"DARKROOM_BATCH_MAX_IMAGES": "8", "DARKROOM_BATCH_MAX_WAIT_MS": "3000",
               "DARKROOM_SAFETY_CHECKER": "none", "DARKROOM_METRICS_PORT": "0"}
 
@@ -58,7 +59,7 @@ def worker(services: object, settings: Settings, model: str, tiny_model: Path, *
 
 @pytest.fixture(scope="module")
 def mixing_worker(services: object, settings: Settings, tiny_model: Path) -> Iterator[WorkerProcess]:
-    process = worker(services, settings, "tiny", tiny_model)  # DARKROOM_MIXED_ADAPTERS is on by default
+    process = worker(services, settings, MODEL, tiny_model)  # DARKROOM_MIXED_ADAPTERS is on by default
     try:
         yield process
     finally:
