@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import settings_for
+
 from darkroom.common.queues import broker_list, cold_queue
-from darkroom.common.settings import Settings
 from darkroom.producer.augment import Augmentation, AugmentSpec, Progress, Source, expand
 from darkroom.producer.client import Client
 from darkroom.producer.embedded import EmbeddedServices
@@ -68,13 +69,6 @@ class Clock:
         if progress.submitted >= self.total and "sent" not in self.marks:
             self.marks["sent"] = time.perf_counter() - self.started
             self.stop.set()
-
-
-def settings_for(endpoints: Any, state_dir: Path) -> Settings:
-    env = endpoints.as_env()
-    return Settings(state_dir=state_dir, redis_url=env["DARKROOM_REDIS_URL"],
-                    s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"], s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
-                    s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"], s3_region=env["DARKROOM_S3_REGION"])
 
 
 def one_run(client: Client, args: argparse.Namespace, sources: str, index: int) -> tuple[float, float]:

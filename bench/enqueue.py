@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import settings_for
+
 from darkroom.common.queues import PRIORITY_STEPS, TASK_IMG2IMG, broker_list, celery_config, cold_queue
-from darkroom.common.settings import Settings
 from darkroom.producer.client import Client
 from darkroom.producer.embedded import EmbeddedServices
 
@@ -74,13 +75,6 @@ def measure(client: Client, label: str, count: int, run: Callable[[list[dict[str
     assert queued_messages(client, model) == count, f"{label}: broker lists do not hold {count} messages"
     client.jobs.redis.flushdb()
     return f"{count} jobs in {seconds:.2f} s", count / seconds
-
-
-def settings_for(endpoints: Any, state_dir: Path) -> Settings:
-    env = endpoints.as_env()
-    return Settings(state_dir=state_dir, redis_url=env["DARKROOM_REDIS_URL"],
-                    s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"], s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
-                    s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"], s3_region=env["DARKROOM_S3_REGION"])
 
 
 def main() -> None:

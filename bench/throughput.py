@@ -107,7 +107,6 @@ def _sync(device: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from _models import make_model
 
-    from darkroom.common.settings import Settings
     from darkroom.producer.client import Client
     from darkroom.producer.embedded import EmbeddedServices
 
@@ -118,12 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         services = EmbeddedServices(tmp / "services")
         endpoints = services.up(timeout=60)
         try:
-            env = endpoints.as_env()
-            settings = Settings(state_dir=tmp / "state", redis_url=env["DARKROOM_REDIS_URL"],
-                                s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"],
-                                s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
-                                s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"],
-                                s3_region=env["DARKROOM_S3_REGION"])
+            settings = _common.settings_for(endpoints, tmp / "state")
             model = make_model(tmp / "model", full_size=args.full_size, device=args.device)
             with Client(settings) as client:
                 jobs = make_jobs(client, args, tmp / "inputs")
