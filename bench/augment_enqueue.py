@@ -20,19 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import settings_for
+from _common import embedded_services
 
 from darkroom.common.queues import broker_list, cold_queue
 from darkroom.producer.augment import Augmentation, AugmentSpec, Progress, Source, expand
 from darkroom.producer.client import Client
-from darkroom.producer.embedded import EmbeddedServices
 
 TARGET = 2000.0
 MODEL = "bench-augment"
@@ -94,20 +92,14 @@ def main() -> None:
     args = parser.parse_args()
     total = args.sources * args.prompts * args.strengths * args.seeds
 
-    with tempfile.TemporaryDirectory() as tmp:
-        print("starting embedded Redis and S3 ...", file=sys.stderr)
-        services = EmbeddedServices(Path(tmp) / "services")
-        endpoints = services.up(timeout=60)
-        try:
-            with Client(settings_for(endpoints, Path(tmp))) as client:
-                prefix = "s3://darkroom/bench-sources"
-                for i in range(args.sources):
-                    client.upload(f"image {i}".encode(), f"{prefix}/{i:05d}.png")
-                spec = spec_for(args, prefix + "/", "s3://darkroom/bench-augment", MODEL)
-                cells, expand_rate = expansion_rate(spec, args.sources)
-                runs = [one_run(client, args, prefix + "/", i) for i in range(args.repeat)]
-        finally:
-            services.down()
+    with tempfile.TemporaryDirectory() as tmp, embedded_services(Path(tmp)) as (_, settings), \
+            Client(settings) as client:
+        prefix = "s3://darkroom/bench-sources"
+        for i in range(args.sources):
+            client.upload(f"image {i}".encode(), f"{prefix}/{i:05d}.png")
+        spec = spec_for(args, prefix + "/", "s3://darkroom/bench-augment", MODEL)
+        cells, expand_rate = expansion_rate(spec, args.sources)
+        runs = [one_run(client, args, prefix + "/", i) for i in range(args.repeat)]
 
     planned, sent = (statistics.median(x) for x in zip(*runs, strict=True))
     best = min(s for _, s in runs)

@@ -16,18 +16,16 @@ the run checks that the broker lists hold one message per job. Target: submit_ma
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import settings_for
+from _common import embedded_services
 
 from darkroom.common.queues import PRIORITY_STEPS, TASK_IMG2IMG, broker_list, celery_config, cold_queue
 from darkroom.producer.client import Client
-from darkroom.producer.embedded import EmbeddedServices
 
 TARGET = 3000.0
 
@@ -85,18 +83,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=500, help="jobs per round trip in submit_many")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        print("starting embedded Redis and S3 ...", file=sys.stderr)
-        services = EmbeddedServices(Path(tmp) / "services")
-        endpoints = services.up(timeout=60)
-        try:
-            with Client(settings_for(endpoints, Path(tmp))) as client:
-                many = measure(client, "many", args.jobs, lambda jobs: client.submit_many(jobs, chunk=args.chunk))
-                single = measure(client, "single", args.single, lambda jobs: [client.submit(j) for j in jobs])
-                celery = measure(client, "celery", args.celery, lambda jobs: celery_loop(client, jobs)) \
-                    if args.celery else None
-        finally:
-            services.down()
+    with tempfile.TemporaryDirectory() as tmp, embedded_services(Path(tmp)) as (_, settings), \
+            Client(settings) as client:
+        many = measure(client, "many", args.jobs, lambda jobs: client.submit_many(jobs, chunk=args.chunk))
+        single = measure(client, "single", args.single, lambda jobs: [client.submit(j) for j in jobs])
+        celery = measure(client, "celery", args.celery, lambda jobs: celery_loop(client, jobs)) \
+            if args.celery else None
 
     rows = [
         ("submit_many", f"{many[1]:8,.0f} jobs/s   ({many[0]}, chunks of {args.chunk})"),

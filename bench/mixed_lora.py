@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (quiets libraries before they load)
+import _common  # quiets libraries before they load; shared helpers
 from _common import table
 
 TARGETS = {"c/a": 1.8, "c/b": 1.3}
@@ -61,24 +61,14 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from darkroom.common.settings import Settings
     from darkroom.producer.client import Client
-    from darkroom.producer.embedded import EmbeddedServices
     from darkroom.worker.tiny import make_tiny_lora, make_tiny_model
 
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        print(f"starting embedded Redis and S3, building the model and {args.adapters} LoRAs ...", file=sys.stderr)
-        services = EmbeddedServices(tmp / "services")
-        endpoints = services.up(timeout=60)
-        try:
-            env = endpoints.as_env()
-            settings = Settings(state_dir=tmp / "state", redis_url=env["DARKROOM_REDIS_URL"],
-                                s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"],
-                                s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
-                                s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"],
-                                s3_region=env["DARKROOM_S3_REGION"])
+        with _common.embedded_services(tmp) as (endpoints, settings):
+            print(f"building the model and {args.adapters} LoRAs ...", file=sys.stderr)
             model = make_tiny_model(tmp / "model")
             with Client(settings) as client:
                 loras = [client.upload(make_tiny_lora(model, tmp / f"lora{i}.safetensors", seed=100 + i,
@@ -96,8 +86,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                     measured[label] = run_variant(args, client, endpoints, model, jobs, warmup, extra, tmp)
                     rate = len(jobs) / measured[label]["seconds"]
                     print(f"{NAMES[label]}: {rate:.2f} images/s", file=sys.stderr)
-        finally:
-            services.down()
     return measured
 
 
@@ -145,21 +133,13 @@ def run_variant(args: argparse.Namespace, client: Any, endpoints: Any, model: Pa
         seconds = time.perf_counter() - started
         calls = [r.parameters.get("batch", {}).get("jobs", 1) for r in results]
         return {
-            "seconds": seconds, "peak_rss": _vm_hwm(worker.pid), "mean_call_jobs": sum(calls) / len(calls),
+            "seconds": seconds, "peak_rss": _common.peak_rss_bytes(worker.pid), "mean_call_jobs": sum(calls) / len(calls),
             "routing": dict(collections.Counter(r.parameters.get("adapter_routing", "?") for r in results)),
             **{f"mean_{stage}": sum(getattr(r.timings, stage) for r in results) / len(results)
                for stage in ("batch_wait", "adapters", "inference", "encode", "upload")},
         }
     finally:
         worker.stop()
-
-
-def _vm_hwm(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0.0
 
 
 def rows(args: argparse.Namespace, measured: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -174,12 +154,7 @@ def rows(args: argparse.Namespace, measured: dict[str, dict[str, Any]]) -> list[
                                   f"jobs ({routing}); per job: inference {value['mean_inference']:.3f} s, "
                                   f"adapters {value['mean_adapters'] * 1000:.1f} ms, batch wait "
                                   f"{value['mean_batch_wait']:.3f} s)"))
-    for ratio, (top, bottom) in {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a")}.items():
-        if top in rate and bottom in rate:
-            value = rate[top] / rate[bottom]
-            target = TARGETS.get(ratio)
-            verdict = "" if target is None else f"   target >= {target}: {'met' if value >= target else 'NOT met'}"
-            out.append((ratio, f"{value:.3f}{verdict}"))
+    out += _common.ratio_rows(rate, {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a")}, TARGETS)
     return out
 
 

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (quiets libraries before they load)
+import _common  # quiets libraries before they load; shared helpers
 from _common import table
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -108,16 +108,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from _models import make_model
 
     from darkroom.producer.client import Client
-    from darkroom.producer.embedded import EmbeddedServices
 
     measured: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        print("starting embedded Redis and S3, building the model ...", file=sys.stderr)
-        services = EmbeddedServices(tmp / "services")
-        endpoints = services.up(timeout=60)
-        try:
-            settings = _common.settings_for(endpoints, tmp / "state")
+        with _common.embedded_services(tmp) as (endpoints, settings):
+            print("building the model ...", file=sys.stderr)
             model = make_model(tmp / "model", full_size=args.full_size, device=args.device)
             with Client(settings) as client:
                 jobs = make_jobs(client, args, tmp / "inputs")
@@ -131,8 +127,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if label not in args.skip:
                         measured[label] = run_darkroom(args, client, endpoints, model, jobs, batch, tmp)
                         report_line(label, measured[label], len(jobs))
-        finally:
-            services.down()
     return {"rows": rows(args, measured, len(jobs)), "measured": measured}
 
 
@@ -189,7 +183,7 @@ def run_naive(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]],
         for result in [send(job) for job in jobs]:
             result.get(timeout=3600)
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "peak_rss": _vm_hwm(proc.pid)}
+        return {"seconds": seconds, "peak_rss": _common.peak_rss_bytes(proc.pid)}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -223,18 +217,10 @@ def run_darkroom(args: argparse.Namespace, client: Any, endpoints: Any, model: P
         batch_sizes = [r.parameters.get("batch", {}).get("jobs", 1) for r in results]
         stages = {stage: sum(getattr(r.timings, stage) for r in results) / len(results)
                   for stage in ("download", "decode", "batch_wait", "inference", "encode", "upload")}
-        return {"seconds": seconds, "peak_rss": _vm_hwm(worker.pid),
+        return {"seconds": seconds, "peak_rss": _common.peak_rss_bytes(worker.pid),
                 "mean_batch": sum(batch_sizes) / len(batch_sizes), **{f"mean_{k}": v for k, v in stages.items()}}
     finally:
         worker.stop()
-
-
-def _vm_hwm(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0.0
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -260,12 +246,7 @@ def rows(args: argparse.Namespace, measured: dict[str, dict[str, float]], jobs: 
                      f"{value['mean_encode'] + value['mean_upload']:.3f} s")
         out.append((NAMES[label], f"{rate[label]:7.2f} images/s  ({value['seconds']:.2f} s, peak RSS "
                                   f"{value['peak_rss'] / 2**20:,.0f} MiB{extra})"))
-    for ratio, (top, bottom) in {"c/a": ("c", "a"), "d/a": ("d", "a"), "a/b": ("a", "b")}.items():
-        if top in rate and bottom in rate:
-            value = rate[top] / rate[bottom]
-            target = TARGETS.get(ratio)
-            verdict = "" if target is None else f"   target >= {target}: {'met' if value >= target else 'NOT met'}"
-            out.append((ratio, f"{value:.3f}{verdict}"))
+    out += _common.ratio_rows(rate, {"c/a": ("c", "a"), "d/a": ("d", "a"), "a/b": ("a", "b")}, TARGETS)
     return out
 
 
