@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,17 @@ def spawn_worker(services: object, settings: Settings, name: str, *args: str, st
     full = {**services.as_env(), "DARKROOM_STATE_DIR": str(state), **env}  # type: ignore[attr-defined]
     return WorkerProcess(name, list(args), env=full, redis_url=full["DARKROOM_REDIS_URL"],
                          log_path=state / "logs" / f"{name}.log")
+
+
+def plain_pipeline(model_dir: Path) -> Any:
+    """diffusers' own img2img pipeline for ``model_dir``, loaded the way a diffusers user would (the reference
+    that worker outputs are compared with)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def start_worker(services: object, settings: Settings, tiny_model: Path, *extra: str) -> WorkerProcess:

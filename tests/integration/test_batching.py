@@ -17,7 +17,7 @@ from darkroom.producer import Client, JobFailed
 from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
-from .conftest import spawn_worker
+from .conftest import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration
@@ -41,12 +41,7 @@ def batching_worker(services: object, settings: Settings, tiny_model: Path) -> I
 
 @pytest.fixture(scope="module")
 def direct(tiny_model: Path) -> Any:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return plain_pipeline(tiny_model)
 
 
 def distinct_inputs(client: Client, count: int) -> list[tuple[str, Image.Image]]:

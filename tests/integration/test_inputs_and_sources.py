@@ -27,7 +27,7 @@ from darkroom.worker.process import WorkerProcess
 from darkroom.worker.tiny import make_tiny_single_file
 
 from ..conftest import png_bytes
-from .conftest import spawn_worker
+from .conftest import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration
@@ -37,11 +37,7 @@ PARAMS: dict[str, Any] = {"prompt": "a lighthouse at dusk", "strength": 0.7, "nu
 
 
 def diffusers_pipe(tiny_model: Path, setup: Any = None) -> Any:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = plain_pipeline(tiny_model)
     if setup is not None:
         setup(pipe)
     return pipe

@@ -21,7 +21,7 @@ from darkroom.worker.process import WorkerProcess
 from darkroom.worker.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 
 from ..conftest import png_bytes
-from .conftest import spawn_worker
+from .conftest import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image, upload_input
 
 pytestmark = pytest.mark.integration
@@ -61,19 +61,10 @@ def ip_worker(services: object, settings: Settings, tiny_model: Path, ip_files: 
         process.stop()
 
 
-def plain(tiny_model: Path) -> Any:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def direct(tiny_model: Path, ip_files: tuple[Path, Path]) -> Any:
     """Plain diffusers with the same IP-Adapter, loaded by diffusers itself."""
-    pipe = plain(tiny_model)
+    pipe = plain_pipeline(tiny_model)
     pipe.load_ip_adapter(str(ip_files[0].parent), subfolder="", weight_name=ip_files[0].name,
                          image_encoder_folder=IP_ADAPTER_ENCODER, local_files_only=True)
     return pipe
@@ -115,7 +106,7 @@ def test_image_prompt_jobs_equal_diffusers_and_the_next_job_is_the_base_model(
         assert result.parameters["ip_adapter_scale"] == scale
         assert result.parameters["ip_adapter_resolved"]["image_encoder"].endswith(IP_ADAPTER_ENCODER)
     # And the job without an image prompt, right after, is the model without any IP-Adapter
-    base = call(plain(tiny_model), image)
+    base = call(plain_pipeline(tiny_model), image)
     assert np.array_equal(fetch_image(client, after.uris[0]), base)
     assert not np.array_equal(fetch_image(client, at_one.uris[0]), base)
     assert "ip_adapter_resolved" not in after.parameters

@@ -19,7 +19,7 @@ from darkroom.worker.process import WorkerProcess
 from darkroom.worker.tiny import make_tiny_lora
 
 from ..conftest import png_bytes
-from .conftest import spawn_worker
+from .conftest import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration
@@ -69,11 +69,7 @@ def mixing_worker(services: object, settings: Settings, tiny_model: Path) -> Ite
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, lora_files: dict[str, Path]) -> Any:
     """Plain diffusers with the three LoRAs loaded under their names."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = plain_pipeline(tiny_model)
     for name in ("unet", "te", "wide"):
         pipe.load_lora_weights(str(lora_files[name]), adapter_name=name)
     return pipe

@@ -20,7 +20,7 @@ from darkroom.common.settings import Settings
 from darkroom.producer import Client, JobFailed
 from darkroom.worker.process import WorkerProcess
 
-from .conftest import start_worker
+from .conftest import plain_pipeline, start_worker
 from .test_walking_skeleton import fetch_image, upload_input
 
 pytestmark = pytest.mark.integration
@@ -59,18 +59,9 @@ def features_worker(services: object, settings: Settings, tiny_model: Path, gcon
         process.stop()
 
 
-def load(path: Path) -> Any:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(path), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def direct(tiny_model: Path) -> Any:
-    return load(tiny_model)
+    return plain_pipeline(tiny_model)
 
 
 def call(pipe: Any, image: Image.Image, **kwargs: Any) -> Any:
@@ -195,7 +186,7 @@ def test_guidance_scale_embedding_matches_diffusers(client: Client, features_wor
     # the record names each model by the content of its files
     assert len(result.parameters["model_sha256"]) == 64
     assert result.parameters["model_sha256"] != tiny.parameters["model_sha256"]
-    pipe = load(gcond_model)
+    pipe = plain_pipeline(gcond_model)
     assert pipe.unet.config.time_cond_proj_dim == 32  # the pipeline feeds it w = guidance_scale - 1
     expected = np.asarray(call(pipe, image, prompt="a bridge", guidance_scale=4.0))
     other = np.asarray(call(pipe, image, prompt="a bridge", guidance_scale=5.0))
