@@ -126,10 +126,11 @@ def test_interactive_jobs_go_before_bulk_jobs(
     client.fleet.register_models([model_id])
     bulk = [client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "bulk"}) for _ in range(3)]
     interactive = client.submit({"model": model_id, "image": uri, **PARAMS, "priority": "interactive"})
-    # When a worker for the model starts (batching off: with it, the jobs would share one call, the
-    # interactive one taking the first place; see tests/unit/test_batching.py)
+    # When a worker for the model starts, taking one message at a time (one task slot): the broker's
+    # order is what is tested here. With more slots, jobs prepared together share calls and the
+    # engine orders them (interactive first: tests/unit/test_batching.py)
     worker = spawn(services, settings, "prio", "--model", f"{model_id}={fleet_files['a']}",
-                   DARKROOM_BATCH_MAX_IMAGES="1").start()
+                   DARKROOM_BATCH_MAX_IMAGES="1", DARKROOM_TASK_SLOTS="1").start()
     try:
         first = interactive.wait(timeout=120)
         rest = [h.wait(timeout=120) for h in bulk]

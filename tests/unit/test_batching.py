@@ -121,7 +121,7 @@ class Recorder:
             if len(batch) > 1:
                 mark_batch_wide(error)
             return [error] * len(batch)
-        return [Inference([IMAGE], 1, {}, len(batch), len(batch), 0.0, 0.0, 0.0, 0.0) for _ in batch]
+        return [Inference([IMAGE], 1, {"batch": {"jobs": len(batch)}}, 0.0, 0.0, 0.0, 0.0) for _ in batch]
 
 
 def run_together(engine: Engine, requests: list[Request]) -> list[Any]:

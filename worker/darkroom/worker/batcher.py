@@ -84,8 +84,6 @@ class Inference:
     images: list[Image]
     steps_run: int
     details: dict[str, Any]  # scheduler, adapters, model source ... for result.json
-    batch_jobs: int
-    batch_images: int
     batch_wait: float
     model_load: float
     adapters: float

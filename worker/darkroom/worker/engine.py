@@ -24,6 +24,7 @@ from .schedulers import accepts_eta, accepts_sigmas, accepts_timesteps
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .adapters import AdapterSet
     from .latents import LatentCache
 
 __all__ = ["WorkItem", "LocalEmbedding", "BatchKey", "decode_latents", "BatchOutput", "batch_key", "check_call_options", "clip_skip_compat", "run_batch"]
@@ -44,6 +45,7 @@ class WorkItem:
     textual_inversions: tuple[LocalEmbedding, ...] = ()
     ip_adapter_image: Image | None = None  # the decoded image prompt, fetched with the input
     ip_adapter_scale: float | None = None  # the job's, else the model's; None without an image prompt
+    adapters: AdapterSet = ()  # the job's LoRA files (fetched and inspected with the input) and weights
 
     @property
     def embeds_shape(self) -> tuple[int, int, bool] | None:

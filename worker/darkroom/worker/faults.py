@@ -21,9 +21,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from darkroom.common.errors import TransientError, WorkerFatalError
+from darkroom.common.errors import ErrorCode, JobError, TransientError, WorkerFatalError
 
-__all__ = ["Fault", "parse_fault", "upload_fails"]
+__all__ = ["Fault", "parse_fault"]
 
 _PATTERN = re.compile(r"\[\[fault:(kill-once|kill|oom|transient|hang|upload)(?:@(\d+))?\]\]")
 
@@ -37,8 +37,6 @@ class Fault:
         """Called on every denoising step of the job."""
         if self.kind == "hang":
             time.sleep(30)
-        if self.kind == "upload":
-            return
         if step != self.step:
             return
         if self.kind == "kill" or (self.kind == "kill-once" and attempt == 1):
@@ -48,11 +46,10 @@ class Fault:
         if self.kind == "transient" and attempt <= 2:
             raise TransientError(f"injected fault: transient error on attempt {attempt}")
 
-
-def upload_fails(prompt: str, enabled: bool) -> bool:
-    """Whether the job asked for its uploads to fail (``[[fault:upload]]``)."""
-    fault = parse_fault(prompt, enabled)
-    return fault is not None and fault.kind == "upload"
+    def before_upload(self) -> None:
+        """Called once before the job's outputs are stored: as storage refusing them would, it fails the job."""
+        if self.kind == "upload":
+            raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, "cannot write the outputs: injected fault: upload failed")
 
 
 def parse_fault(prompt: str, enabled: bool) -> Fault | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
+from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.storage import S3Uri
 
 from .adapters import AdapterFile, AdapterSet
@@ -42,7 +43,7 @@ class BatchExecutor:
         self.ctx = ctx
         self.latents = latents
         self.mixing = MixedAdapters(ctx.settings.mixed_adapters)
-        self._adapter_files: dict[str, AdapterFile] = {}
+        self._adapter_files: dict[str, AdapterFile] = {}  # task threads fill it; a race only inspects twice
 
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         outcomes: list[Inference | BaseException | None] = [None] * len(batch)
@@ -53,7 +54,7 @@ class BatchExecutor:
             model_load = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - the same model: the same error for all
             return [exc] * len(batch)
-        sets = self._adapter_sets(loaded.spec, batch, outcomes)
+        sets = {index: request.item.adapters for index, request in enumerate(batch)}
         calls = deque(self.mixing.plan(loaded.spec.id, loaded.pipeline, loaded.adapters, sets))
         while calls:
             call = calls.popleft()
@@ -76,25 +77,6 @@ class BatchExecutor:
             for index, outcome in zip(call.indices, results, strict=True):
                 outcomes[index] = outcome
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
-
-    def _adapter_sets(self, model: ModelSpec, batch: list[Request],
-                      outcomes: list[Inference | BaseException | None]) -> dict[int, AdapterSet]:
-        """Each job's adapters as files (resolved once per distinct list); a job whose adapters fail gets the error."""
-        resolved: dict[tuple[tuple[str, float], ...], AdapterSet | BaseException] = {}
-        sets: dict[int, AdapterSet] = {}
-        for index, request in enumerate(batch):
-            refs = tuple((ref.uri, ref.weight) for ref in request.job.adapters)
-            if refs not in resolved:
-                try:
-                    resolved[refs] = tuple((self.adapter_file(model, uri), weight) for uri, weight in refs)
-                except Exception as exc:  # noqa: BLE001 - the jobs with these adapters only
-                    resolved[refs] = exc
-            value = resolved[refs]
-            if isinstance(value, BaseException):
-                outcomes[index] = value
-            else:
-                sets[index] = value
-        return sets
 
     def _run_call(self, batch: list[Request], loaded: LoadedModel, call: CallPlan, routes: list[str] | None,
                   started: float, model_load: float, adapters: float) -> list[Inference | BaseException]:
@@ -154,14 +136,20 @@ class BatchExecutor:
                         "textual_inversions_resolved": [
                             {"token": e.token, "sha256": e.sha256} for e in request.item.textual_inversions],
                     },
-                    batch_jobs=len(requests),
-                    batch_images=total_images,
                     batch_wait=max(0.0, started - request.enqueued),
                     model_load=model_load,
                     adapters=adapters,
                     inference=elapsed,
                 )
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
+
+    def resolve_adapters(self, job: Img2ImgJob) -> AdapterSet:
+        """The job's adapters as local files with their weights. I/O: called on the job's task thread while it
+        prepares, so the engine thread never waits on object storage; a missing adapter fails this job only."""
+        if not job.adapters:
+            return ()
+        model = self.ctx.models.registry.get(job.model)
+        return tuple((self.adapter_file(model, ref.uri), ref.weight) for ref in job.adapters)
 
     def adapter_file(self, model: ModelSpec, ref: str) -> AdapterFile:
         """Resolve, fetch once and inspect an adapter reference (cached by path)."""

@@ -40,7 +40,7 @@ from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result
 from .batcher import BatchPolicy, Engine, JobCancelled, Request
 from .context import WorkerContext
 from .engine import WorkItem, batch_key
-from .faults import Fault, parse_fault, upload_fails
+from .faults import Fault, parse_fault
 from .features import fetch_embeddings, fetch_textual_inversions
 from .images import decode_image, encode_image, encode_latents, fit_to_job
 from .inference import BatchExecutor
@@ -221,6 +221,8 @@ class JobRunner:
                           for name in ("prompt_embeds", "negative_prompt_embeds")
                           if (uri := getattr(job, name)) is not None}
                 inversions = fetch_textual_inversions(self.ctx.files, job.textual_inversions)
+            with clock.time("adapters"):
+                adapters = self.executor.resolve_adapters(job)
             ip_image = None
             if job.ip_adapter_image is not None:
                 with clock.time("download"):
@@ -228,8 +230,8 @@ class JobRunner:
                 with clock.time("decode"):
                     ip_image = decode_image(ip_data, max_pixels=self.ctx.settings.max_image_pixels)
             item = WorkItem(job, image, job.seeds(), digest=pixel_digest(image) if self.latents is not None else None,
-                            textual_inversions=inversions, ip_adapter_image=ip_image, ip_adapter_scale=ip_scale,
-                            **embeds)
+                            textual_inversions=inversions, adapters=adapters, ip_adapter_image=ip_image,
+                            ip_adapter_scale=ip_scale, **embeds)
             fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
             key = batch_key(item, mixed_adapters=self.executor.mixing.allows(job.model))
             request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fault),
@@ -243,6 +245,8 @@ class JobRunner:
             raise TransientError("lost the job's lease before publishing; another worker may have taken it over")
         with clock.time("safety"):
             verdicts = self.ctx.screening.judge(inference.images, rules)
+        if fault is not None:
+            fault.before_upload()
         outputs = self._store_outputs(job, inference.images, item.seeds, verdicts, clock, inference.latents)
         timings.total = time.perf_counter() - started
         result = JobResult(
@@ -342,8 +346,6 @@ class JobRunner:
         with clock.time("encode"):
             data = encode_image(image, job.output_format, job.output_quality)
         with clock.time("upload"):
-            if upload_fails("\n".join(job.prompts()), self.ctx.settings.fault_injection):
-                raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: injected fault: upload failed")
             self._put(uri, data, job.output_format.content_type, metadata, tags=tags)
 
     def _commit(self, result: JobResult, clock: _Stopwatch) -> JobResult:
