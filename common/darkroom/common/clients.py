@@ -15,14 +15,16 @@ __all__ = ["make_redis", "make_async_redis", "make_s3_client"]
 def make_redis(settings: Settings) -> redis.Redis:
     """A Redis client for status and events (bytes in, bytes out)."""
     return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=30
+        settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=30,
+        socket_timeout=settings.redis_socket_timeout_seconds
     )
 
 
 def make_async_redis(settings: Settings) -> redis.asyncio.Redis:
     """The same as :func:`make_redis` for asyncio code."""
     return redis.asyncio.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=30
+        settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=30,
+        socket_timeout=settings.redis_socket_timeout_seconds
     )
 
 

@@ -10,6 +10,9 @@ scale::
     ├── JobError                  the job failed for good (bad input, unknown model); never retried
     ├── TransientError            try again later (storage 5xx, broker blip); retried with backoff, bounded
     ├── WorkerFatalError          the process is unusable (CUDA OOM, corrupt state); requeue, recycle
+    ├── LeaseLost                 this attempt's fencing token is stale: stop, write nothing, ack the message
+    ├── UnreadableRecord          a stored record this version cannot read (darkroom.common.jobstore)
+    ├── JobNotFound               no record for a job id (darkroom.common.jobstore; also a KeyError)
     ├── WebhookVerificationError  a webhook's signature or timestamp is wrong (darkroom.common.webhooks)
     ├── StorageError              object storage said no
     │   ├── ObjectNotFoundError   the object does not exist
@@ -35,6 +38,7 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobFailed",
+    "LeaseLost",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "StorageError",
@@ -65,6 +69,7 @@ class ErrorCode(StrEnum):
     OUTPUT_WRITE_FAILED = "output_write_failed"
     TRANSIENT_EXHAUSTED = "transient_exhausted"
     DELIVERY_LIMIT = "delivery_limit"
+    TIMEOUT = "timeout"
     WORKER_FATAL = "worker_fatal"
     INTERNAL_ERROR = "internal_error"
 
@@ -117,6 +122,15 @@ class TransientError(DarkroomError):
 
 class WorkerFatalError(DarkroomError):
     """Raised when the worker process is unusable (e.g. CUDA out of memory) and must recycle."""
+
+
+class LeaseLost(DarkroomError):
+    """Raised when an attempt's fencing token is no longer the job's current one (another attempt took the job
+    over, or it was cancelled): the attempt stops and writes nothing more."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: {message}")
 
 
 class StorageError(DarkroomError):

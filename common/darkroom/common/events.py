@@ -35,7 +35,7 @@ class EventType(StrEnum):
 class JobEvent(BaseModel):
     """Something happened to a job. Progress events carry ``step`` of ``total_steps``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: EventType
     job_id: str

@@ -21,11 +21,14 @@ from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import S3Uri
 
-__all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
+__all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MESSAGE_SCHEMA_VERSION", "MAX_ADAPTERS",
            "MAX_SIDE", "validate_job",
            "allowed_range"]
 
 MAX_SEED = 2**63 - 1
+MESSAGE_SCHEMA_VERSION = 1
+"""Version of the task message (the job as one JSON object, plus ``schema_version``) this code writes and reads;
+a worker keeps only the fields it knows of a message with a higher version."""
 MAX_ADAPTERS = 8
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _TOKEN = re.compile(r"^\S{1,64}$")
@@ -289,7 +292,8 @@ class Img2ImgJob(BaseModel):
         None, description="http(s):// URL that receives signed status webhooks (public addresses only by default)."
     )
     webhook_events: list[EventType] | None = Field(
-        None, description="Which events to send to callback_url; all when omitted."
+        None, description="Which events to send to callback_url; every status change when omitted "
+        "(progress only when listed)."
     )
     producer: str | None = Field(
         None, description="Producer id (selects the webhook signing secret); the client's setting when omitted."

@@ -2,14 +2,23 @@
 
 Keys (all expire after ``Settings.status_ttl_seconds``)::
 
-    darkroom:job:{job_id}            JobRecord as JSON
+    darkroom:job:{job_id}            JobRecord as JSON (``schema_version``; readers ignore unknown fields)
     darkroom:job:{job_id}:progress   last progress event as JSON (best effort)
-    darkroom:job:{job_id}:cancel     present once the job was cancelled (the worker checks it)
-    darkroom:job:{job_id}:history    deliveries and outcomes, newest 50 (JSON lines)
+    darkroom:job:{job_id}:cancel     present while a live job is being cancelled (the worker checks it);
+                                     set only for a queued or started job, cleared when a job is created
+    darkroom:job:{job_id}:history    deliveries and outcomes for people, newest 50 (JSON lines)
     darkroom:job:{job_id}:history:previous   the history before the job was last resubmitted
-    darkroom:dead-letters            hash job_id -> job, reason and history of jobs that kept coming back
     darkroom:jobs                    sorted set of job ids scored by submission time (Redis clock), for listings
                                      (dashboard); written with each record, entries older than the TTL trimmed
+    darkroom:jobs:open               sorted set of queued/started job ids scored by their last change (Redis
+                                     clock): what the reconciler checks; terminal jobs leave it
+
+Not expiring, but bounded (retention and count settings; see :mod:`.lifecycle`)::
+
+    darkroom:dead-letters            hash id -> job (or raw message), reason and history
+    darkroom:dead-letters:index      sorted set id -> when it was dead-lettered (for trimming)
+
+Creation lives here; every later change of a record is :mod:`.lifecycle`'s.
 
 Every transition also publishes a :class:`JobEvent` on ``darkroom:events:{job_id}``
 and on ``darkroom:events``, so waiters wake at once instead of polling.
@@ -18,23 +27,28 @@ and on ``darkroom:events``, so waiters wake at once instead of polling.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .errors import ErrorCode, FieldError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
+from .errors import DarkroomError, FieldError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
 from .events import ALL_EVENTS_CHANNEL, EventType, JobEvent, event_channel
 from .jobs import Img2ImgJob
 from .results import FailureDetails, JobResult
-from .status import IllegalTransition, JobStatus
+from .status import JobStatus
 from .webhooks import outbox_push
 
-__all__ = ["JobRecord", "JobStore", "JobNotFound", "job_key", "cancel_key", "DEAD_LETTERS_KEY", "stage_create",
-           "raise_taken", "advance", "stage_write", "CREATED", "RESUBMITTED", "refused_status"]
+__all__ = ["JobRecord", "JobStore", "JobNotFound", "UnreadableRecord", "job_key", "cancel_key", "history_key",
+           "DEAD_LETTERS_KEY", "DEAD_LETTERS_INDEX_KEY", "OPEN_JOBS_KEY", "RECORD_SCHEMA_VERSION", "stage_create",
+           "raise_taken", "CREATED", "RESUBMITTED", "refused_status", "new_submission", "side_effects"]
+
+RECORD_SCHEMA_VERSION = 2
+"""Version of the stored record this code writes (1: records without ``schema_version``)."""
 
 
 def job_key(job_id: str) -> str:
@@ -42,7 +56,19 @@ def job_key(job_id: str) -> str:
 
 
 DEAD_LETTERS_KEY = "darkroom:dead-letters"
+DEAD_LETTERS_INDEX_KEY = "darkroom:dead-letters:index"
 JOBS_INDEX_KEY = "darkroom:jobs"
+OPEN_JOBS_KEY = "darkroom:jobs:open"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+def history_key(job_id: str) -> str:
+    return f"darkroom:job:{job_id}:history"
+
+
+def new_submission() -> str:
+    """A new submission's number: the clock in microseconds, 17 digits (string order = number order)."""
+    return f"{time.time_ns() // 1000:017d}"
 
 
 def cancel_key(job_id: str) -> str:
@@ -53,26 +79,78 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class JobNotFound(KeyError):
+class JobNotFound(DarkroomError, KeyError):
     """Raised when no status record exists for a job id (never submitted, or expired)."""
 
 
-class JobRecord(BaseModel):
-    """Everything known about a job right now."""
+class UnreadableRecord(DarkroomError):
+    """Raised when a stored record cannot be read by this version (it is never rewritten then)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def __init__(self, raw: bytes | str, reason: str) -> None:
+        super().__init__(f"unreadable job record: {reason}")
+        self.raw = raw
+
+
+class JobRecord(BaseModel):
+    """Everything known about a job right now.
+
+    Stored records are read tolerantly (fields this version does not know are kept as they are, and
+    ignored inside ``job``); what a user submits is validated strictly (:class:`Img2ImgJob`).
+    ``submission`` and ``attempt`` form the fencing token of the job's current attempt
+    (:class:`~darkroom.common.lifecycle.Fence`); the counters are numbers, never counts of history lines.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     job_id: str
+    submission: str = ""
     status: JobStatus
-    job: Img2ImgJob
+    job: Img2ImgJob | None
     created_at: datetime
     updated_at: datetime
+    schema_version: int = RECORD_SCHEMA_VERSION
     attempt: int = 0
+    transient_retries: int = 0
+    fatal_retries: int = 0
+    unexpected_failures: int = 0
+    reconciled: int = 0
     worker: str | None = None
     error_code: str | None = None
     error_message: str | None = None
     details: FailureDetails | None = None
     result: JobResult | None = None
+    raw_job: str | None = None
+
+    @field_validator("job", mode="before")
+    @classmethod
+    def _known_job_fields(cls, value: Any) -> Any:
+        """A job stored by a newer producer may hold fields this version does not know: they are ignored."""
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k in Img2ImgJob.model_fields}
+        return value
+
+    @classmethod
+    def read(cls, raw: bytes | str) -> JobRecord:
+        """A stored record; UnreadableRecord when this version cannot make sense of it."""
+        try:
+            return cls.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise UnreadableRecord(raw, str(exc)[:500]) from None
+
+    @staticmethod
+    def valid_id(value: str) -> bool:
+        return _ID.fullmatch(value) is not None
+
+    @property
+    def lost_attempts(self) -> int:
+        """Attempts that ended without an outcome (their worker died or was cut off mid-job)."""
+        return max(0, self.attempt - self.transient_retries - self.fatal_retries)
+
+    def evolve(self, **changes: Any) -> JobRecord:
+        """This record with ``changes``, validated (unknown stored fields are kept)."""
+        data = {**self.model_dump(), **changes}
+        data["schema_version"] = max(self.schema_version, RECORD_SCHEMA_VERSION)
+        return JobRecord.model_validate(data)
 
     def raise_for_outcome(self) -> JobResult:
         """Return the result of a succeeded job, or raise what its ending means."""
@@ -109,8 +187,9 @@ class JobStore:
 
     # -- reads -----------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
+        """The record, or None; UnreadableRecord if this version cannot read it."""
         raw = self.redis.get(job_key(job_id))
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        return None if raw is None else JobRecord.read(raw)
 
     def require(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
@@ -131,9 +210,9 @@ class JobStore:
         return [(k.decode() if isinstance(k, bytes) else str(k), float(score)) for k, score in found]
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
-        """The records of ``job_ids`` in one round trip (None where a record expired)."""
+        """The records of ``job_ids`` in one round trip (None where a record expired or cannot be read)."""
         raws = self.redis.mget([job_key(j) for j in job_ids]) if job_ids else []
-        return [None if raw is None else JobRecord.model_validate_json(raw) for raw in raws]
+        return [_read_or_none(raw) for raw in raws]
 
     # -- writes ----------------------------------------------------------
     def create(
@@ -151,83 +230,30 @@ class JobStore:
             raise_taken([(None, record.job_id)])
         return record
 
-    def transition(
-        self,
-        job_id: str,
-        status: JobStatus,
-        *,
-        job: Img2ImgJob | None = None,
-        **changes: Any,
-    ) -> JobRecord:
-        """Move a job to ``status`` (asserting the move is legal) and publish the event.
-
-        ``job`` creates the record if it is missing (e.g. it expired while queued).
-        Raises :class:`~darkroom.common.status.IllegalTransition` for illegal moves.
-        """
-        key = job_key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)  # type: ignore[no-untyped-call]
-                    record = advance(pipe.get(key), job_id, status, job=job, changes=changes)
-                    pipe.multi()
-                    stage_write(pipe, record, self.ttl)
-                    pipe.execute()
-                    return record
-                except redis.WatchError:
-                    continue
-
-    def report_progress(self, record: JobRecord, step: int, total_steps: int) -> bool:
-        """Best-effort progress: stored for late readers and published. Returns whether the job was cancelled."""
-        event = self._event(record, EventType.PROGRESS, step=step, total_steps=total_steps)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(job_key(record.job_id) + ":progress", event.model_dump_json(), ex=self.ttl)
-        self._publish(pipe, record, event)
-        pipe.exists(cancel_key(record.job_id))
-        return bool(pipe.execute()[-1])
-
     # -- cancelling --------------------------------------------------------
     def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
-        """Cancel a job: a queued one will never run; a running one stops at its next denoising step.
+        """Cancel a queued or running job (see :meth:`Lifecycle.cancel`); a job that ended is left as it is.
 
-        Sets a flag the worker checks while it denoises, then moves the record to ``cancelled``.
-        A job that already ended is left as it is (its record is returned).
+        Returns the record; :meth:`cancel_live` also says whether anything changed.
         """
-        self.redis.set(cancel_key(job_id), reason, ex=self.ttl)
-        try:
-            return self.transition(job_id, JobStatus.CANCELLED, error_code="cancelled", error_message=reason)
-        except IllegalTransition:
-            return self.require(job_id)
+        return self.cancel_live(job_id, reason)[0]
+
+    def cancel_live(self, job_id: str, reason: str = "cancelled on request") -> tuple[JobRecord, bool]:
+        """(the record, whether the cancel changed it); JobNotFound for an unknown id."""
+        from .lifecycle import Lifecycle
+
+        record, changed = Lifecycle(self.redis, ttl_seconds=self.ttl).cancel(job_id, reason)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record, changed
 
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(cancel_key(job_id)))
 
     # -- history and dead letters -------------------------------------------
-    def note(self, job_id: str, event: str, **details: Any) -> None:
-        """Append to the job's delivery history (kept with the record; the newest 50 entries)."""
-        entry = json.dumps({"event": event, "time": _now().isoformat(), **details}, default=str)
-        key = job_key(job_id) + ":history"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(key, entry)
-        pipe.ltrim(key, -50, -1)
-        pipe.expire(key, self.ttl)
-        pipe.execute()
-
-    def last_note(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.lrange(job_key(job_id) + ":history", -1, -1)
-        return json.loads(raw[0]) if raw else None
-
     def history(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.redis.lrange(job_key(job_id) + ":history", 0, -1)]
-
-    def dead_letter(self, job: Img2ImgJob, reason: str) -> JobRecord:
-        """Fail a job that keeps coming back, keeping it and its history in the dead-letter store."""
-        assert job.job_id is not None
-        entry = {"job": job.model_dump(mode="json"), "reason": reason, "time": _now().isoformat(),
-                 "history": self.history(job.job_id)}
-        self.redis.hset(DEAD_LETTERS_KEY, job.job_id, json.dumps(entry))
-        return self.transition(job.job_id, JobStatus.FAILED, job=job, error_code=ErrorCode.DELIVERY_LIMIT.value,
-                               error_message=f"moved to the dead-letter queue: {reason}")
+        """The job's history for people (newest 50 entries)."""
+        return [json.loads(raw) for raw in self.redis.lrange(history_key(job_id), 0, -1)]
 
     def dead_letters(self) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(DEAD_LETTERS_KEY)
@@ -282,6 +308,23 @@ class JobStore:
         outbox_push(pipe, record, event)
 
 
+def _read_or_none(raw: bytes | str | None) -> JobRecord | None:
+    if raw is None:
+        return None
+    try:
+        return JobRecord.read(raw)
+    except UnreadableRecord:
+        return None
+
+
+def side_effects(record: JobRecord) -> list[str | bytes]:
+    """What goes with a change of ``record``: its event for waiters and its webhook, as (command, key, value)
+    triples for a script to run in the same atomic step."""
+    deferred = _Deferred()
+    JobStore._publish(deferred, record, JobStore._event(record))
+    return deferred.args
+
+
 # -- building blocks for pipelines (sync or asyncio) ----------------------------
 # Records a job only if its id is free, and only then runs what goes with it (its events, its webhook,
 # its broker message): all or nothing, in one step. KEYS[1] record key; ARGV[1] record JSON, ARGV[2] TTL,
@@ -292,9 +335,16 @@ local now = redis.call('TIME')
 redis.call('ZADD', KEYS[#KEYS], now[1] + now[2] / 1000000, string.sub(KEYS[1], 14))
 redis.call('ZREMRANGEBYSCORE', KEYS[#KEYS], '-inf', now[1] - ARGV[2])
 """
+# A new record also clears what an earlier job of that id may have left (cancel flag, progress) and joins the
+# open-jobs index. KEYS: record, cancel flag, progress, open-jobs index, jobs index (last: _INDEX_JOB reads
+# KEYS[#KEYS]).
+_OPEN = """
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZADD', KEYS[4], now[1] + now[2] / 1000000, string.sub(KEYS[1], 14))
+"""
 _CREATE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return 0 end
-""" + _INDEX_JOB + """
+""" + _INDEX_JOB + _OPEN + """
 for i = 3, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 1
 """
@@ -302,15 +352,23 @@ return 1
 # The same for a job that may be submitted again: a free id is created (reply 1); a record that ended
 # failed or cancelled is replaced (reply 2): its cancel flag and last progress go, its history moves to
 # :history:previous and the new one starts with a "resubmitted" note. Any other record is left as it is
-# and its status is the reply. KEYS: record, cancel flag, progress, history, previous history, jobs index.
+# and its status is the reply. The new submission's number must be above the old one's (it orders
+# result.json pointers): a submitter whose clock is behind gets the old number + 1.
+# KEYS: record, cancel flag, progress, history, previous history, open-jobs index, jobs index.
 # ARGV[1] record JSON, ARGV[2] TTL, ARGV[3] time of the note, then the triples as above.
 _RESUBMIT = """
 local current = redis.call('GET', KEYS[1])
 local reply = 1
+local record = ARGV[1]
 if current then
-  local old = cjson.decode(current)
+  local ok, old = pcall(cjson.decode, current)
+  if not ok or type(old) ~= 'table' then return 'unreadable' end
   if old['status'] ~= 'failed' and old['status'] ~= 'cancelled' then return old['status'] end
-  redis.call('DEL', KEYS[2], KEYS[3])
+  local was = type(old['submission']) == 'string' and tonumber(old['submission']) or 0
+  local new = tonumber(string.match(record, '"submission":"(%d+)"'))
+  if new and was and new <= was then
+    record = string.gsub(record, '"submission":"%d+"', '"submission":"' .. string.format('%017.0f', was + 1) .. '"', 1)
+  end
   if redis.call('EXISTS', KEYS[4]) == 1 then
     redis.call('RENAME', KEYS[4], KEYS[5])
     redis.call('EXPIRE', KEYS[5], ARGV[2])
@@ -320,8 +378,11 @@ if current then
   redis.call('EXPIRE', KEYS[4], ARGV[2])
   reply = 2
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SET', KEYS[1], record, 'EX', ARGV[2])
 """ + _INDEX_JOB + """
+redis.call('ZADD', KEYS[6], now[1] + now[2] / 1000000, string.sub(KEYS[1], 14))
+""" + """
 for i = 4, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return reply
 """
@@ -334,7 +395,8 @@ def refused_status(reply: Any) -> JobStatus | None:
     if reply in (CREATED, RESUBMITTED):
         return None
     if isinstance(reply, (bytes, str)) and reply:
-        return JobStatus(reply.decode() if isinstance(reply, bytes) else reply)
+        text = reply.decode() if isinstance(reply, bytes) else reply
+        return JobStatus(text) if text in JobStatus.__members__.values() else JobStatus.QUEUED
     return JobStatus.QUEUED  # a plain create answers 0 without saying what holds the id
 
 
@@ -366,17 +428,21 @@ def stage_create(
     """
     assert job.job_id is not None
     now = _now()
-    record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
+    record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now,
+                       submission=new_submission())
     deferred = _Deferred()
     JobStore._publish(deferred, record, JobStore._event(record))
     if enqueue is not None:
         deferred.lpush(*enqueue)
     key = job_key(job.job_id)
+    flags = (cancel_key(job.job_id), key + ":progress")
+    keys: tuple[str, ...]
     if resubmit:
-        keys = (key, cancel_key(job.job_id), key + ":progress", key + ":history", key + ":history:previous", JOBS_INDEX_KEY)
+        keys = (key, *flags, history_key(job.job_id), key + ":history:previous", OPEN_JOBS_KEY, JOBS_INDEX_KEY)
         pipe.eval(_RESUBMIT, len(keys), *keys, record.model_dump_json(), ttl, now.isoformat(), *deferred.args)
     else:
-        pipe.eval(_CREATE, 2, key, JOBS_INDEX_KEY, record.model_dump_json(), ttl, *deferred.args)
+        keys = (key, *flags, OPEN_JOBS_KEY, JOBS_INDEX_KEY)
+        pipe.eval(_CREATE, len(keys), *keys, record.model_dump_json(), ttl, *deferred.args)
     return record
 
 
@@ -387,28 +453,3 @@ def raise_taken(taken: list[tuple[int | None, str]], reason: str = "already exis
             FieldError("job_id" if index is None else f"jobs[{index}].job_id", job_id, reason)
             for index, job_id in taken
         ])
-
-
-def advance(
-    raw: bytes | str | None, job_id: str, status: JobStatus, *, job: Img2ImgJob | None, changes: dict[str, Any]
-) -> JobRecord:
-    """The record after moving the stored one (``raw``; made from ``job`` when missing) to ``status``.
-
-    Raises JobNotFound, or IllegalTransition for an illegal move.
-    """
-    now = _now()
-    if raw is None:
-        if job is None:
-            raise JobNotFound(job_id)
-        current = JobRecord(job_id=job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now)
-    else:
-        current = JobRecord.model_validate_json(raw)
-    current.status.assert_can_become(status)
-    record = current.model_copy(update={**changes, "status": status, "updated_at": now})
-    return JobRecord.model_validate(record.model_dump())
-
-
-def stage_write(pipe: Any, record: JobRecord, ttl: int) -> None:
-    """Add writing ``record`` and publishing its event to ``pipe`` (inside the caller's MULTI)."""
-    pipe.set(job_key(record.job_id), record.model_dump_json(), ex=ttl)
-    JobStore._publish(pipe, record, JobStore._event(record))

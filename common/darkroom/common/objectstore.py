@@ -76,6 +76,16 @@ class ObjectStore:
                 raise ObjectTooLargeError(f"{uri} is over the limit of {max_bytes} bytes")
             return data
 
+    def get_versioned(self, uri: S3Uri) -> tuple[bytes, str]:
+        """An object's bytes and its ETag (for a later ``put_bytes(..., if_match=etag)``)."""
+        with _translated(uri):
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            body = response["Body"]
+            try:
+                return body.read(), str(response.get("ETag", ""))
+            finally:
+                body.close()
+
     def put_bytes(
         self,
         uri: S3Uri,
@@ -84,11 +94,12 @@ class ObjectStore:
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
         if_absent: bool = False,
+        if_match: str | None = None,
         tags: str | None = None,
     ) -> bool:
-        """Upload an object. With ``if_absent`` write only if no object exists there
-        (a conditional put); return False when one already did. ``tags`` is an URL-encoded
-        S3 tag set (``a=1&b=2``), sent as the ``x-amz-tagging`` header."""
+        """Upload an object. With ``if_absent`` write only if no object exists there, with ``if_match`` only
+        if the object there still has that ETag (conditional puts: compare-and-swap); return False when the
+        condition did not hold. ``tags`` is an URL-encoded S3 tag set (``a=1&b=2``), sent as ``x-amz-tagging``."""
         kwargs: dict[str, Any] = {
             "Bucket": uri.bucket,
             "Key": uri.key,
@@ -98,13 +109,15 @@ class ObjectStore:
         }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
         if tags:
             kwargs["Tagging"] = tags
         try:
             with _translated(uri):
                 self.client.put_object(**kwargs)
         except StorageError as exc:
-            if if_absent and getattr(exc, "aws_code", None) in _PRECONDITION:
+            if (if_absent or if_match is not None) and getattr(exc, "aws_code", None) in _PRECONDITION:
                 return False
             raise
         return True

@@ -15,7 +15,7 @@ __all__ = ["FailureDetails", "JobResult", "OutputImage", "Timings"]
 class OutputImage(BaseModel):
     """One output image and how it was made."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     index: int
     uri: str | None = Field(description="The public object (the blurred copy when blurred); None when blocked.")
@@ -33,6 +33,9 @@ class OutputImage(BaseModel):
     )
     latents_uri: str | None = Field(
         None, description="Its final latents as safetensors (tensor 'latents'), when the job set output_latents."
+    )
+    sha256: str | None = Field(
+        None, description="SHA-256 of the public object's bytes (hex); objects are never overwritten."
     )
 
     @model_validator(mode="after")
@@ -52,7 +55,7 @@ class OutputImage(BaseModel):
 class Timings(BaseModel):
     """Seconds spent in each stage of the job on the worker (queue wait is from submit)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     queue_wait: float | None = None
     batch_wait: float = Field(0.0, description="Waiting for compatible jobs and for the pipeline (the call before).")
@@ -70,7 +73,7 @@ class Timings(BaseModel):
 class JobResult(BaseModel):
     """A succeeded job's record: outputs, seeds, safety flags, timings and effective parameters."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     job_id: str
     model: str
@@ -82,6 +85,7 @@ class JobResult(BaseModel):
     worker: str
     device: str
     attempt: int
+    submission: str = Field("", description="The submission this result belongs to (with attempt: its fence).")
     finished_at: datetime
 
     @property
@@ -101,7 +105,7 @@ class JobResult(BaseModel):
 class FailureDetails(BaseModel):
     """What a failed job had done when it stopped: its timings so far and, if checked, the input's verdict."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     timings: Timings = Field(description="Seconds spent per stage up to the failure (inference 0: no denoising).")
     input_safety: SafetyVerdict | None = Field(None, description="The input precheck's verdict, when it ran.")

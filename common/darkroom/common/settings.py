@@ -44,6 +44,18 @@ class Settings(BaseSettings):
         False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
     )
     log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object a line) for fleets.")
+    redis_socket_timeout_seconds: float = Field(
+        15.0, gt=0, description="Longest any Redis call may wait for an answer (connect and read); a stalled Redis "
+                                "then raises instead of hanging a lease keeper or a submission.",
+    )
+    dead_letter_retention_seconds: int = Field(
+        30 * 24 * 3600, ge=60, description="How long dead letters (jobs and unreadable messages) are kept.",
+    )
+    dead_letter_max: int = Field(10_000, ge=1, description="Most dead letters kept; the oldest go first.")
+    outbox_progress_cap: int = Field(
+        10_000, ge=0, description="Progress webhooks are queued only while the webhook outbox is shorter than this "
+                                  "(status changes always are).",
+    )
     visibility_timeout_seconds: int = Field(
         3600, ge=10, description="Broker redelivers an unacknowledged job after this long; keep above the longest job."
     )

@@ -1,12 +1,14 @@
 """Object-storage addresses and the key layout of a job's outputs.
 
-Layout under a job's output prefix (``s3://bucket/some/prefix``)::
+Layout under a job's output prefix (``s3://bucket/some/prefix``); ``{run}`` names the attempt that
+wrote the objects (``{submission}-{attempt}``, its fence), so no object is ever written twice::
 
-    {prefix}/{job_id}/{index:03d}.{ext}   one object per output image
-    {prefix}/{job_id}/{index:03d}.thumb.webp  its thumbnail (WebP, longest side 256 px) for dashboards;
+    {prefix}/{job_id}/{run}/{index:03d}.{ext}   one object per output image
+    {prefix}/{job_id}/{run}/{index:03d}.thumb.webp  its thumbnail (WebP, longest side 256 px) for dashboards;
                                           made from the public image (blurred when blurred), none when blocked
-    {prefix}/{job_id}/{index:03d}.latents.safetensors  its final latents, when the job set output_latents
-    {prefix}/{job_id}/result.json         the job's record; written last, once (commit marker)
+    {prefix}/{job_id}/{run}/{index:03d}.latents.safetensors  its final latents, when the job set output_latents
+    {prefix}/{job_id}/result.json         the commit pointer: names the objects of the attempt that published;
+                                          replaced only by a newer fence (see darkroom.common.lifecycle)
 
 Pure functions only: no client, no I/O.
 """
@@ -56,21 +58,27 @@ def job_prefix(output_prefix: str, job_id: str) -> S3Uri:
     return S3Uri.parse(output_prefix, allow_empty_key=True).join(job_id)
 
 
-def output_image_uri(output_prefix: str, job_id: str, index: int, ext: str) -> S3Uri:
-    return job_prefix(output_prefix, job_id).join(f"{index:03d}.{ext}")
+def _run_prefix(output_prefix: str, job_id: str, run: str) -> S3Uri:
+    prefix = job_prefix(output_prefix, job_id)
+    return prefix.join(run) if run else prefix
+
+
+def output_image_uri(output_prefix: str, job_id: str, index: int, ext: str, run: str = "") -> S3Uri:
+    """Output ``index`` of the attempt ``run``: ``{prefix}/{job_id}/{run}/{index:03d}.{ext}``."""
+    return _run_prefix(output_prefix, job_id, run).join(f"{index:03d}.{ext}")
 
 
 THUMBNAIL_CONTENT_TYPE = "image/webp"
 
 
-def thumbnail_uri(output_prefix: str, job_id: str, index: int) -> S3Uri:
-    """The thumbnail of output ``index``, beside it: ``{prefix}/{job_id}/{index:03d}.thumb.webp``."""
-    return job_prefix(output_prefix, job_id).join(f"{index:03d}.thumb.webp")
+def thumbnail_uri(output_prefix: str, job_id: str, index: int, run: str = "") -> S3Uri:
+    """The thumbnail of output ``index``, beside it: ``{prefix}/{job_id}/{run}/{index:03d}.thumb.webp``."""
+    return _run_prefix(output_prefix, job_id, run).join(f"{index:03d}.thumb.webp")
 
 
-def latents_uri(output_prefix: str, job_id: str, index: int) -> S3Uri:
-    """Output ``index``'s final latents (when the job asked for them): ``{prefix}/{job_id}/{index:03d}.latents.safetensors``."""
-    return job_prefix(output_prefix, job_id).join(f"{index:03d}.latents.safetensors")
+def latents_uri(output_prefix: str, job_id: str, index: int, run: str = "") -> S3Uri:
+    """Output ``index``'s final latents (when the job asked for them): ``{run}/{index:03d}.latents.safetensors``."""
+    return _run_prefix(output_prefix, job_id, run).join(f"{index:03d}.latents.safetensors")
 
 
 def result_uri(output_prefix: str, job_id: str) -> S3Uri:

@@ -51,6 +51,7 @@ __all__ = [
     "WebhookVerificationError",
     "check_callback_url",
     "generate_secret",
+    "outbox_entry",
     "outbox_push",
     "resolve_callback",
     "sign",
@@ -87,18 +88,28 @@ class OutboxEntry(BaseModel):
 
 
 def wants(record: JobRecord, event: JobEvent) -> bool:
-    """Whether the job asked for this event at its callback URL."""
+    """Whether the job asked for this event at its callback URL: every status change unless it listed the
+    events it wants; progress only when listed (it would fill the outbox otherwise)."""
     job = record.job
-    if not job.callback_url:
+    if job is None or not job.callback_url:
         return False
-    return job.webhook_events is None or event.type in job.webhook_events
+    if job.webhook_events is None:
+        return event.type is not EventType.PROGRESS
+    return event.type in job.webhook_events
 
 
 def outbox_push(pipe: Any, record: JobRecord, event: JobEvent) -> None:
     """Queue a delivery of ``event`` on ``pipe`` (a Redis pipeline of the same transition)."""
+    entry = outbox_entry(record, event)
+    if entry is not None:
+        pipe.lpush(OUTBOX_KEY, entry)
+
+
+def outbox_entry(record: JobRecord, event: JobEvent) -> str | None:
+    """The outbox entry (JSON) of ``event`` if the job wants it at its callback URL, else None."""
     if not wants(record, event):
-        return
-    assert record.job.callback_url is not None
+        return None
+    assert record.job is not None and record.job.callback_url is not None
     entry = OutboxEntry(
         id=f"msg_{uuid.uuid4().hex}",
         job_id=record.job_id,
@@ -109,7 +120,7 @@ def outbox_push(pipe: Any, record: JobRecord, event: JobEvent) -> None:
         result=record.result if event.type is EventType.SUCCEEDED else None,
         details=record.details if event.type is EventType.FAILED else None,
     )
-    pipe.lpush(OUTBOX_KEY, entry.model_dump_json())
+    return entry.model_dump_json()
 
 
 def webhook_body(entry: OutboxEntry) -> bytes:

@@ -13,15 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from darkroom.common.broker import task_message
 from darkroom.common.errors import FieldError, InvalidJobError
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, validate_job
+from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, validate_job
 from darkroom.common.jobstore import refused_status, stage_create
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
 from darkroom.common.webhooks import check_callback_url
-
-from .broker import task_message
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -90,7 +89,8 @@ class Stager:
         job of the same id that ended failed or cancelled (see ``jobstore.stage_create``)."""
         assert job.job_id is not None
         message = task_message(
-            TASK_IMG2IMG, job.job_id, [job.model_dump(mode="json")], queue=queue,
+            TASK_IMG2IMG, job.job_id, [{**job.model_dump(mode="json"), "schema_version": MESSAGE_SCHEMA_VERSION}],
+            queue=queue,
             priority=job.priority.broker_priority if priority is None else priority, sender=self.sender,
         )
         stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit)

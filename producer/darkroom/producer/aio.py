@@ -23,28 +23,19 @@ from typing import TYPE_CHECKING, Any, Self
 import redis
 import redis.asyncio
 
-from darkroom.common.clients import make_async_redis, make_s3_client
+from darkroom.common.broker import origin
+from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import AsyncFleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
-from darkroom.common.jobstore import (
-    JobNotFound,
-    JobRecord,
-    advance,
-    cancel_key,
-    job_key,
-    raise_taken,
-    stage_write,
-)
+from darkroom.common.jobstore import JobNotFound, JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
-from darkroom.common.status import IllegalTransition, JobStatus
 from darkroom.common.storage import S3Uri
 
 from . import _submission as submission
 from ._watch import Listen, Read, Watch
-from .broker import origin
 from .client import EventCallback
 
 if TYPE_CHECKING:
@@ -146,16 +137,20 @@ class AsyncClient:
         raw = await self._redis.get(job_key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
-        return JobRecord.model_validate_json(raw)
+        return JobRecord.read(raw)
 
     async def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
         """Cancel a job (see ``Client.cancel``); a job that already ended is left as it is. Returns its record."""
         await self.status(job_id)
-        await self._redis.set(cancel_key(job_id), reason, ex=self.settings.status_ttl_seconds)
-        try:
-            return await self._transition(job_id, JobStatus.CANCELLED, error_code="cancelled", error_message=reason)
-        except IllegalTransition:
-            return await self.status(job_id)
+
+        def cancel_now() -> JobRecord:  # the lifecycle's fenced script, on a short-lived sync connection
+            client = make_redis(self.settings)
+            try:
+                return JobStore(client, ttl_seconds=self.settings.status_ttl_seconds).cancel(job_id, reason)
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(cancel_now)
 
     async def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Until the job ends, waking on its events; its result, or JobFailed / JobCancelled / WaitTimeout.
@@ -209,19 +204,3 @@ class AsyncClient:
         """The result's output images as PIL images, downloaded side by side (needs Pillow)."""
         blobs = await asyncio.gather(*(self.download(uri) for uri in result.uris))
         return [submission.open_image(blob) for blob in blobs]
-
-    # -- internals -------------------------------------------------------
-    async def _transition(self, job_id: str, status: JobStatus, **changes: Any) -> JobRecord:
-        """JobStore.transition on redis.asyncio: WATCH the record, write the next one in MULTI, retry on a race."""
-        key = job_key(job_id)
-        async with self._redis.pipeline() as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    record = advance(await pipe.get(key), job_id, status, job=None, changes=changes)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    stage_write(pipe, record, self.settings.status_ttl_seconds)
-                    await pipe.execute()
-                    return record
-                except redis.WatchError:
-                    continue

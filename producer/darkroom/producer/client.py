@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from darkroom.common.broker import origin
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
@@ -29,7 +30,6 @@ from darkroom.common.storage import S3Uri
 
 from . import _submission as submission
 from ._watch import Listen, Read, Watch
-from .broker import origin
 
 if TYPE_CHECKING:
     import redis

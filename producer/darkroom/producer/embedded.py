@@ -475,7 +475,8 @@ class EmbeddedServices:
 
     ``up()`` starts whatever is not running (idempotent), ``down()`` stops both, ``status()``
     reports. Ports left as None are chosen free (and reused on later ``up()`` while free).
-    ``appendonly=True`` turns on Redis's AOF so data survives a Redis restart.
+    Redis runs with its append-only file (``appendfsync everysec``), so ``down()`` then ``up()`` (or a
+    crash) keeps every job; ``appendonly=False`` turns it off (throwaway benchmarks).
     """
 
     # Servers started by this Python process, shared by all instances, so that whichever
@@ -491,7 +492,7 @@ class EmbeddedServices:
         buckets: Sequence[str] = ("darkroom",),
         redis_server: str | None = None,
         weed: str | None = None,
-        appendonly: bool = False,
+        appendonly: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.buckets = tuple(buckets)
@@ -743,6 +744,7 @@ class EmbeddedServices:
             f"dir {json.dumps(str(data_dir), ensure_ascii=False)}",
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
+            "appendfsync everysec",
         ]
         return "".join(line + "\n" for line in lines)
 

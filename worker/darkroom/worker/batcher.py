@@ -176,6 +176,7 @@ class Engine:
         self._name = name
         self.batches = 0
         self.batched_jobs = 0
+        self.busy_since: float | None = None  # monotonic start of the call running now (the stall watchdog)
         self.split_batches = 0
 
     # -- task threads --------------------------------------------------------
@@ -241,6 +242,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
+            self.busy_since = time.monotonic()
             try:
                 self._run(batch)
             except BaseException as exc:  # noqa: BLE001 - the engine must never die with jobs waiting
@@ -248,6 +250,7 @@ class Engine:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
+            self.busy_since = None
             if self._after_batch is not None:
                 try:
                     self._after_batch()

@@ -6,6 +6,7 @@ Tasks receive them through :class:`WorkerContext`, like arq's ``ctx``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,13 +22,14 @@ import redis
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobstore import JobStore
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 
 from .device import DeviceInfo, select_device
 from .filecache import FileCache
 from .metrics import WorkerMetrics
 from .pipelines import PipelineCache
-from .recovery import reclaim_abandoned
+from .recovery import Reconciler, reclaim_abandoned
 from .registry import ModelRegistry
 from .routing import QueueSubscriptions, sweep_orphaned_queues
 from .screening import Screening
@@ -61,6 +63,16 @@ class WorkerContext:
     last_heartbeat: float = 0.0
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     current_jobs: dict[str, float] = field(default_factory=dict)  # job id -> when it started here (epoch s)
+    progress_at: float = field(default_factory=time.monotonic)  # last denoising step of any job (engine thread)
+    engine_busy: Any = None  # callable: monotonic time the engine's current call began, or None when idle
+
+    @functools.cached_property
+    def lifecycle(self) -> Lifecycle:
+        """The owner of every status change (fenced scripts), on this worker's Redis client."""
+        s = self.settings
+        return Lifecycle(self.redis, ttl_seconds=s.status_ttl_seconds,
+                         dead_letter_retention_seconds=s.dead_letter_retention_seconds,
+                         dead_letter_max=s.dead_letter_max, outbox_progress_cap=s.outbox_progress_cap)
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:
@@ -144,6 +156,9 @@ class Heartbeat:
         self.ctx = ctx
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="darkroom-heartbeat", daemon=True)
+        s = ctx.settings
+        self.reconciler = Reconciler(ctx.redis, ctx.lifecycle, grace_seconds=s.reconcile_grace_seconds,
+                                     interval_seconds=s.reconcile_interval_seconds, owner=ctx.name)
 
     def start(self) -> None:
         Fleet(self.ctx.redis).register_models(self.ctx.models.registry.ids)
@@ -155,7 +170,17 @@ class Heartbeat:
         from dead workers' unacknowledged messages (see :mod:`.recovery`)."""
         moved = sweep_orphaned_queues(self.ctx.redis, Fleet(self.ctx.redis, ttl=0), self.ctx.models.registry.ids)
         reclaimed = reclaim_abandoned(self.ctx.redis, older_than=self.ctx.settings.lease_seconds * 1.5)
-        return moved + len(reclaimed)
+        reconciled = self.reconciler.run_once() if self.reconciler.due(time.time()) else []
+        self.ctx.metrics.reconciled.inc(len(reconciled))
+        return moved + len(reclaimed) + len(reconciled)
+
+    def engine_stalled(self, now: float | None = None) -> float | None:
+        """Seconds the engine has been in one call with no denoising step, when past ``engine_stall_seconds``."""
+        busy_since = self.ctx.engine_busy() if callable(self.ctx.engine_busy) else None
+        if busy_since is None:
+            return None
+        idle = (time.monotonic() if now is None else now) - max(busy_since, self.ctx.progress_at)
+        return idle if idle > self.ctx.settings.engine_stall_seconds else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,6 +194,12 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
+            stalled = self.engine_stalled()
+            if stalled is not None:  # a pipeline call that never returns cannot be interrupted: recycle
+                log.critical("the engine made no denoising step for %.0f s (engine_stall_seconds); recycling this "
+                             "worker (exit 75); its jobs are taken over once their leases expire", stalled)
+                logging.shutdown()
+                os._exit(75)
             try:
                 self.beat()
                 self.sweep()

@@ -1,16 +1,18 @@
-"""One delivery of a job message: lease, run, and what to do when it cannot finish now.
+"""One delivery of a job message: start an attempt, run it, and say what the broker should do.
 
-Outcomes of a delivery (the Celery task maps them onto ack / retry):
+Every state change goes through :class:`~darkroom.common.lifecycle.Lifecycle` (one fenced script
+each); this module only maps what happened onto a :class:`Decision` for the Celery task:
 
-- **run**: the lease was free; the job ran to a terminal state (succeeded, failed, cancelled).
-- **skip**: the job already ended (a duplicate of a finished job); nothing runs.
-- **defer**: another live worker holds the lease (the broker redelivered a job still running);
-  the message comes back after a lease lifetime, so it is never lost and never run twice.
-- **retry**: a transient error; the job goes back to ``queued`` and is retried with exponential
-  backoff (1 s doubling to 60 s, equal jitter), at most ``transient_retries`` times.
-- **recycle**: a worker-fatal error (CUDA out of memory, corrupt state); the job is requeued once
-  with a note (failed ``worker_fatal`` the second time) and the process shuts down warm to be
-  restarted clean.
+- **run**: the attempt ran to an outcome the lifecycle recorded (succeeded, failed, cancelled).
+- **skip**: nothing to run: the job already ended (a duplicate message), the message could not be
+  read (it failed the job ``invalid_job``, or went to the dead-letter store), or this attempt lost its
+  lease (another attempt holds the job now: this one stops, writes nothing and acknowledges).
+- **defer**: another live attempt holds the lease; the message comes back after a lease lifetime.
+- **retry**: a transient error; the job went back to ``queued`` and is retried with exponential
+  backoff (1 s doubling to 60 s, equal jitter), at most ``transient_retries`` times (a counter in the
+  record).
+- **recycle**: a worker-fatal error (CUDA out of memory, corrupt state); the job was requeued once
+  (failed ``worker_fatal`` the second time) and the process shuts down warm to be restarted clean.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, TransientError, WorkerFatalError
+from darkroom.common.errors import ErrorCode, LeaseLost, TransientError, WorkerFatalError
+from darkroom.common.jobstore import JobRecord, UnreadableRecord
+from darkroom.common.lifecycle import Fence, StartReply, message_job
 from darkroom.common.logs import job_context
 
 from .context import WorkerContext
-from .lease import Lease, LeaseKeeper
+from .lease import LeaseKeeper
 from .runner import JobRunner
 
 __all__ = ["Outcome", "Decision", "DeliveryHandler", "backoff"]
@@ -51,7 +55,7 @@ class Decision:
 
 def backoff(retry: int, *, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with equal jitter: half of min(cap, base * 2**retry) plus up to as much again."""
-    ceiling = min(cap, base * 2**retry)
+    ceiling = min(cap, base * 2 ** min(retry, 32))
     return ceiling / 2 + random.uniform(0.0, ceiling / 2)
 
 
@@ -62,79 +66,100 @@ class DeliveryHandler:
         self.ctx = ctx
         self.runner = runner
 
-    def handle(self, payload: dict[str, Any]) -> Decision:
+    def handle(self, payload: Any) -> Decision:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
         with job_context(job_id if isinstance(job_id, str) else None):
-            return self._handle(payload, job_id)
-
-    def _handle(self, payload: dict[str, Any], job_id: Any) -> Decision:
-        if not isinstance(job_id, str):
-            self.runner.run(payload)  # refused and logged by the runner's validation
-            return Decision(Outcome.SKIP)
-        record = self.ctx.jobs.get(job_id)
-        if record is not None and record.status.is_terminal:
-            return Decision(Outcome.SKIP)
-        lease = Lease(self.ctx.redis, job_id, self.ctx.name, self.ctx.settings.lease_seconds)
-        decision = self._lease_and_run(payload, job_id, lease, record)
+            decision = self._handle(payload)
         self.ctx.metrics.deliveries.labels(outcome=decision.outcome.value).inc()
         return decision
 
-    def _lease_and_run(self, payload: dict[str, Any], job_id: str, lease: Lease, record: Any) -> Decision:
-        if not lease.acquire():
-            last = self.ctx.jobs.last_note(job_id)
-            if last is None or last.get("event") != "deferred":  # one note per run of deferrals
-                self.ctx.jobs.note(job_id, "deferred", worker=self.ctx.name, holder=lease.holder())
-            log.info("job %s is running elsewhere (%s); deferring this delivery", job_id, lease.holder())
-            return Decision(Outcome.DEFER, self.ctx.settings.lease_seconds * random.uniform(1.0, 2.0))
-        if record is not None and record.status.value == "started":
-            self.ctx.metrics.lease_takeovers.inc()  # its last worker died (or lost its lease) mid-job
-        return self._run_leased(payload, job_id, lease)
+    def unexpected(self, payload: Any, exc: BaseException) -> bool:
+        """A delivery broke outside the job: count it; True when the job was dead-lettered (do not requeue)."""
+        job_id, *_ = message_job(payload)
+        if job_id is None:
+            self.ctx.lifecycle.dead_letter_message(payload, f"the delivery broke: {type(exc).__name__}: {exc}")
+            return True
+        count = self.ctx.lifecycle.count_unexpected(job_id)
+        if count < self.ctx.settings.max_unexpected_failures:
+            return False
+        record = self.ctx.lifecycle.read(job_id)
+        if record is not None and not record.status.is_terminal:
+            self.ctx.lifecycle.dead_letter(record, f"{count} deliveries broke outside the job; last: {exc}")
+        return True
 
-    def _run_leased(self, payload: dict[str, Any], job_id: str, lease: Lease) -> Decision:
+    def _handle(self, payload: Any) -> Decision:
+        lifecycle = self.ctx.lifecycle
+        job_id, job, invalid, ignored = message_job(payload)
+        if job_id is None:
+            lifecycle.dead_letter_message(payload, invalid or "the message has no usable job_id")
+            return Decision(Outcome.SKIP)
+        if ignored:
+            log.warning("job %s: message of a newer schema; ignoring fields %s", job_id, ", ".join(ignored))
+        if job is None and not self._has_record(job_id):
+            assert invalid is not None
+            log.warning("refusing invalid job %s: %s", job_id, invalid)
+            lifecycle.reject_message(job_id, invalid, payload)
+            return Decision(Outcome.SKIP)
+        started = lifecycle.start(job_id, job, worker=self.ctx.name, lease_seconds=self.ctx.settings.lease_seconds,
+                                  max_lost=self.ctx.settings.max_deliveries)
+        if started.reply is StartReply.HELD:
+            log.info("job %s is running elsewhere (%s); deferring this delivery", job_id, started.holder)
+            return Decision(Outcome.DEFER, self.ctx.settings.lease_seconds * random.uniform(1.0, 2.0))
+        if started.reply is not StartReply.STARTED:
+            return Decision(Outcome.SKIP)
+        assert started.record is not None and started.fence is not None
+        if started.fence.attempt > 1 and started.record.lost_attempts > 0:
+            self.ctx.metrics.lease_takeovers.inc()  # an earlier attempt's worker died or lost its lease
+        return self._run(started.record, started.fence)
+
+    def _has_record(self, job_id: str) -> bool:
         try:
-            with LeaseKeeper(lease) as keeper:
+            return self.ctx.lifecycle.read(job_id) is not None
+        except UnreadableRecord:
+            return True  # start() puts it in the dead-letter store
+
+    def _run(self, record: JobRecord, fence: Fence) -> Decision:
+        settings = self.ctx.settings
+        try:
+            with LeaseKeeper(self.ctx.lifecycle, record.job_id, fence, self.ctx.name, settings.lease_seconds) as keeper:
                 self.runner.lease_lost = lambda: keeper.lost
                 self.ctx.metrics.in_progress.inc()
                 try:
-                    self.ctx.metrics.observe_job(self.runner.run(payload))
+                    self.ctx.metrics.observe_job(self.runner.run(record, fence))
                 finally:
                     self.ctx.metrics.in_progress.dec()
+        except LeaseLost as exc:
+            self.ctx.metrics.leases_lost.inc()
+            log.warning("%s; this attempt stops and writes nothing", exc)
+            return Decision(Outcome.SKIP)
         except TransientError as exc:
-            return self._retry(payload, job_id, lease, exc)
+            return self._retry(record, fence, exc)
         except WorkerFatalError as exc:
-            lease.release()
-            return self._recycle(payload, job_id, exc)
+            return self._recycle(record, fence, exc)
         finally:
             self.runner.lease_lost = lambda: False
-        self.ctx.jobs.note(job_id, "finished", worker=self.ctx.name)
-        lease.release()
         return Decision(Outcome.RUN)
 
-    def _retry(self, payload: dict[str, Any], job_id: str, lease: Lease, exc: Exception) -> Decision:
-        done = sum(1 for e in self.ctx.jobs.history(job_id) if e.get("event") == "transient")
-        if done >= self.ctx.settings.transient_retries:
-            lease.release()
-            self._fail(payload, ErrorCode.TRANSIENT_EXHAUSTED, f"gave up after {done} retries: {exc}")
-            return Decision(Outcome.RUN)
-        delay = backoff(done)
-        self.ctx.jobs.note(job_id, "transient", worker=self.ctx.name, error=str(exc), retry_in=round(delay, 2))
-        self.runner.requeue(payload, f"retrying in {delay:.1f} s after a transient error: {exc}")
-        lease.reserve_for_retry(delay)  # nobody reclaims the job while it waits out its backoff
-        log.warning("job %s: transient error (%s); retry %d in %.1f s", job_id, exc, done + 1, delay)
+    def _retry(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
+        current = self.ctx.lifecycle.read(record.job_id) or record
+        done = current.transient_retries
+        try:
+            if done >= self.ctx.settings.transient_retries:
+                self.ctx.lifecycle.fail(fence, current, ErrorCode.TRANSIENT_EXHAUSTED,
+                                        f"gave up after {done} retries: {exc}")
+                return Decision(Outcome.RUN)
+            delay = backoff(done)
+            self.ctx.lifecycle.retry(fence, current, str(exc), delay, self.ctx.settings.lease_seconds)
+        except LeaseLost as lost:
+            log.warning("%s; not retrying", lost)
+            return Decision(Outcome.SKIP)
+        log.warning("job %s: transient error (%s); retry %d in %.1f s", record.job_id, exc, done + 1, delay)
         return Decision(Outcome.RETRY, delay)
 
-    def _recycle(self, payload: dict[str, Any], job_id: str, exc: Exception) -> Decision:
-        fatal_before = any(e.get("event") == "worker_fatal" for e in self.ctx.jobs.history(job_id))
-        self.ctx.jobs.note(job_id, "worker_fatal", worker=self.ctx.name, error=str(exc))
-        log.error("worker-fatal error in job %s (%s): recycling this process", job_id, exc)
-        if fatal_before:
-            self._fail(payload, ErrorCode.WORKER_FATAL,
-                       f"{exc} (twice, on two worker processes; the job is likely too large for the device)")
+    def _recycle(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
+        log.error("worker-fatal error in job %s (%s): recycling this process", record.job_id, exc)
+        try:
+            after = self.ctx.lifecycle.requeue_fatal(fence, self.ctx.lifecycle.read(record.job_id) or record, str(exc))
+        except LeaseLost:
             return Decision(Outcome.RECYCLE)
-        self.runner.requeue(payload, f"requeued once after a worker-fatal error: {exc}")
-        return Decision(Outcome.RECYCLE, 1.0)
-
-    def _fail(self, payload: dict[str, Any], code: ErrorCode, message: str) -> None:
-        job = self.runner._parse(payload, record_failure=False)
-        if job is not None:
-            self.runner.fail(job, code, message)
+        return Decision(Outcome.RECYCLE, 0.0 if after.status.is_terminal else 1.0)

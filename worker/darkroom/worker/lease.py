@@ -1,96 +1,56 @@
-"""Per-job leases: at most one worker runs a job at a time, and a dead worker's job is taken over.
+"""Keeping a job's lease while it runs; a lease is lost by a refusal or by the clock.
 
-Celery on Redis delivers at least once: a message unacknowledged past the
-broker's visibility timeout is delivered again while its first run goes on,
-and a killed worker's message comes back. The lease decides who runs::
+Celery on Redis delivers at least once, so the lease decides who runs a job::
 
-    darkroom:lease:{job_id} = "<worker>:<token>"   SET NX PX <ttl>, renewed every ttl/3 while the job runs
+    darkroom:lease:{job_id} = "{submission}-{attempt}@{worker}"   PX <lease>, renewed every lease/3
 
-A delivery that finds the lease held by someone else defers itself; one that
-finds it expired (the holder died) takes the job over. While a job waits out a
-retry backoff the key holds ``retry:<owner>``: the job is not abandoned, and
-the retried delivery may take the lease. Renewal and release
-only succeed for the holder (compare-and-set in Lua), so a slow zombie cannot
-extend or drop a lease it lost.
+It is taken in the same script that starts the attempt and increments its fencing token
+(:meth:`darkroom.common.lifecycle.Lifecycle.start`). While a job waits out a retry backoff the key
+holds ``retry:{submission}-{attempt}``, which any delivery may take.
+
+The keeper renews it from a daemon thread (compare-and-set: only the holder can extend it). The
+lease counts as lost when a renewal is refused, and also when no renewal succeeded for a whole lease
+lifetime (Redis unreachable or stalled, or this process paused): by then another worker may have
+taken the job over. The fence, not this flag, is what keeps a lost attempt from writing: the flag
+only makes it stop early.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import uuid
+import time
 from types import TracebackType
 
 import redis
 
-__all__ = ["Lease", "LeaseKeeper", "lease_key"]
+from darkroom.common.lifecycle import Fence, Lifecycle, lease_key
+
+__all__ = ["LeaseKeeper", "lease_key"]
 
 log = logging.getLogger(__name__)
 
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
-_ACQUIRE = """
-local v = redis.call('get', KEYS[1])
-if (not v) or string.sub(v, 1, 6) == 'retry:' then
-  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-
-def lease_key(job_id: str) -> str:
-    return f"darkroom:lease:{job_id}"
-
-
-class Lease:
-    """One job's lease as seen by one worker."""
-
-    def __init__(self, client: redis.Redis, job_id: str, worker: str, ttl_seconds: float) -> None:
-        self.redis = client
-        self.key = lease_key(job_id)
-        self.owner = f"{worker}:{uuid.uuid4().hex[:8]}"
-        self.ttl_ms = int(ttl_seconds * 1000)
-
-    def acquire(self) -> bool:
-        """Take the lease if it is free or only reserved for a retry."""
-        return bool(self.redis.eval(_ACQUIRE, 1, self.key, self.owner, self.ttl_ms))
-
-    def renew(self) -> bool:
-        return bool(self.redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms))
-
-    def release(self) -> None:
-        self.redis.eval(_RELEASE, 1, self.key, self.owner)
-
-    def holder(self) -> str | None:
-        raw = self.redis.get(self.key)
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    def held(self) -> bool:
-        return self.holder() == self.owner
-
-    def reserve_for_retry(self, seconds: float) -> None:
-        """While a retry waits out its backoff: a marker that keeps the job from being reclaimed as abandoned
-        but lets the retried delivery (or any other) take the lease at once."""
-        self.redis.set(self.key, f"retry:{self.owner}", px=int(seconds * 1000) + self.ttl_ms)
-
 
 class LeaseKeeper:
-    """Renews a lease from a daemon thread while the job runs; ``lost`` tells if it slipped away."""
+    """Renews one attempt's lease while it runs; :attr:`lost` tells whether it may have slipped away."""
 
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.lost = False
+    def __init__(self, lifecycle: Lifecycle, job_id: str, fence: Fence, worker: str, lease_seconds: float) -> None:
+        self.lifecycle = lifecycle
+        self.job_id = job_id
+        self.value = f"{fence.tag}@{worker}"
+        self.seconds = lease_seconds
+        self._refused = False
+        self._renewed = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="darkroom-lease", daemon=True)
 
+    @property
+    def lost(self) -> bool:
+        """True once a renewal was refused, or no renewal succeeded for a whole lease lifetime."""
+        return self._refused or time.monotonic() - self._renewed > self.seconds
+
     def __enter__(self) -> LeaseKeeper:
+        self._renewed = time.monotonic()
         self._thread.start()
         return self
 
@@ -100,12 +60,16 @@ class LeaseKeeper:
         self._thread.join(5)
 
     def _run(self) -> None:
-        interval = self.lease.ttl_ms / 3000
+        interval = self.seconds / 3
         while not self._stop.wait(interval):
+            if self._refused:
+                return
             try:
-                if not self.lease.renew():
-                    self.lost = True
-                    log.warning("lost the lease %s (another worker may have taken the job over)", self.lease.key)
+                if self.lifecycle.renew(self.job_id, self.value, self.seconds):
+                    self._renewed = time.monotonic()
+                else:
+                    self._refused = True
+                    log.warning("lost the lease of job %s (another worker may have taken it over)", self.job_id)
                     return
-            except redis.RedisError as exc:  # a Redis blip: keep trying until the lease would expire
-                log.warning("lease renewal failed: %s", exc)
+            except redis.RedisError as exc:  # keep trying; past a lease lifetime `lost` turns true by itself
+                log.warning("lease renewal of job %s failed: %s", self.job_id, exc)

@@ -53,6 +53,12 @@ class WorkerMetrics:
                                        registry=self.registry)
         self.deliveries = Counter("darkroom_deliveries", "Deliveries by outcome (run, skip, defer, retry, recycle)",
                                   ["outcome"], registry=self.registry)
+        self.leases_lost = Counter("darkroom_leases_lost", "Attempts that stopped because their fence went stale",
+                                   registry=self.registry)
+        self.reconciled = Counter("darkroom_reconciled", "Jobs enqueued again by the reconciler (message lost)",
+                                  registry=self.registry)
+        self.timeouts = Counter("darkroom_job_timeouts", "Jobs that ran past their run-time limit",
+                                registry=self.registry)
 
     def observe_job(self, record: JobRecord | None) -> None:
         if record is None or not record.status.is_terminal:

@@ -1,13 +1,17 @@
-"""Bring back the messages of dead workers in seconds, not after the broker's visibility timeout.
+"""Bringing back jobs whose message is gone or stuck with a dead worker.
 
-kombu's Redis transport keeps every delivered, unacknowledged message in the
-hash ``unacked`` (tag -> [message, exchange, routing_key]) with its delivery
-time in the sorted set ``unacked_index``, and restores one only after the
-visibility timeout (which must exceed the longest job: an hour by default).
-Jobs hold a lease while they run (see :mod:`.lease`), so a message that has
-been out longer than a lease lifetime while no lease exists for its job
-belongs to a worker that died: it is pushed back onto its queue now, the same
-way kombu restores it (priority list, consumption end, ``redelivered`` set).
+**Abandoned messages.** kombu's Redis transport keeps every delivered, unacknowledged message in
+the hash ``unacked`` with its delivery time in ``unacked_index``, and restores one only after the
+visibility timeout (which must exceed the longest job: an hour by default). Jobs hold a lease while
+they run, so a message out longer than a lease lifetime whose job holds no lease belongs to a
+worker that died: :func:`reclaim_abandoned` pushes it back now, as kombu would.
+
+**Lost messages.** A job can also be ``queued`` or ``started`` with no message anywhere: lost in
+kombu's window between BRPOP and the unacked write when a worker is SIGKILLed, or in the last second
+before a Redis crash under ``appendfsync everysec``. :class:`Reconciler` (one at a time across the
+fleet: a Redis lock) takes open jobs unchanged for a grace period, with no lease and no message in
+any queue or in ``unacked``, and enqueues a fresh message for each. That is safe by construction:
+a duplicate delivery finds the lease or the ended record, and the fence keeps results single.
 """
 
 from __future__ import annotations
@@ -15,18 +19,32 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from .lease import lease_key
+from darkroom.common.broker import (
+    UNACKED,
+    UNACKED_INDEX,
+    message_task_id,
+    origin,
+    redelivered,
+    restore_list,
+    task_message,
+)
+from darkroom.common.fleet import Fleet
+from darkroom.common.jobs import MESSAGE_SCHEMA_VERSION
+from darkroom.common.jobstore import OPEN_JOBS_KEY, JobRecord, UnreadableRecord
+from darkroom.common.lifecycle import Lifecycle, lease_key
+from darkroom.common.queues import TASK_IMG2IMG
 
-__all__ = ["reclaim_abandoned", "UNACKED", "UNACKED_INDEX"]
+__all__ = ["reclaim_abandoned", "Reconciler", "RECONCILER_LOCK"]
 
 log = logging.getLogger(__name__)
 
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
+RECONCILER_LOCK = "darkroom:reconciler:lock"
+_QUEUE_PATTERN = "darkroom.img2img*"
 
 
 def reclaim_abandoned(client: redis.Redis, *, older_than: float, limit: int = 100) -> list[str]:
@@ -56,33 +74,111 @@ def _restore_if_abandoned(client: redis.Redis, tag: bytes | str) -> str | None:
                 pipe.execute()
                 return None
             message, _exchange, routing_key = json.loads(raw)
-            job_id = _job_id(message)
+            job_id = message_task_id(message)
             if job_id is None or pipe.exists(lease_key(job_id)):
                 pipe.unwatch()  # type: ignore[no-untyped-call]
                 return None
             pipe.multi()
             pipe.zrem(UNACKED_INDEX, tag)
             pipe.hdel(UNACKED, tag)
-            pipe.rpush(_queue_key(routing_key, message), json.dumps(_mark_redelivered(message)))
+            pipe.rpush(restore_list(routing_key, message), json.dumps(redelivered(message)))
             pipe.execute()
             return job_id
         except redis.WatchError:
             return None
 
 
-def _job_id(message: dict[str, Any]) -> str | None:
-    headers = message.get("headers") or {}
-    value = headers.get("id") or (message.get("properties") or {}).get("correlation_id")
-    return str(value) if value else None
+class Reconciler:
+    """Enqueues again the open jobs whose message is gone (see the module's docstring)."""
+
+    def __init__(self, client: redis.Redis, lifecycle: Lifecycle, *, grace_seconds: float, interval_seconds: float,
+                 owner: str, limit: int = 500) -> None:
+        self.redis = client
+        self.lifecycle = lifecycle
+        self.grace = grace_seconds
+        self.interval = interval_seconds
+        self.owner = owner
+        self.limit = limit
+        self._next = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self._next
+
+    def run_once(self, now: float | None = None) -> list[str]:
+        """One sweep if this process gets the fleet-wide lock (else nothing); the job ids enqueued again."""
+        now = time.time() if now is None else now
+        self._next = now + self.interval
+        if not self.redis.set(RECONCILER_LOCK, self.owner, px=int(self.interval * 1000), nx=True):
+            return []
+        candidates = self._stale_open_jobs()
+        if not candidates:
+            return []
+        present = self._jobs_with_messages(set(candidates))
+        requeued = []
+        for job_id in candidates:
+            if job_id in present or self.redis.exists(lease_key(job_id)):
+                self.redis.zadd(OPEN_JOBS_KEY, {job_id: time.time()})  # fine: look again after another grace
+                continue
+            if self._enqueue(job_id):
+                requeued.append(job_id)
+        if requeued:
+            log.warning("reconciler: enqueued %d job(s) whose message was lost: %s", len(requeued),
+                        ", ".join(requeued[:20]))
+        return requeued
+
+    def _stale_open_jobs(self) -> list[str]:
+        # the index is scored by Redis's clock; compare with it, not this host's
+        seconds, micros = self.redis.time()  # type: ignore[misc]
+        ceiling = seconds + micros / 1e6 - self.grace
+        found = self.redis.zrangebyscore(OPEN_JOBS_KEY, "-inf", ceiling, start=0, num=self.limit)
+        return [f.decode() if isinstance(f, bytes) else str(f) for f in found]
+
+    def _jobs_with_messages(self, wanted: set[str]) -> set[str]:
+        """Which of ``wanted`` have a message in some queue list or in kombu's unacked hash."""
+        found: set[str] = set()
+        for key in self.redis.scan_iter(match=_QUEUE_PATTERN, count=1000):
+            if self.redis.type(key) not in (b"list", "list"):
+                continue
+            for start in range(0, int(self.redis.llen(key)), 1000):  # type: ignore[arg-type]
+                found |= _named(self.redis.lrange(key, start, start + 999), wanted)
+        found |= _named(self.redis.hvals(UNACKED), wanted, unacked=True)
+        return found
+
+    def _enqueue(self, job_id: str) -> bool:
+        try:
+            record = self.lifecycle.read(job_id)
+        except UnreadableRecord:
+            return False
+        if record is None or record.status.is_terminal or record.job is None:
+            self.redis.zrem(OPEN_JOBS_KEY, job_id)
+            return False
+        if not self.lifecycle.reconciled(record):  # changed since it was read: not lost
+            return False
+        queue, message = _message(record, Fleet(self.redis).queue_for(record.job.model))
+        self.redis.lpush(queue, message)
+        return True
 
 
-def _queue_key(routing_key: str, message: dict[str, Any]) -> str:
-    priority = int((message.get("properties") or {}).get("priority") or 0)
-    priority = min(max(priority, 0), 9)
-    return f"{routing_key}:{priority}" if priority else routing_key
+def _named(raws: Iterable[Any], wanted: set[str], *, unacked: bool = False) -> set[str]:
+    found = set()
+    for raw in raws:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        if not any(job_id in text for job_id in wanted):  # cheap filter before parsing
+            continue
+        try:
+            message = json.loads(text)
+            if unacked:
+                message = message[0]
+            job_id = message_task_id(message)
+        except (ValueError, TypeError, IndexError, KeyError):
+            continue
+        if job_id in wanted:
+            found.add(job_id)
+    return found
 
 
-def _mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:
-    message.setdefault("headers", {})["redelivered"] = True
-    message.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
-    return message
+def _message(record: JobRecord, queue: str) -> tuple[str, bytes]:
+    assert record.job is not None
+    payload = {**record.job.model_dump(mode="json"), "schema_version": MESSAGE_SCHEMA_VERSION}
+    return task_message(TASK_IMG2IMG, record.job_id, [payload], queue=queue,
+                        priority=record.job.priority.broker_priority, sender=origin())

@@ -8,7 +8,8 @@ the task can retry later; anything unexpected fails the job with
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -22,19 +23,19 @@ import redis
 
 from darkroom.common.errors import (
     ErrorCode,
-    InvalidJobError,
     JobError,
+    LeaseLost,
     ObjectNotFoundError,
     ObjectTooLargeError,
     StorageError,
     TransientError,
     WorkerFatalError,
 )
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority, validate_job
+from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority
 from darkroom.common.jobstore import JobRecord
+from darkroom.common.lifecycle import Fence
 from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timings
 from darkroom.common.safety import SafetyVerdict
-from darkroom.common.status import IllegalTransition, JobStatus
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
 from .batcher import BatchPolicy, Engine, JobCancelled, Request
@@ -87,6 +88,7 @@ class JobRunner:
                         max_pixels=settings.batch_max_pixels),
             self.executor, slots=settings.slots, after_batch=ctx.after_job,
         )
+        ctx.engine_busy = lambda: self.engine.busy_since
         self._local = threading.local()  # per task thread: the delivery's lease
 
     @property
@@ -100,31 +102,54 @@ class JobRunner:
         self._local.lease_lost = check
 
     # -- entry points ----------------------------------------------------
-    def run(self, payload: dict[str, Any]) -> JobRecord | None:
-        """Run one job message to a terminal state (or raise TransientError to retry it)."""
+    def run(self, record: JobRecord, fence: Fence) -> JobRecord | None:
+        """Run a started attempt of ``record`` to an outcome the lifecycle records; TransientError or
+        WorkerFatalError for the delivery to handle; LeaseLost when the fence went stale (nothing written)."""
         started = time.perf_counter()
-        job = self._parse(payload)
-        if job is None:
-            return None
-        record = self._start(job)
-        if record is None:
-            return None
+        assert record.job is not None
+        job = self.effective(record.job)
         with self.ctx.running(record.job_id), self.engine.occupied():  # the report names its current jobs
-            return self._run_started(record, job, started)
+            return self._run_started(record, fence, job, started)
 
-    def _run_started(self, record: JobRecord, job: Img2ImgJob, started: float) -> JobRecord | None:
+    def effective(self, job: Img2ImgJob) -> Img2ImgJob:
+        """The job with what the worker decides when the submitter did not: the seed and the output prefix."""
+        if job.seed is None:
+            job = job.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
+        if job.output_prefix is None:
+            job = job.model_copy(update={"output_prefix": self.ctx.settings.default_output_prefix.rstrip("/")})
+        return job
+
+    def time_limit(self, job: Img2ImgJob) -> float:
+        """Seconds the job may run: base + factor x steps x megapixels x images, capped by the ceiling."""
+        s = self.ctx.settings
+        width, height = job.width or 512, job.height or 512
+        work = job.num_inference_steps * (width * height / 1e6) * job.num_images_per_prompt
+        return min(s.job_time_ceiling_seconds, s.job_time_base_seconds + s.job_time_factor * work)
+
+    def _run_started(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float) -> JobRecord | None:
         timings = Timings(queue_wait=max(0.0, (datetime.now(UTC) - record.created_at).total_seconds()))
+        stop = _Stop(deadline=time.monotonic() + self.time_limit(job))
+        lifecycle = self.ctx.lifecycle
         try:
-            result = self._execute(record, job, started, timings)
+            result = self._execute(record, fence, job, started, timings, stop)
         except JobCancelled:
+            if stop.reason == "stale":
+                raise LeaseLost(record.job_id, "the job was taken over while it ran") from None
+            if stop.reason == "timeout":
+                self.ctx.metrics.timeouts.inc()
+                timings.total = time.perf_counter() - started
+                return lifecycle.fail(fence, record, ErrorCode.TIMEOUT,
+                                      f"ran past its limit of {self.time_limit(job):.0f} s (job_time_* settings)",
+                                      FailureDetails(timings=timings))
             log.info("job %s cancelled while running; nothing published", job.job_id)
-            return self.ctx.jobs.get(record.job_id)
+            return lifecycle.cancelled(fence, record)
         except JobError as exc:
             log.info("job %s failed [%s]: %s", job.job_id, exc.code, exc.message)
             timings.total = time.perf_counter() - started
             verdict = exc.verdict if isinstance(exc, InputFlaggedError) else None
-            return self.fail(job, exc.code, exc.message, FailureDetails(timings=timings, input_safety=verdict))
-        except (TransientError, WorkerFatalError):
+            return lifecycle.fail(fence, record, exc.code, exc.message,
+                                  FailureDetails(timings=timings, input_safety=verdict))
+        except (TransientError, WorkerFatalError, LeaseLost):
             raise
         except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: try again later
             raise TransientError(f"Redis unavailable: {exc}") from exc
@@ -132,75 +157,13 @@ class JobRunner:
             if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: the device is in trouble
                 raise WorkerFatalError(f"out of device memory: {exc}") from exc
             log.exception("job %s failed unexpectedly", job.job_id)
-            return self.fail(job, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return lifecycle.fail(fence, record, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         self.ctx.jobs_done += 1
-        try:
-            return self.ctx.jobs.transition(job.job_id or "", JobStatus.SUCCEEDED, job=job, result=result)
-        except IllegalTransition:  # cancelled after its outputs were committed
-            log.info("job %s ended (cancelled) while committing; its outputs stay recorded in result.json",
-                     job.job_id)
-            return self.ctx.jobs.get(record.job_id)
-
-    def fail(self, job: Img2ImgJob, code: ErrorCode | str, message: str,
-             details: FailureDetails | None = None) -> JobRecord | None:
-        try:
-            return self.ctx.jobs.transition(
-                job.job_id or "", JobStatus.FAILED, job=job, error_code=str(code), error_message=message,
-                details=details,
-            )
-        except IllegalTransition:
-            return None
-
-    def requeue(self, payload: dict[str, Any], note: str) -> None:
-        """Mark a started job ``queued`` again before a retry."""
-        job = self._parse(payload, record_failure=False)
-        if job is not None:
-            with contextlib.suppress(IllegalTransition):
-                self.ctx.jobs.transition(job.job_id or "", JobStatus.QUEUED, job=job, error_message=note)
+        return lifecycle.succeed(fence, record, result)
 
     # -- stages ----------------------------------------------------------
-    def _parse(self, payload: dict[str, Any], *, record_failure: bool = True) -> Img2ImgJob | None:
-        try:
-            job = validate_job(payload)
-        except InvalidJobError as exc:
-            job_id = payload.get("job_id") if isinstance(payload, dict) else None
-            log.warning("refusing invalid job %s: %s", job_id, exc)
-            if record_failure and isinstance(job_id, str) and self.ctx.jobs.get(job_id) is not None:
-                record = self.ctx.jobs.require(job_id)
-                self.fail(record.job, ErrorCode.INVALID_JOB, str(exc))
-            return None
-        if job.job_id is None:
-            log.warning("refusing a job without job_id")
-            return None
-        if job.seed is None:
-            job = job.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
-        if job.output_prefix is None:
-            job = job.model_copy(update={"output_prefix": self.ctx.settings.default_output_prefix.rstrip("/")})
-        return job
-
-    def _start(self, job: Img2ImgJob) -> JobRecord | None:
-        assert job.job_id is not None
-        current = self.ctx.jobs.get(job.job_id)
-        if current is not None and current.status.is_terminal:
-            log.info("job %s is already %s; skipping the message", job.job_id, current.status.value)
-            return None
-        attempt = (current.attempt if current else 0) + 1
-        lost = lost_attempts(self.ctx.jobs.history(job.job_id))
-        if lost >= self.ctx.settings.max_deliveries:
-            self.ctx.jobs.dead_letter(job, f"{lost} attempts ended without an outcome (worker lost each time)")
-            log.error("job %s moved to the dead-letter queue after %d lost attempts", job.job_id, lost)
-            return None
-        self.ctx.jobs.note(job.job_id, "started", attempt=attempt, worker=self.ctx.name)
-        try:
-            return self.ctx.jobs.transition(
-                job.job_id, JobStatus.STARTED, job=job, attempt=attempt, worker=self.ctx.name,
-                error_code=None, error_message=None, details=None,
-            )
-        except IllegalTransition:  # cancelled between the read and the write
-            log.info("job %s ended before it started; skipping the message", job.job_id)
-            return None
-
-    def _execute(self, record: JobRecord, job: Img2ImgJob, started: float, timings: Timings) -> JobResult:
+    def _execute(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float, timings: Timings,
+                 stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
         self._check_bucket(job.image, "image")
         self._check_bucket(job.output_prefix or "", "output_prefix")
@@ -234,20 +197,21 @@ class JobRunner:
                             ip_adapter_scale=ip_scale, **embeds)
             fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
             key = batch_key(item, mixed_adapters=self.executor.mixing.allows(job.model))
-            request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fault),
+            request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fence, stop, fault),
                               priority=0 if job.priority is Priority.INTERACTIVE else 1)
             inference = slot.infer(request)
+        if stop.reason is not None:
+            raise JobCancelled(record.job_id)
         for stage in ("model_load", "adapters", "inference", "batch_wait"):
             setattr(timings, stage, getattr(timings, stage) + getattr(inference, stage))
         if self.ctx.jobs.is_cancelled(record.job_id):
             raise JobCancelled(record.job_id)
-        if self.lease_lost():
-            raise TransientError("lost the job's lease before publishing; another worker may have taken it over")
+        self._check_lease(record.job_id)
         with clock.time("safety"):
             verdicts = self.ctx.screening.judge(inference.images, rules)
         if fault is not None:
             fault.before_upload()
-        outputs = self._store_outputs(job, inference.images, item.seeds, verdicts, clock, inference.latents)
+        outputs = self._store_outputs(job, fence, inference.images, item.seeds, verdicts, clock, inference.latents)
         timings.total = time.perf_counter() - started
         result = JobResult(
             job_id=record.job_id,
@@ -261,10 +225,17 @@ class JobRunner:
             timings=timings,
             worker=self.ctx.name,
             device=self.ctx.device.device,
-            attempt=record.attempt,
+            attempt=fence.attempt,
+            submission=fence.submission,
             finished_at=datetime.now(UTC),
         )
-        return self._commit(result, clock)
+        self._check_lease(record.job_id)
+        return self._commit(result, fence, clock)
+
+    def _check_lease(self, job_id: str) -> None:
+        """Stop early when the lease may have slipped away (the fence is what refuses a stale write)."""
+        if self.lease_lost():
+            raise LeaseLost(job_id, "lost the job's lease before publishing; another worker may have taken it over")
 
     def _fetch_input(self, job: Img2ImgJob, field: str = "image") -> bytes:
         uri = getattr(job, field)
@@ -301,36 +272,38 @@ class JobRunner:
         return {"ip_adapter_scale": scale, "ip_adapter_resolved": {"weights": spec.weights,
                                                                    "image_encoder": spec.image_encoder}}
 
-    def _store_outputs(self, job: Img2ImgJob, images: list[Any], seeds: list[int], verdicts: list[SafetyVerdict],
-                       clock: _Stopwatch, latents: list[Any] | None = None) -> list[OutputImage]:
-        return [self._store_output(job, index, image, seed, verdict, clock,
+    def _store_outputs(self, job: Img2ImgJob, fence: Fence, images: list[Any], seeds: list[int],
+                       verdicts: list[SafetyVerdict], clock: _Stopwatch,
+                       latents: list[Any] | None = None) -> list[OutputImage]:
+        return [self._store_output(job, fence, index, image, seed, verdict, clock,
                                    None if latents is None else latents[index])
                 for index, (image, seed, verdict) in enumerate(zip(images, seeds, verdicts, strict=True))]
 
-    def _store_output(self, job: Img2ImgJob, index: int, image: Any, seed: int, verdict: SafetyVerdict,
-                      clock: _Stopwatch, latents: Any = None) -> OutputImage:
+    def _store_output(self, job: Img2ImgJob, fence: Fence, index: int, image: Any, seed: int,
+                      verdict: SafetyVerdict, clock: _Stopwatch, latents: Any = None) -> OutputImage:
         """Store one image as its verdict says: the original to quarantine when blurred or blocked, then
         the public image (as made, or blurred) unless blocked. Both carry the verdict as metadata and tags."""
         assert job.job_id is not None and job.output_prefix is not None
-        metadata = {"job-id": job.job_id, "seed": str(seed), **object_metadata(verdict)}
+        run = fence.tag
+        metadata = {"job-id": job.job_id, "seed": str(seed), "attempt": run, **object_metadata(verdict)}
         quarantine = None
         if verdict.action.quarantines:
-            quarantine = self.ctx.screening.quarantine_uri(job.job_id, index, _extension(job))
+            quarantine = self.ctx.screening.quarantine_uri(job.job_id, index, _extension(job), run)
             self._upload(quarantine, image, job, metadata, object_tags(verdict), clock)
         with clock.time("safety"):
             public = public_image(image, verdict)
-        uri = thumb = None
+        uri = thumb = digest = None
         if public is not None:
-            uri = output_image_uri(job.output_prefix, job.job_id, index, _extension(job))
-            self._upload(uri, public, job, metadata, object_tags(verdict), clock)
-            thumb = thumbnail_uri(job.output_prefix, job.job_id, index)  # of the public image: blurred if blurred
+            uri = output_image_uri(job.output_prefix, job.job_id, index, _extension(job), run)
+            digest = self._upload(uri, public, job, metadata, object_tags(verdict), clock)
+            thumb = thumbnail_uri(job.output_prefix, job.job_id, index, run)  # of the public image: blurred if blurred
             with clock.time("encode"):
                 small = make_thumbnail(public)
             with clock.time("upload"):
                 self._put(thumb, small, THUMBNAIL_CONTENT_TYPE, metadata, tags=object_tags(verdict))
         latents_at = None
         if public is not None and latents is not None and job.output_latents:  # never for a blocked image
-            latents_at = latents_uri(job.output_prefix, job.job_id, index)
+            latents_at = latents_uri(job.output_prefix, job.job_id, index, run)
             with clock.time("encode"):
                 data = encode_latents(latents, seed)
             with clock.time("upload"):
@@ -339,30 +312,49 @@ class JobRunner:
                            height=image.height, content_type=job.output_format.content_type, nsfw=verdict.flagged,
                            safety=verdict, quarantine_uri=None if quarantine is None else str(quarantine),
                            thumbnail_uri=None if thumb is None else str(thumb),
-                           latents_uri=None if latents_at is None else str(latents_at))
+                           latents_uri=None if latents_at is None else str(latents_at), sha256=digest)
 
     def _upload(self, uri: S3Uri, image: Any, job: Img2ImgJob, metadata: dict[str, str], tags: str,
-                clock: _Stopwatch) -> None:
+                clock: _Stopwatch) -> str:
+        """Encode and store one image under its attempt's own key; returns the SHA-256 of the bytes stored."""
+        self._check_lease(job.job_id or "")
         with clock.time("encode"):
             data = encode_image(image, job.output_format, job.output_quality)
         with clock.time("upload"):
             self._put(uri, data, job.output_format.content_type, metadata, tags=tags)
+        return hashlib.sha256(data).hexdigest()
 
-    def _commit(self, result: JobResult, clock: _Stopwatch) -> JobResult:
-        """Write ``result.json`` once (conditional put); if an earlier attempt already did, keep that one."""
+    def _commit(self, result: JobResult, fence: Fence, clock: _Stopwatch) -> JobResult:
+        """Publish ``result.json``, the job's commit pointer, by compare-and-swap on its ETag.
+
+        Written if absent; replaced only when the one there has an older fence (an attempt that lost the job,
+        or an earlier submission of this id); kept when it is this attempt's own. A newer fence there means
+        this attempt is stale: LeaseLost, nothing published. Whatever a ``result.json`` names was written
+        under that attempt's own keys, so its images always match it.
+        """
         uri = S3Uri.parse(result.result_uri)
+        data = result.model_dump_json(indent=2).encode()
         with clock.time("upload"):
-            written = self._put(uri, result.model_dump_json(indent=2).encode(), "application/json", {}, if_absent=True)
-        if written:
-            return result
-        log.info("job %s: result already committed by an earlier attempt; keeping it", result.job_id)
-        return JobResult.model_validate_json(self.ctx.store.get_bytes(uri))
+            if self._put(uri, data, "application/json", {}, if_absent=True):
+                return result
+            for _ in range(10):
+                raw, etag = self.ctx.store.get_versioned(uri)
+                there = _fence_of(raw)
+                if there == fence:
+                    return JobResult.model_validate_json(raw)  # our own put, answered late
+                if there is not None and there.newer_than(fence):
+                    raise LeaseLost(result.job_id, f"a newer attempt ({there.tag}) already published {uri}")
+                if self._put(uri, data, "application/json", {}, if_match=etag):
+                    log.info("job %s: result.json of attempt %s replaced by %s", result.job_id,
+                             "?" if there is None else there.tag, fence.tag)
+                    return result
+        raise TransientError(f"{uri} kept changing while publishing")
 
     def _put(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str], *,
-             if_absent: bool = False, tags: str | None = None) -> bool:
+             if_absent: bool = False, if_match: str | None = None, tags: str | None = None) -> bool:
         try:
             return self.ctx.store.put_bytes(uri, data, content_type=content_type, metadata=metadata,
-                                            if_absent=if_absent, tags=tags)
+                                            if_absent=if_absent, if_match=if_match, tags=tags)
         except StorageError as exc:
             raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: {exc}") from None
 
@@ -376,37 +368,53 @@ def _never() -> bool:
     return False
 
 
-OUTCOME_EVENTS = frozenset({"finished", "transient", "worker_fatal"})
+def _fence_of(raw: bytes) -> Fence | None:
+    """The fence a stored ``result.json`` was published with (None if it cannot be read)."""
+    try:
+        data = json.loads(raw)
+        return Fence(str(data.get("submission") or ""), int(data["attempt"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
-def lost_attempts(history: list[dict[str, Any]]) -> int:
-    """Starts not followed by an outcome: the worker died (or lost Redis) mid-job."""
-    events = [e.get("event") for e in history if e.get("event") != "deferred"]
-    return sum(1 for i, event in enumerate(events)
-               if event == "started" and (i + 1 == len(events) or events[i + 1] not in OUTCOME_EVENTS))
+@dataclass
+class _Stop:
+    """Why a running job was stopped from its step callback: cancelled, timeout or stale (lease lost)."""
+
+    deadline: float
+    reason: str | None = None
 
 
 class _ProgressReporter:
-    """Publishes throttled progress events (always the last step) and stops cancelled jobs."""
+    """Publishes throttled progress events (always the last step) and stops a job that was cancelled, ran
+    past its time limit, or whose attempt is no longer the job's current one."""
 
-    def __init__(self, ctx: WorkerContext, record: JobRecord, fault: Fault | None = None) -> None:
-        self.ctx, self.record, self.fault = ctx, record, fault
+    def __init__(self, ctx: WorkerContext, record: JobRecord, fence: Fence, stop: _Stop,
+                 fault: Fault | None = None) -> None:
+        self.ctx, self.record, self.fence, self.stop, self.fault = ctx, record, fence, stop, fault
         self.last = 0.0
 
     def __call__(self, step: int, total: int) -> None:
         if self.fault is not None:
-            self.fault.at_step(step, self.record.attempt)
+            self.fault.at_step(step, self.fence.attempt)
         now = time.monotonic()
+        self.ctx.progress_at = now
+        if now > self.stop.deadline:
+            self._halt("timeout")
         if step < total and now - self.last < self.ctx.settings.progress_interval_seconds:
             return
         self.last = now
         try:
-            cancelled = self.ctx.jobs.report_progress(self.record, step, total)
+            reply = self.ctx.lifecycle.report_progress(self.fence, self.record, step, total)
         except Exception as exc:  # noqa: BLE001 - progress is best effort
             log.debug("progress event lost: %s", exc)
             return
-        if cancelled:
-            raise JobCancelled(self.record.job_id)
+        if reply in ("cancelled", "stale"):
+            self._halt(reply)
+
+    def _halt(self, reason: str) -> None:
+        self.stop.reason = reason
+        raise JobCancelled(self.record.job_id)
 
 
 def _extension(job: Img2ImgJob) -> str:

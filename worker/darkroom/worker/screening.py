@@ -113,9 +113,9 @@ class Screening:
             scores = self.checker.scores(images)
         return judge(scores, rules.threshold, rules.policy, self.checker)
 
-    def quarantine_uri(self, job_id: str, index: int, ext: str) -> S3Uri:
-        """``{quarantine_prefix}/{job_id}/{index:03d}.{ext}``: where a blurred or blocked original goes."""
-        return output_image_uri(str(self.quarantine), job_id, index, ext)
+    def quarantine_uri(self, job_id: str, index: int, ext: str, run: str = "") -> S3Uri:
+        """``{quarantine_prefix}/{job_id}/{run}/{index:03d}.{ext}``: where a blurred or blocked original goes."""
+        return output_image_uri(str(self.quarantine), job_id, index, ext, run)
 
     def _refuse_quarantine(self, uri: str, field: str) -> None:
         """Jobs never read from or write into the quarantine prefix."""

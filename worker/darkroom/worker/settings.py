@@ -46,7 +46,9 @@ class WorkerSettings(Settings):
     max_image_pixels: int = Field(2048 * 2048, ge=64, description="Decoded inputs (and resized working images) with more pixels "
                                                                 "fail at once.")
     transient_retries: int = Field(
-        8, ge=0, le=50, description="Retries of transient errors (backoff 1 s doubling to 60 s) before a job fails."
+        8, ge=0, le=10_000,
+        description="Retries of transient errors (backoff 1 s doubling to 60 s) before a job fails; counted in the "
+                    "job's record.",
     )
     progress_interval_seconds: float = Field(0.5, ge=0.0, description="Minimum time between progress events.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the worker announces itself in Redis.")
@@ -82,7 +84,36 @@ class WorkerSettings(Settings):
     lease_seconds: float = Field(
         10.0, ge=1.0, description="Job lease lifetime; a dead worker's job is taken over about this long after."
     )
-    max_deliveries: int = Field(5, ge=1, description="Starts of one job before it goes to the dead-letter queue.")
+    max_deliveries: int = Field(
+        5, ge=1, le=10_000,
+        description="Attempts of one job that end without an outcome (their worker lost mid-job) before it goes to "
+                    "the dead-letter store.",
+    )
+    max_unexpected_failures: int = Field(
+        3, ge=1, le=1000,
+        description="Deliveries of one job that break outside the job (e.g. Redis lost mid-delivery) before it goes "
+                    "to the dead-letter store.",
+    )
+    reconcile_interval_seconds: float = Field(
+        30.0, gt=0, description="How often one worker of the fleet (a Redis lock) looks for queued or started jobs "
+                                "whose message is gone, and enqueues them again.",
+    )
+    reconcile_grace_seconds: float = Field(
+        60.0, gt=0, description="How long a queued or started job may go unchanged, with no lease and no message, "
+                                "before the reconciler enqueues it again.",
+    )
+    job_time_base_seconds: float = Field(
+        120.0, gt=0, description="Run-time limit of a job: this plus job_time_factor x steps x megapixels x images "
+                                 "(capped at job_time_ceiling_seconds); past it the job fails 'timeout'.",
+    )
+    job_time_factor: float = Field(
+        5.0, ge=0, description="Seconds allowed per denoising step per megapixel per image (see job_time_base_seconds).",
+    )
+    job_time_ceiling_seconds: float = Field(3600.0, gt=0, description="The longest any job may run.")
+    engine_stall_seconds: float = Field(
+        600.0, gt=0, description="A worker whose engine made no denoising step for this long while it had work "
+                                 "is recycled (exit 75, restarted by its supervisor).",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics, /healthz and /readyz (0.0.0.0 in pods).")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of the metrics server; 0 disables it.")
     fault_injection: bool = Field(False, description="Tests only: honour [[fault:...]] markers in prompts.")

@@ -114,7 +114,7 @@ class Dashboard:
             return PlainTextResponse("no such job\n", status_code=404)
         uri: str | None = None
         if request.path_params.get("index") is None:
-            uri = record.job.image if input_visible(record, role) else None
+            uri = record.job.image if record.job is not None and input_visible(record, role) else None
         elif record.result is not None:
             try:
                 output = record.result.outputs[int(request.path_params["index"])]

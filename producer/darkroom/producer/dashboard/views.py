@@ -48,8 +48,8 @@ class JobFilter:
 
     def matches(self, record: JobRecord) -> bool:
         return ((self.status is None or record.status is self.status)
-                and (self.model is None or record.job.model == self.model)
-                and (self.producer is None or record.job.producer == self.producer))
+                and (self.model is None or (record.job is not None and record.job.model == self.model))
+                and (self.producer is None or (record.job is not None and record.job.producer == self.producer)))
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ class JobRow:
 
     @property
     def prompt(self) -> str:
-        first = self.record.job.prompts()[0] if self.record.job.prompts() else ""
+        prompts = self.record.job.prompts() if self.record.job is not None else []
+        first = prompts[0] if prompts else ""
         return first if len(first) <= 80 else first[:79] + "…"
 
 
@@ -301,6 +302,8 @@ class JobDetail:
     def parameters(self) -> dict[str, Any]:
         if self.record.result is not None:
             return self.record.result.parameters
+        if self.record.job is None:  # a message that could not be read as a job
+            return {"raw_job": self.record.raw_job}
         return self.record.job.model_dump(mode="json", exclude_none=True)
 
     @property

@@ -29,9 +29,15 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from darkroom.common.queues import broker_list
+from .queues import broker_list
 
-__all__ = ["ARGSREPR_MAX", "origin", "task_message"]
+__all__ = ["ARGSREPR_MAX", "UNACKED", "UNACKED_INDEX", "message_task_id", "origin", "redelivered", "restore_list",
+           "task_message"]
+
+UNACKED = "unacked"
+"""kombu's hash of delivered, unacknowledged messages: delivery tag -> JSON [message, exchange, routing key]."""
+UNACKED_INDEX = "unacked_index"
+"""kombu's sorted set: delivery tag -> when it was delivered (epoch seconds)."""
 
 ARGSREPR_MAX = 1024
 """Celery's ``argsrepr_maxsize``: the argument summary workers log is cut to this many characters."""
@@ -96,3 +102,23 @@ def _headers(task: str, task_id: str, args: Sequence[Any], sender: str) -> dict[
         "stamped_headers": None,
         "stamps": {},
     }
+
+
+def message_task_id(message: dict[str, Any]) -> str | None:
+    """The task id (the job id) of a message as kombu stores it."""
+    headers = message.get("headers") or {}
+    value = headers.get("id") or (message.get("properties") or {}).get("correlation_id")
+    return str(value) if value else None
+
+
+def restore_list(routing_key: str, message: dict[str, Any]) -> str:
+    """The list kombu restores an unacknowledged message to (its priority's list; RPUSH = next out)."""
+    priority = int((message.get("properties") or {}).get("priority") or 0)
+    return broker_list(routing_key, min(max(priority, 0), 9))
+
+
+def redelivered(message: dict[str, Any]) -> dict[str, Any]:
+    """The message marked as kombu marks a restored one."""
+    message.setdefault("headers", {})["redelivered"] = True
+    message.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+    return message
