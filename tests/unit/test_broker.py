@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis
 
+from darkroom.common.broker import ARGSREPR_MAX, task_message
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.queues import TASK_IMG2IMG, broker_list, celery_config, cold_queue
 from darkroom.common.settings import Settings
-from darkroom.common.broker import ARGSREPR_MAX, task_message
 from darkroom.producer.embedded import resolve_redis_server
 
 # argsrepr (what workers log) is Python's repr, cut at 1024 characters; Celery's saferepr differs only in

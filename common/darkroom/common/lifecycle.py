@@ -257,7 +257,8 @@ class Lifecycle:
                                 error_message=None, details=None, updated_at=now)
         reply = self._write(current, record, expect=_UNSTARTED if current.status is JobStatus.QUEUED else _LIVE,
                             lease=("take", f"{fence.tag}@{worker}", int(lease_seconds * 1000)),
-                            note=("started", {"attempt": fence.attempt, "worker": worker}), open_op="add",
+                            note=("started", {"attempt": fence.attempt, "worker": worker,
+                                                  "submission": fence.submission}), open_op="add",
                             stored=self._stored(current))
         if reply == "ok":
             return Started(StartReply.STARTED, record, fence)
@@ -288,9 +289,9 @@ class Lifecycle:
         return self._finish(fence, record, JobStatus.SUCCEEDED, "finished", result=result)
 
     def fail(self, fence: Fence, record: JobRecord, code: ErrorCode | str, message: str,
-             details: FailureDetails | None = None) -> JobRecord:
+             details: FailureDetails | None = None, *, note: str = "finished") -> JobRecord:
         """``started`` → ``failed`` with ``code``; LeaseLost if the fence is stale."""
-        return self._finish(fence, record, JobStatus.FAILED, "finished", error_code=str(code),
+        return self._finish(fence, record, JobStatus.FAILED, note, error_code=str(code),
                             error_message=message, details=details)
 
     def cancelled(self, fence: Fence, record: JobRecord, reason: str = "cancelled while running") -> JobRecord:
@@ -304,7 +305,8 @@ class Lifecycle:
     def _finish(self, fence: Fence, record: JobRecord, status: JobStatus, note: str, **changes: Any) -> JobRecord:
         new = record.evolve(status=status, updated_at=_now(), **changes)
         reply = self._write(record, new, fence=fence, expect="started", lease=("release", f"{fence.tag}@", 0),
-                            note=(note, {"attempt": fence.attempt, "status": status.value}), open_op="rem")
+                            note=(note, {"attempt": fence.attempt, "status": status.value,
+                                         "submission": fence.submission}), open_op="rem")
         if reply != "ok":
             raise LeaseLost(record.job_id, f"cannot end the job {status.value}: {self._why(reply)}")
         return new
@@ -326,7 +328,8 @@ class Lifecycle:
         """After a worker-fatal error: ``queued`` once more, or ``failed worker_fatal`` the second time."""
         if record.fatal_retries >= 1:
             return self.fail(fence, record, ErrorCode.WORKER_FATAL,
-                             f"{error} (twice, on two worker processes; the job is likely too large for the device)")
+                             f"{error} (twice, on two worker processes; the job is likely too large for the device)",
+                             note="worker_fatal")
         new = record.evolve(status=JobStatus.QUEUED, fatal_retries=record.fatal_retries + 1,
                             error_message=f"requeued once after a worker-fatal error: {error}", updated_at=_now())
         reply = self._write(record, new, fence=fence, expect="started", lease=("release", f"{fence.tag}@", 0),

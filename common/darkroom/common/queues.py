@@ -65,5 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "priority_steps": list(PRIORITY_STEPS),
             "sep": _PRIORITY_SEP,
             "queue_order_strategy": "priority",
+            "socket_timeout": settings.redis_socket_timeout_seconds,
+            "socket_connect_timeout": 5,
         },
     }

@@ -8,6 +8,7 @@ Keys (status changes push to the outbox; everything else is the dispatcher's)::
     darkroom:webhooks:dispatcher:{name}    STRING  heartbeat; expires when the dispatcher is gone
     darkroom:webhooks:retries              ZSET    delivery JSON scored by the epoch second it is due
     darkroom:webhooks:dead                 HASH    webhook id -> delivery JSON with every attempt
+    darkroom:webhooks:dead:index           ZSET    webhook id -> when it died (trimmed by retention and count)
     darkroom:webhooks:throttle:{job_id}    STRING  present while a job's progress events are held back
 
 An entry moves outbox -> processing (``BLMOVE``, atomic) and leaves processing only
@@ -30,7 +31,25 @@ __all__ = ["Attempt", "DeadLetters", "Delivery", "DeliveryQueue", "RETRIES_KEY",
 
 RETRIES_KEY = "darkroom:webhooks:retries"
 DEAD_KEY = "darkroom:webhooks:dead"
+DEAD_INDEX_KEY = "darkroom:webhooks:dead:index"
 DISPATCHERS_KEY = "darkroom:webhooks:dispatchers"
+
+# Bury one delivery: take it off the processing list, keep it, and trim the store by age and count.
+# KEYS: processing, dead hash, dead index. ARGV: raw entry, id, delivery JSON, retention s, max count.
+_BURY = """
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+local now = redis.call('TIME')
+local t = now[1] + now[2] / 1000000
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], t, ARGV[2])
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', t - tonumber(ARGV[4]))
+local over = redis.call('ZCARD', KEYS[3]) - #old - tonumber(ARGV[5])
+if over > 0 then
+  for _, f in ipairs(redis.call('ZRANGE', KEYS[3], #old, #old + over - 1)) do table.insert(old, f) end
+end
+for _, f in ipairs(old) do redis.call('HDEL', KEYS[2], f); redis.call('ZREM', KEYS[3], f) end
+return #old
+"""
 
 # Move up to ARGV[2] entries due by ARGV[1] from the retry set to a processing list, atomically.
 _PROMOTE_DUE = """
@@ -85,11 +104,15 @@ class Delivery(OutboxEntry):
 class DeliveryQueue:
     """One dispatcher's view of the outbox: take entries, then settle each exactly once."""
 
-    def __init__(self, client: redis.Redis, name: str) -> None:
+    def __init__(self, client: redis.Redis, name: str, *, dead_retention_seconds: int = 30 * 24 * 3600,
+                 dead_max: int = 10_000) -> None:
         self.redis = client
         self.name = name
         self.processing = processing_key(name)
+        self.dead_retention = dead_retention_seconds
+        self.dead_max = dead_max
         self._promote = client.register_script(_PROMOTE_DUE)
+        self._bury = client.register_script(_BURY)
 
     # -- taking ------------------------------------------------------------
     def take(self, timeout: float) -> str | None:
@@ -118,10 +141,8 @@ class DeliveryQueue:
     def bury(self, raw: str, delivery: Delivery) -> None:
         """Keep a delivery whose schedule is exhausted in the dead-letter store."""
         dead = delivery.model_copy(update={"dead_at": datetime.now(UTC)})
-        with self.redis.pipeline() as pipe:
-            pipe.lrem(self.processing, 1, raw)
-            pipe.hset(DEAD_KEY, dead.id, dead.model_dump_json())
-            pipe.execute()
+        self._bury(keys=[self.processing, DEAD_KEY, DEAD_INDEX_KEY],
+                   args=[raw, dead.id, dead.model_dump_json(), self.dead_retention, self.dead_max])
 
     def throttle(self, job_id: str, seconds: float) -> bool:
         """True if a progress event of ``job_id`` may go now (then holds the next ones for ``seconds``)."""
@@ -211,6 +232,7 @@ class DeadLetters:
         fresh = dead.model_copy(update={"attempts": [], "replays": dead.replays + 1, "dead_at": None})
         pipe.multi()
         pipe.hdel(DEAD_KEY, webhook_id)
+        pipe.zrem(DEAD_INDEX_KEY, webhook_id)
         pipe.lpush(OUTBOX_KEY, fresh.model_dump_json())
         pipe.execute()
         return True

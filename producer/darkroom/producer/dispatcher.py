@@ -172,7 +172,8 @@ class Dispatcher:
     ) -> None:
         self.settings = settings
         self.name = settings.dispatcher_name or f"webhooks-{socket.gethostname()}-{os.getpid()}"
-        self.queue = DeliveryQueue(client, self.name)
+        self.queue = DeliveryQueue(client, self.name, dead_retention_seconds=settings.dead_letter_retention_seconds,
+                                   dead_max=settings.dead_letter_max)
         self.sender = sender or HttpSender()
         self.resolve = resolve
         self.secrets = _checked_secrets(settings.webhook_secrets)

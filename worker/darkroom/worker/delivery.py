@@ -103,6 +103,7 @@ class DeliveryHandler:
         started = lifecycle.start(job_id, job, worker=self.ctx.name, lease_seconds=self.ctx.settings.lease_seconds,
                                   max_lost=self.ctx.settings.max_deliveries)
         if started.reply is StartReply.HELD:
+            lifecycle.note(job_id, "deferred", worker=self.ctx.name, holder=started.holder)
             log.info("job %s is running elsewhere (%s); deferring this delivery", job_id, started.holder)
             return Decision(Outcome.DEFER, self.ctx.settings.lease_seconds * random.uniform(1.0, 2.0))
         if started.reply is not StartReply.STARTED:
@@ -148,7 +149,8 @@ class DeliveryHandler:
                 self.ctx.lifecycle.fail(fence, current, ErrorCode.TRANSIENT_EXHAUSTED,
                                         f"gave up after {done} retries: {exc}")
                 return Decision(Outcome.RUN)
-            delay = backoff(done)
+            delay = backoff(done, base=self.ctx.settings.retry_backoff_seconds,
+                            cap=self.ctx.settings.retry_backoff_cap_seconds)
             self.ctx.lifecycle.retry(fence, current, str(exc), delay, self.ctx.settings.lease_seconds)
         except LeaseLost as lost:
             log.warning("%s; not retrying", lost)

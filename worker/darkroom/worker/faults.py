@@ -7,6 +7,7 @@ containing ``[[fault:KIND]]`` or ``[[fault:KIND@STEP]]`` triggers, at that denoi
 - ``kill-once``   the same, but only on the job's first attempt (so a takeover can finish it)
 - ``oom``         a worker-fatal error, as CUDA out-of-memory would be
 - ``transient``   a transient error (storage/broker blip) on the first two attempts
+- ``flaky``       a transient error on every attempt up to STEP (``[[fault:flaky@30]]``), at step 1
 - ``hang``        sleep 30 s per step (for warm-shutdown and lease tests)
 - ``upload``      every upload of the job's outputs fails (a storage error after denoising)
 
@@ -25,7 +26,7 @@ from darkroom.common.errors import ErrorCode, JobError, TransientError, WorkerFa
 
 __all__ = ["Fault", "parse_fault"]
 
-_PATTERN = re.compile(r"\[\[fault:(kill-once|kill|oom|transient|hang|upload)(?:@(\d+))?\]\]")
+_PATTERN = re.compile(r"\[\[fault:(kill-once|kill|oom|transient|flaky|hang|upload)(?:@(\d+))?\]\]")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Fault:
         """Called on every denoising step of the job."""
         if self.kind == "hang":
             time.sleep(30)
+        if self.kind == "flaky" and step == 1 and attempt <= self.step:
+            raise TransientError(f"injected fault: transient error on attempt {attempt} of {self.step}")
         if step != self.step:
             return
         if self.kind == "kill" or (self.kind == "kill-once" and attempt == 1):

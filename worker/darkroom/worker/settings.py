@@ -50,6 +50,11 @@ class WorkerSettings(Settings):
         description="Retries of transient errors (backoff 1 s doubling to 60 s) before a job fails; counted in the "
                     "job's record.",
     )
+    retry_backoff_seconds: float = Field(
+        1.0, gt=0, description="First transient-retry delay; it doubles per retry up to retry_backoff_cap_seconds "
+                               "(equal jitter).",
+    )
+    retry_backoff_cap_seconds: float = Field(60.0, gt=0, description="Longest transient-retry delay.")
     progress_interval_seconds: float = Field(0.5, ge=0.0, description="Minimum time between progress events.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the worker announces itself in Redis.")
     model_memory_budget_bytes: int | None = Field(

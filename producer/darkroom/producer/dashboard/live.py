@@ -91,8 +91,9 @@ class LiveHub:
                 await pubsub.subscribe(ALL_EVENTS_CHANNEL)
                 delay = 0.5
                 self.broadcast("resync", "{}")  # anything published while we were away is on the pages
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while True:  # short reads: a quiet channel is not a stalled Redis (socket timeouts apply)
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
                         self._on_event(message["data"])
             except (redis.RedisError, OSError) as exc:
                 log.warning("event subscription lost (%s); retrying in %.1f s", exc, delay)
