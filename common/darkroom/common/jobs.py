@@ -19,7 +19,7 @@ from .errors import FieldError, InvalidJobError
 from .events import EventType
 from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
-from .storage import S3Uri
+from .storage import InvalidUri, S3Uri
 
 __all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
            "MAX_SIDE", "validate_job",
@@ -27,8 +27,8 @@ __all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputForma
 
 MAX_SEED = 2**63 - 1
 MAX_ADAPTERS = 8
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TOKEN = re.compile(r"^\S{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # always fullmatch: "$" admits a final "\n"
+_TOKEN = re.compile(r"\S{1,64}")
 MAX_TEXTUAL_INVERSIONS = 8
 MAX_IMAGES = 16
 MAX_TIMESTEP = 999
@@ -120,7 +120,7 @@ class AdapterRef(BaseModel):
             S3Uri.parse(v)
             if not v.endswith(".safetensors"):
                 raise ValueError("adapter files must be .safetensors (pickle formats are refused)")
-        elif not _ID.match(v):
+        elif not _ID.fullmatch(v):
             raise ValueError("must be a registry adapter id or an s3://....safetensors URI")
         return v
 
@@ -149,7 +149,7 @@ class TextualInversion(BaseModel):
     @field_validator("token")
     @classmethod
     def _token(cls, v: str) -> str:
-        if not _TOKEN.match(v):
+        if not _TOKEN.fullmatch(v):
             raise ValueError("must be 1..64 characters without whitespace, e.g. <cat-toy>")
         return v
 
@@ -309,21 +309,21 @@ class Img2ImgJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, v: str | None) -> str | None:
-        if v is not None and not _ID.match(v):
+        if v is not None and not _ID.fullmatch(v):
             raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
         return v
 
     @field_validator("producer")
     @classmethod
     def _producer(cls, v: str | None) -> str | None:
-        if v is not None and not _ID.match(v):
+        if v is not None and not _ID.fullmatch(v):
             raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
         return v
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if not _ID.match(v):
+        if not _ID.fullmatch(v):
             raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
         return v
 
@@ -358,7 +358,7 @@ class Img2ImgJob(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _callback_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+\S*", v):
             raise ValueError("must be an http(s):// URL")
         return v
 
@@ -600,6 +600,9 @@ def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldErro
             out.append(FieldError(cause.field, cause.value, cause.message, cause.allowed))
             continue
         loc = ".".join(str(p) for p in err["loc"] if p not in (_ONE, _PER_IMAGE)) or "(job)"
+        if isinstance(cause, InvalidUri):
+            out.append(FieldError(loc, cause.value, cause.reason, cause.allowed))
+            continue
         owner, name = _leaf(model, tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

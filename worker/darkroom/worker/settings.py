@@ -107,10 +107,6 @@ class WorkerSettings(Settings):
     safety_policy: SafetyPolicy = Field(
         SafetyPolicy.BLUR, description="What to do with a flagged image when the job does not say: flag, blur, block."
     )
-    quarantine_prefix: str = Field(
-        "s3://darkroom/quarantine",
-        description="s3:// prefix for the originals of blurred and blocked images; keep it private.",
-    )
 
     @property
     def slots(self) -> int:
