@@ -4,6 +4,7 @@ buckets before it reads anything (real Redis, S3 server and `darkroom worker`)."
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,22 @@ def test_the_worker_refuses_what_the_sdk_would_have(client: Client, bounded: dic
     assert failure.value.code == code, failure.value.message
     assert says in failure.value.message
     assert worker.alive()
+
+
+def test_a_callback_token_is_kept_out_of_result_json_and_webhook_bodies(settings: Settings,
+                                                                        bounded: dict[str, Any]) -> None:
+    import redis
+
+    from darkroom.common.webhooks import OUTBOX_KEY, OutboxEntry, webhook_body
+
+    url = "http://127.0.0.1:9/in?token=s3cr3t#sig"  # userinfo is refused at submit already
+    with Client(settings.model_copy(update={"allow_private_callbacks": True})) as client:
+        handle = client.submit({"model": bounded["model"], "image": image(client), **JOB, "callback_url": url})
+        result = handle.wait(timeout=120)
+        stored = client.download(result.result_uri).decode()
+    assert "s3cr3t" not in stored and "sig" not in json.loads(stored)["parameters"]["callback_url"]
+    assert result.parameters["callback_url"] == "http://127.0.0.1:9/in?redacted#redacted"
+    queued = redis.Redis.from_url(settings.redis_url.get_secret_value()).lrange(OUTBOX_KEY, 0, -1)
+    entries = [e for e in map(OutboxEntry.model_validate_json, queued) if e.job_id == handle.job_id]
+    assert entries and all(e.url == url for e in entries)  # the dispatcher still gets the whole URL
+    assert all(b"s3cr3t" not in webhook_body(e) for e in entries)

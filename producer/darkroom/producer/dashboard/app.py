@@ -29,6 +29,7 @@ from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.errors import DarkroomError, ObjectNotFoundError
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.redaction import redact_url
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
 
@@ -60,7 +61,8 @@ class Dashboard:
         self.references = ReferencePolicy.from_settings(settings)  # what an input proxy may read
         self.hub = LiveHub(make_async_redis(settings), self.reader.digests, settings.dashboard_poll_seconds)
         self.templates = Jinja2Templates(directory=HERE / "templates")
-        self.templates.env.filters.update(ago=_ago, when=_when, seconds=_seconds, size=_size, short=_short)
+        self.templates.env.filters.update(ago=_ago, when=_when, seconds=_seconds, size=_size, short=_short,
+                                          redact_url=redact_url)
 
     # -- pages -----------------------------------------------------------
     def page(self, request: Request, name: str, **context: Any) -> Response:

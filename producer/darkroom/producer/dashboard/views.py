@@ -22,6 +22,7 @@ from darkroom.common.fleet import CATALOG_KEY, Fleet, WorkerInfo, parse_catalog
 from darkroom.common.jobs import Priority
 from darkroom.common.jobstore import JOBS_INDEX_KEY, JobRecord, JobStore, job_key
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.common.redaction import redact_parameters
 from darkroom.common.status import JobStatus
 
 from ..deliveries import DeadLetters, Delivery
@@ -300,8 +301,8 @@ class JobDetail:
     @property
     def parameters(self) -> dict[str, Any]:
         if self.record.result is not None:
-            return self.record.result.parameters
-        return self.record.job.model_dump(mode="json", exclude_none=True)
+            return redact_parameters(self.record.result.parameters)
+        return redact_parameters(self.record.job.model_dump(mode="json", exclude_none=True))
 
     @property
     def timings(self) -> dict[str, float | None]:
