@@ -3,6 +3,7 @@ every field that names one, applied at submit, by the worker and by the dashboar
 
 from __future__ import annotations
 
+import re
 import string
 from datetime import UTC, datetime
 from typing import Any
@@ -218,3 +219,27 @@ def test_the_dashboard_proxies_an_input_only_through_the_policy() -> None:
         for role in Role:
             assert input_object(record(image), role, policy) is None, (image, role)
     assert not policy.readable("image", "s3://darkroom//quarantine/victim/000.png")  # a record stored before
+
+
+# -- the operator's registry goes through the same checks --------------------------------------
+@pytest.mark.parametrize(("model_id", "source", "says"), [
+    ("tiny\n", "s3://models/tiny", "is not an id"),
+    ("-tiny", "s3://models/tiny", "is not an id"),
+    ("tiny", "s3://models//tiny", "starts with '/'"),
+    ("tiny", "s3://models/a/../tiny", "'..' segment"),
+])
+def test_the_registry_refuses_ids_and_sources_a_job_could_not_name(model_id: str, source: str, says: str) -> None:
+    from darkroom.common.errors import ConfigurationError
+    from darkroom.worker.registry import ModelRegistry
+
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        ModelRegistry.build(extra={model_id: source})
+    assert ModelRegistry.build(extra={"tiny": "s3://models/tiny/"}).ids == ["tiny"]
+
+
+def test_registry_adapter_ids_are_full_matched(tmp_path: Any) -> None:
+    from darkroom.common.errors import ConfigurationError
+    from darkroom.worker.registry import AdapterSpec, ModelRegistry
+
+    with pytest.raises(ConfigurationError, match="is not an id"):
+        ModelRegistry().add_adapter(AdapterSpec("style\n", "s3://loras/style.safetensors"))

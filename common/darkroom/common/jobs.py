@@ -21,7 +21,7 @@ from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import InvalidUri, S3Uri
 
-__all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
+__all__ = ["AdapterRef", "valid_id", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
            "MAX_SIDE", "validate_job",
            "allowed_range"]
 
@@ -30,6 +30,7 @@ MAX_ADAPTERS = 8
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # always fullmatch: "$" admits a final "\n"
 _TOKEN = re.compile(r"\S{1,64}")
 MAX_TEXTUAL_INVERSIONS = 8
+ID_ALLOWED = "1..128 letters, digits, '_', '.', '-', starting alphanumeric"
 MAX_IMAGES = 16
 MAX_TIMESTEP = 999
 MAX_SIDE = 4096  # pixels; width and height of the working image
@@ -123,6 +124,11 @@ class AdapterRef(BaseModel):
         elif not _ID.fullmatch(v):
             raise ValueError("must be a registry adapter id or an s3://....safetensors URI")
         return v
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a job, producer, model or adapter id (the whole string; a final newline fails)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def _safetensors_uri(value: str) -> str:
@@ -310,21 +316,21 @@ class Img2ImgJob(BaseModel):
     @classmethod
     def _job_id(cls, v: str | None) -> str | None:
         if v is not None and not _ID.fullmatch(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("producer")
     @classmethod
     def _producer(cls, v: str | None) -> str | None:
         if v is not None and not _ID.fullmatch(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         if not _ID.fullmatch(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("image")
