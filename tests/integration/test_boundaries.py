@@ -23,6 +23,7 @@ from darkroom.worker.tiny import make_tiny_lora
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker
+from .test_dashboard import ADMIN, VIEWER, DashboardProcess, _http, dashboard  # noqa: F401 - a fixture
 from .test_failures import celery_sender
 
 pytestmark = pytest.mark.integration
@@ -118,3 +119,24 @@ def test_a_callback_token_is_kept_out_of_result_json_and_webhook_bodies(settings
     entries = [e for e in map(OutboxEntry.model_validate_json, queued) if e.job_id == handle.job_id]
     assert entries and all(e.url == url for e in entries)  # the dispatcher still gets the whole URL
     assert all(b"s3cr3t" not in webhook_body(e) for e in entries)
+
+
+def test_the_dashboard_proxies_no_quarantined_input_and_shows_no_callback_token(
+    client: Client, dashboard: DashboardProcess,  # noqa: F811 - the fixture imported above
+) -> None:
+    victim = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/quarantine/{uuid.uuid4().hex}/000.png")
+    good = image(client)
+    ids = {}
+    for name, uri in (("victim", victim), ("good", good)):
+        job = validate_job({"model": "tiny", "image": uri, "job_id": uuid.uuid4().hex, **JOB,
+                            "output_prefix": "s3://darkroom/outputs",
+                            "callback_url": "https://hooks.example.com/in?token=s3cr3t"})
+        client.jobs.create(job)  # a record only, as a job sent past the SDK would leave
+        ids[name] = job.job_id
+    for token in (ADMIN, VIEWER):
+        headers = {"Authorization": f"Bearer {token}"}
+        assert _http(f"{dashboard.url}/media/{ids['victim']}/input", headers=headers)[0] == 404
+        status, body, _ = _http(f"{dashboard.url}/media/{ids['good']}/input", headers=headers)
+        assert status == 200 and body == client.download(good)
+        status, page, _ = _http(f"{dashboard.url}/jobs/{ids['good']}", headers=headers)
+        assert status == 200 and b"s3cr3t" not in page and b"https://hooks.example.com/in?redacted" in page
