@@ -1,6 +1,7 @@
-"""No way across, through a real worker: job-named files are capped before they fill the disk, and
-the worker (not only the SDK) refuses references under the quarantine or outside the allowed
-buckets before it reads anything (real Redis, S3 server and `darkroom worker`)."""
+"""No way across, through real processes: job-named files are capped before they fill the disk; the
+worker (not only the SDK) refuses references under the quarantine or outside the allowed buckets
+before it reads anything; callback tokens stay out of result.json and webhook bodies; the dashboard
+proxies no quarantined input (real Redis, S3 server, `darkroom worker` and `darkroom dashboard`)."""
 
 from __future__ import annotations
 

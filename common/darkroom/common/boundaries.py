@@ -79,9 +79,10 @@ class ReferencePolicy:
                 ref.field, shorten(ref.value), f"bucket {ref.uri.bucket!r} is not allowed",
                 "buckets " + ", ".join(sorted(self.allowed_buckets))))
         if self.quarantine is not None and ref.uri.is_under(self.quarantine):
+            where = f"the job would write to {ref.uri}, which lies" if ref.writes else "lies"
             return ReferenceRefused(ErrorCode.INVALID_JOB, FieldError(
-                ref.field, shorten(ref.value), f"lies under the quarantine prefix {self.quarantine}; jobs may not "
-                "read or write there", f"any prefix outside {self.quarantine}"))
+                ref.field, shorten(ref.value), f"{where} under the quarantine prefix {self.quarantine}; jobs may "
+                "not read or write there", f"any prefix outside {self.quarantine}"))
         return None
 
     def refusals(self, refs: Iterable[Reference]) -> list[ReferenceRefused]:
