@@ -1,5 +1,6 @@
 """A local augmentation manifest names images inside its own folder only: nothing else on the machine
-(``/etc/...``, ``../``, a symbolic link leading out) is read or uploaded to the run's inputs."""
+(``/etc/...``, ``../``, a symbolic link leading out) is read or uploaded to the run's inputs; and an
+export writes only inside its folder, whatever the bucket's metadata.jsonl says."""
 
 from __future__ import annotations
 
@@ -53,3 +54,37 @@ def test_a_relative_image_beside_an_s3_manifest_may_not_climb_or_be_absolute(fol
         with pytest.raises(InvalidSpecError) as caught:
             _manifest_source(0, {"image": image}, "s3://bkt/manifests/m.jsonl", "s3://bkt/in", store=None)  # type: ignore[arg-type]
         assert caught.value.errors[0].field == "sources[0].image", image
+
+
+class _Bucket:
+    """The one call export makes of object storage: get_bytes by key (a narrow stand-in)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def get_bytes(self, uri: object) -> bytes:
+        return self.objects[uri.key]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("file_name", ["../evil.png", "/tmp/darkroom-export-evil/evil.png", "a/../../evil.png", ""])
+def test_an_export_writes_only_inside_its_folder_whatever_metadata_jsonl_says(tmp_path: Path, file_name: str) -> None:
+    """metadata.jsonl is read back from the bucket: whoever can write there must not pick local paths."""
+    from darkroom.common.errors import DarkroomError
+    from darkroom.producer.augment.dataset import export
+
+    rows = [{"file_name": "ok/000.png"}, {"file_name": file_name}]
+    bucket = _Bucket({"run/metadata.jsonl": "".join(f'{{"file_name": "{r["file_name"]}"}}\n' for r in rows).encode(),
+                      "run/ok/000.png": b"png", "run/evil.png": b"evil"})
+    target = tmp_path / "export"
+    with pytest.raises(DarkroomError, match="not inside"):
+        export("s3://bkt/run", target, bucket)  # type: ignore[arg-type]
+    assert not (tmp_path / "evil.png").exists() and not Path("/tmp/darkroom-export-evil").exists()
+    assert not target.exists(), "nothing is written once one row is refused"
+
+
+def test_an_export_of_plain_names_writes_them_under_the_folder(tmp_path: Path) -> None:
+    from darkroom.producer.augment.dataset import export
+
+    bucket = _Bucket({"run/metadata.jsonl": b'{"file_name": "ok/000.png"}\n', "run/ok/000.png": b"png"})
+    assert export("s3://bkt/run", tmp_path / "export", bucket) == 1  # type: ignore[arg-type]
+    assert (tmp_path / "export" / "ok" / "000.png").read_bytes() == b"png"
