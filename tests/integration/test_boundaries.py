@@ -141,3 +141,5 @@ def test_the_dashboard_proxies_no_quarantined_input_and_shows_no_callback_token(
         assert status == 200 and body == client.download(good)
         status, page, _ = _http(f"{dashboard.url}/jobs/{ids['good']}", headers=headers)
         assert status == 200 and b"s3cr3t" not in page and b"https://hooks.example.com/in?redacted" in page
+        status, page, _ = _http(f"{dashboard.url}/jobs/{ids['victim']}", headers=headers)
+        assert status == 200 and b"input not shown" in page and f"/media/{ids['victim']}/input".encode() not in page

@@ -57,8 +57,8 @@ class Dashboard:
         self.auth = Authenticator(settings)
         self.redis = client or make_redis(settings)
         self.store = store or ObjectStore(make_s3_client(settings))
-        self.reader = Reader(self.redis, ttl_seconds=settings.status_ttl_seconds)
         self.references = ReferencePolicy.from_settings(settings)  # what an input proxy may read
+        self.reader = Reader(self.redis, ttl_seconds=settings.status_ttl_seconds, references=self.references)
         self.hub = LiveHub(make_async_redis(settings), self.reader.digests, settings.dashboard_poll_seconds)
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self.templates.env.filters.update(ago=_ago, when=_when, seconds=_seconds, size=_size, short=_short,
