@@ -68,3 +68,14 @@ def test_the_dashboard_shows_parameters_redacted_before_and_after_the_result() -
         detail = JobDetail(shown, [], None, [], True, [])
         assert detail.parameters["callback_url"] == redact_url(TOKEN_URL)
         assert "s3cr3t" not in json.dumps(detail.parameters)
+
+
+def test_a_refused_callback_url_is_shown_redacted_in_the_field_error() -> None:
+    """A worker stores a refused message's errors in the job's record, which webhooks and pages show."""
+    from darkroom.common.errors import InvalidJobError
+    from darkroom.common.jobs import validate_job
+
+    with pytest.raises(InvalidJobError) as refused:
+        validate_job({"model": "tiny", "image": "s3://darkroom/in/a.png", "prompt": "x",
+                      "callback_url": "ftp://hooks.example.com/in?token=s3cr3t"})
+    assert "s3cr3t" not in str(refused.value) and refused.value.errors[0].field == "callback_url"

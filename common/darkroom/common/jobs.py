@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from .errors import FieldError, InvalidJobError
 from .events import EventType
+from .redaction import URL_FIELDS, redact_url
 from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import InvalidUri, S3Uri
@@ -614,7 +615,10 @@ def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldErro
         if err["type"] == "extra_forbidden":
             msg = f"unknown field; known fields: {', '.join(owner.model_fields)}"
         allowed = allowed_range(owner, name) if name in owner.model_fields else None
-        out.append(FieldError(loc, err.get("input"), msg, allowed))
+        value = err.get("input")
+        if loc in URL_FIELDS and isinstance(value, str):  # a refused job's message is stored and shown
+            value = redact_url(value)
+        out.append(FieldError(loc, value, msg, allowed))
     return out
 
 
