@@ -103,6 +103,22 @@ def test_the_worker_refuses_what_the_sdk_would_have(client: Client, bounded: dic
     assert worker.alive()
 
 
+
+def test_the_worker_refuses_a_key_object_stores_read_differently(client: Client, bounded: dict[str, Any]) -> None:
+    """s3://darkroom//quarantine/... reads the quarantine on SeaweedFS: the worker's parser refuses it."""
+    victim = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/quarantine/{uuid.uuid4().hex}/000.png")
+    job = validate_job({"model": bounded["model"], "image": image(client), "job_id": uuid.uuid4().hex,
+                        "output_prefix": "s3://darkroom/outputs", **JOB})
+    client.jobs.create(job)
+    payload = {**job.model_dump(mode="json"), "image": victim.replace("s3://darkroom/", "s3://darkroom//")}
+    celery_sender(client).send_task(TASK_IMG2IMG, args=[payload], task_id=job.job_id,
+                                    queue=client.fleet.queue_for(bounded["model"]))
+    with pytest.raises(JobFailed) as failure:
+        client.wait(job.job_id or "", timeout=120)
+    assert failure.value.code == ErrorCode.INVALID_JOB
+    assert "image" in failure.value.message and "starts with '/'" in failure.value.message
+    assert bounded["worker"].alive()
+
 def test_a_callback_token_is_kept_out_of_result_json_and_webhook_bodies(settings: Settings,
                                                                         bounded: dict[str, Any]) -> None:
     import redis

@@ -3,6 +3,7 @@ every field that names one, applied at submit, by the worker and by the dashboar
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from datetime import UTC, datetime
@@ -243,3 +244,18 @@ def test_registry_adapter_ids_are_full_matched(tmp_path: Any) -> None:
 
     with pytest.raises(ConfigurationError, match="is not an id"):
         ModelRegistry().add_adapter(AdapterSpec("style\n", "s3://loras/style.safetensors"))
+
+
+def test_a_record_stored_before_the_strict_rules_stays_readable_but_is_never_run_or_proxied() -> None:
+    """Strict with what a producer submits, tolerant with what another process stored: a pre-upgrade record
+    naming s3://darkroom//quarantine/... still loads (pages, the worker's failure path), and nothing reads it."""
+    now = datetime.now(UTC)
+    fields = {**JOB, "image": "s3://darkroom//quarantine/victim/000.png"}
+    stored = json.dumps({"job_id": "job-1", "status": "queued", "job": fields, "created_at": now.isoformat(),
+                         "updated_at": now.isoformat()})
+    record = JobRecord.model_validate_json(stored)
+    assert record.job.image == fields["image"]
+    with pytest.raises(InvalidJobError, match="starts with '/'"):
+        validate_job(fields)  # what the worker does with the message
+    policy = ReferencePolicy(frozenset(), S3Uri.parse(QUARANTINE))
+    assert input_object(record, Role.ADMIN, policy) is None

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .jobs import Img2ImgJob
     from .settings import Settings
 
-__all__ = ["Reference", "ReferencePolicy", "ReferenceRefused", "job_references"]
+__all__ = ["Reference", "ReferencePolicy", "ReferenceRefused", "job_references", "named_references"]
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,29 @@ class ReferenceRefused(JobError):
         self.error = error
 
 
-def job_references(job: Img2ImgJob) -> list[Reference]:
-    """Every ``s3://`` reference of ``job`` (registry adapter ids are the operator's, not listed)."""
+def named_references(job: Img2ImgJob) -> list[tuple[str, str, bool]]:
+    """``(field, value, is_prefix)`` of every ``s3://`` reference of ``job``, unparsed (registry adapter ids are
+    the operator's, not listed)."""
     named: list[tuple[str, str | None]] = [("image", job.image), ("ip_adapter_image", job.ip_adapter_image),
                                            ("prompt_embeds", job.prompt_embeds),
                                            ("negative_prompt_embeds", job.negative_prompt_embeds)]
     named += [(f"adapters.{i}.uri", a.uri) for i, a in enumerate(job.adapters) if a.uri.startswith("s3://")]
     named += [(f"textual_inversions.{i}.uri", t.uri) for i, t in enumerate(job.textual_inversions)]
-    refs = [Reference(name, value, S3Uri.parse(value)) for name, value in named if value is not None]
-    if job.output_prefix is not None:  # where the job writes: its own folder under the prefix
-        folder = S3Uri.parse(job.output_prefix, allow_empty_key=True)
-        refs.append(Reference("output_prefix", job.output_prefix,
-                              folder if job.job_id is None else folder.join(job.job_id), writes=True))
+    found = [(name, value, False) for name, value in named if value is not None]
+    if job.output_prefix is not None:
+        found.append(("output_prefix", job.output_prefix, True))
+    return found
+
+
+def job_references(job: Img2ImgJob) -> list[Reference]:
+    """Every ``s3://`` reference of ``job``, strictly parsed (raises :class:`InvalidUri`; ``validate_job`` has
+    already refused such a job). For the output prefix: the folder the job writes, ``{prefix}/{job_id}``."""
+    refs = []
+    for name, value, prefix in named_references(job):
+        uri = S3Uri.parse(value, allow_empty_key=prefix)
+        if prefix and job.job_id is not None:
+            uri = uri.join(job.job_id)
+        refs.append(Reference(name, value, uri, writes=prefix))
     return refs
 
 

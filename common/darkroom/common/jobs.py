@@ -23,7 +23,7 @@ from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, Schedule
 from .storage import InvalidUri, S3Uri
 
 __all__ = ["AdapterRef", "valid_id", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MAX_ADAPTERS",
-           "MAX_SIDE", "validate_job",
+           "MAX_SIDE", "validate_job", "reference_errors",
            "allowed_range"]
 
 MAX_SEED = 2**63 - 1
@@ -119,7 +119,7 @@ class AdapterRef(BaseModel):
     @classmethod
     def _uri(cls, v: str) -> str:
         if v.startswith("s3://"):
-            S3Uri.parse(v)
+            S3Uri.parse(v, strict=False)  # strictly in validate_job (a stored record stays readable)
             if not v.endswith(".safetensors"):
                 raise ValueError("adapter files must be .safetensors (pickle formats are refused)")
         elif not _ID.fullmatch(v):
@@ -133,7 +133,7 @@ def valid_id(value: str) -> bool:
 
 
 def _safetensors_uri(value: str) -> str:
-    S3Uri.parse(value)
+    S3Uri.parse(value, strict=False)
     if not value.endswith(".safetensors"):
         raise ValueError("must be an s3://....safetensors object (pickle formats are refused)")
     return value
@@ -337,14 +337,14 @@ class Img2ImgJob(BaseModel):
     @field_validator("image")
     @classmethod
     def _image(cls, v: str) -> str:
-        S3Uri.parse(v)
+        S3Uri.parse(v, strict=False)
         return v
 
     @field_validator("ip_adapter_image")
     @classmethod
     def _ip_adapter_image(cls, v: str | None) -> str | None:
         if v is not None:
-            S3Uri.parse(v)
+            S3Uri.parse(v, strict=False)
         return v
 
     @model_validator(mode="after")
@@ -358,7 +358,7 @@ class Img2ImgJob(BaseModel):
     @classmethod
     def _output_prefix(cls, v: str | None) -> str | None:
         if v is not None:
-            S3Uri.parse(v, allow_empty_key=True)
+            S3Uri.parse(v, allow_empty_key=True, strict=False)
             return v.rstrip("/")
         return v
 
@@ -627,6 +627,24 @@ def validate_job(data: Img2ImgJob | dict[str, Any]) -> Img2ImgJob:
     if isinstance(data, Img2ImgJob):
         data = data.model_dump(mode="json", exclude_unset=True)
     try:
-        return Img2ImgJob.model_validate(data)
+        job = Img2ImgJob.model_validate(data)
     except ValidationError as exc:
         raise InvalidJobError(field_errors(Img2ImgJob, exc)) from None
+    errors = reference_errors(job)
+    if errors:
+        raise InvalidJobError(errors)
+    return job
+
+
+def reference_errors(job: Img2ImgJob) -> list[FieldError]:
+    """Every ``s3://`` reference of ``job`` through the strict parser (the model itself parses them leniently,
+    so that records stored before the strict rules stay readable); one error per refused field."""
+    from .boundaries import named_references  # boundaries reads jobs' types; imported here, not at the top
+
+    errors = []
+    for field, value, prefix in named_references(job):
+        try:
+            S3Uri.parse(value, allow_empty_key=prefix)
+        except InvalidUri as exc:
+            errors.append(FieldError(field, exc.value, exc.reason, exc.allowed))
+    return errors

@@ -73,10 +73,13 @@ class S3Uri:
     key: str
 
     @classmethod
-    def parse(cls, uri: str, *, allow_empty_key: bool = False) -> S3Uri:
+    def parse(cls, uri: str, *, allow_empty_key: bool = False, strict: bool = True) -> S3Uri:
         """Parse ``s3://bucket/key``; raise :class:`InvalidUri` (a ValueError) saying what is wrong.
 
         ``allow_empty_key`` is for prefixes: ``s3://bucket`` and one trailing ``/`` are accepted.
+        ``strict=False`` is for reading what another process stored (records written before these
+        rules): only the bucket, a key and no NUL are required. Anything a job will read or write is
+        parsed strictly (``validate_job``, the worker, the dashboard's proxy).
         """
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise InvalidUri(uri, "must be an s3:// URI (s3://bucket/key)")
@@ -85,7 +88,10 @@ class S3Uri:
             raise InvalidUri(uri, f"bucket name {shorten(bucket, 70)!r} is not a valid S3 bucket name")
         if not key and not allow_empty_key:
             raise InvalidUri(uri, "names a bucket but no object key")
-        _check_key(uri, key, prefix=allow_empty_key)
+        if strict:
+            _check_key(uri, key, prefix=allow_empty_key)
+        elif "\x00" in key or len(key.encode()) > MAX_KEY_BYTES:
+            raise InvalidUri(uri, f"the key holds NUL or is over {MAX_KEY_BYTES} bytes")
         return cls(bucket, key)
 
     def join(self, *parts: str) -> S3Uri:
