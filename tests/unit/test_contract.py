@@ -98,7 +98,7 @@ def test_output_prefix_loses_its_trailing_slash() -> None:
 jobs = st.fixed_dictionaries(
     {
         "model": st.from_regex(r"[a-z][a-z0-9_-]{0,20}", fullmatch=True),
-        "image": st.from_regex(r"s3://[a-z0-9]{3,10}/[a-z0-9/]{1,20}\.png", fullmatch=True),
+        "image": st.from_regex(r"s3://[a-z0-9]{3,10}/([a-z0-9]{1,6}/){0,3}[a-z0-9]{1,8}\.png", fullmatch=True),
         "prompt": st.text(max_size=200),
         "strength": st.floats(0.05, 1.0),
         "num_inference_steps": st.integers(20, 1000),

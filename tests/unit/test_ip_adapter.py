@@ -196,12 +196,12 @@ def test_the_registry_names_a_models_ip_adapter(tiny_model: Path, ip_files: IPAd
 
 @pytest.mark.parametrize(("table", "message"), [
     ('{ weights = "ip.safetensors" }', "needs 'weights'"),
-    ('{ weights = "s3://m/ip.safetensors", image_encoder = "s3://m/enc", strength = 1 }', "unknown keys"),
-    ('{ weights = "s3://m/ip.safetensors", image_encoder = "s3://m/enc", scale = 3.0 }', "scale=3.0"),
-    ('{ weights = "s3://m/ip", image_encoder = "s3://m/enc" }', "not a weights file"),
-    ('{ weights = "missing.safetensors", image_encoder = "s3://m/enc" }', "does not exist"),
-    ('{ weights = "s3://m/ip.safetensors", image_encoder = "nowhere" }', "no config.json"),
-    ('"s3://m/ip.safetensors"', "must be a table"),
+    ('{ weights = "s3://models/ip.safetensors", image_encoder = "s3://models/enc", strength = 1 }', "unknown keys"),
+    ('{ weights = "s3://models/ip.safetensors", image_encoder = "s3://models/enc", scale = 3.0 }', "scale=3.0"),
+    ('{ weights = "s3://models/ip", image_encoder = "s3://models/enc" }', "not a weights file"),
+    ('{ weights = "missing.safetensors", image_encoder = "s3://models/enc" }', "does not exist"),
+    ('{ weights = "s3://models/ip.safetensors", image_encoder = "nowhere" }', "no config.json"),
+    ('"s3://models/ip.safetensors"', "must be a table"),
 ])
 def test_bad_ip_adapter_entries_say_what_is_wrong(tiny_model: Path, tmp_path: Path, table: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
@@ -210,7 +210,7 @@ def test_bad_ip_adapter_entries_say_what_is_wrong(tiny_model: Path, tmp_path: Pa
 
 def test_pipeline_settings_that_would_drop_the_ip_layers_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     registry = ModelRegistry.build(registry_file(
-        tmp_path, tiny_model, '{ weights = "s3://m/ip.safetensors", image_encoder = "s3://m/enc" }'))
+        tmp_path, tiny_model, '{ weights = "s3://models/ip.safetensors", image_encoder = "s3://models/enc" }'))
     for tuning in (Tuning(attention=Attention.SLICING), Tuning(fuse_qkv=True)):
         with pytest.raises(ConfigurationError, match="IP-Adapter"):
             tuning.check(CPU, registry)

@@ -17,12 +17,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from .errors import FieldError, InvalidJobError
 from .events import EventType
+from .redaction import URL_FIELDS, redact_url
 from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
-from .storage import S3Uri
+from .storage import InvalidUri, S3Uri
 
-__all__ = ["AdapterRef", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MESSAGE_SCHEMA_VERSION", "MAX_ADAPTERS",
-           "MAX_SIDE", "validate_job",
+__all__ = ["AdapterRef", "valid_id", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MESSAGE_SCHEMA_VERSION", "MAX_ADAPTERS",
+           "MAX_SIDE", "validate_job", "reference_errors",
            "allowed_range"]
 
 MAX_SEED = 2**63 - 1
@@ -30,9 +31,10 @@ MESSAGE_SCHEMA_VERSION = 1
 """Version of the task message (the job as one JSON object, plus ``schema_version``) this code writes and reads;
 a worker keeps only the fields it knows of a message with a higher version."""
 MAX_ADAPTERS = 8
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TOKEN = re.compile(r"^\S{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # always fullmatch: "$" admits a final "\n"
+_TOKEN = re.compile(r"\S{1,64}")
 MAX_TEXTUAL_INVERSIONS = 8
+ID_ALLOWED = "1..128 letters, digits, '_', '.', '-', starting alphanumeric"
 MAX_IMAGES = 16
 MAX_TIMESTEP = 999
 MAX_SIDE = 4096  # pixels; width and height of the working image
@@ -120,16 +122,21 @@ class AdapterRef(BaseModel):
     @classmethod
     def _uri(cls, v: str) -> str:
         if v.startswith("s3://"):
-            S3Uri.parse(v)
+            S3Uri.parse(v, strict=False)  # strictly in validate_job (a stored record stays readable)
             if not v.endswith(".safetensors"):
                 raise ValueError("adapter files must be .safetensors (pickle formats are refused)")
-        elif not _ID.match(v):
+        elif not _ID.fullmatch(v):
             raise ValueError("must be a registry adapter id or an s3://....safetensors URI")
         return v
 
 
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a job, producer, model or adapter id (the whole string; a final newline fails)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
 def _safetensors_uri(value: str) -> str:
-    S3Uri.parse(value)
+    S3Uri.parse(value, strict=False)
     if not value.endswith(".safetensors"):
         raise ValueError("must be an s3://....safetensors object (pickle formats are refused)")
     return value
@@ -152,7 +159,7 @@ class TextualInversion(BaseModel):
     @field_validator("token")
     @classmethod
     def _token(cls, v: str) -> str:
-        if not _TOKEN.match(v):
+        if not _TOKEN.fullmatch(v):
             raise ValueError("must be 1..64 characters without whitespace, e.g. <cat-toy>")
         return v
 
@@ -313,35 +320,35 @@ class Img2ImgJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, v: str | None) -> str | None:
-        if v is not None and not _ID.match(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        if v is not None and not _ID.fullmatch(v):
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("producer")
     @classmethod
     def _producer(cls, v: str | None) -> str | None:
-        if v is not None and not _ID.match(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        if v is not None and not _ID.fullmatch(v):
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError("must be 1..128 letters, digits, '_', '.', '-', starting alphanumeric")
+        if not _ID.fullmatch(v):
+            raise ValueError(f"must be {ID_ALLOWED}")
         return v
 
     @field_validator("image")
     @classmethod
     def _image(cls, v: str) -> str:
-        S3Uri.parse(v)
+        S3Uri.parse(v, strict=False)
         return v
 
     @field_validator("ip_adapter_image")
     @classmethod
     def _ip_adapter_image(cls, v: str | None) -> str | None:
         if v is not None:
-            S3Uri.parse(v)
+            S3Uri.parse(v, strict=False)
         return v
 
     @model_validator(mode="after")
@@ -355,14 +362,14 @@ class Img2ImgJob(BaseModel):
     @classmethod
     def _output_prefix(cls, v: str | None) -> str | None:
         if v is not None:
-            S3Uri.parse(v, allow_empty_key=True)
+            S3Uri.parse(v, allow_empty_key=True, strict=False)
             return v.rstrip("/")
         return v
 
     @field_validator("callback_url")
     @classmethod
     def _callback_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+\S*", v):
             raise ValueError("must be an http(s):// URL")
         return v
 
@@ -604,12 +611,18 @@ def field_errors(model: type[BaseModel], exc: ValidationError) -> list[FieldErro
             out.append(FieldError(cause.field, cause.value, cause.message, cause.allowed))
             continue
         loc = ".".join(str(p) for p in err["loc"] if p not in (_ONE, _PER_IMAGE)) or "(job)"
+        if isinstance(cause, InvalidUri):
+            out.append(FieldError(loc, cause.value, cause.reason, cause.allowed))
+            continue
         owner, name = _leaf(model, tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown field; known fields: {', '.join(owner.model_fields)}"
         allowed = allowed_range(owner, name) if name in owner.model_fields else None
-        out.append(FieldError(loc, err.get("input"), msg, allowed))
+        value = err.get("input")
+        if loc in URL_FIELDS and isinstance(value, str):  # a refused job's message is stored and shown
+            value = redact_url(value)
+        out.append(FieldError(loc, value, msg, allowed))
     return out
 
 
@@ -618,6 +631,24 @@ def validate_job(data: Img2ImgJob | dict[str, Any]) -> Img2ImgJob:
     if isinstance(data, Img2ImgJob):
         data = data.model_dump(mode="json", exclude_unset=True)
     try:
-        return Img2ImgJob.model_validate(data)
+        job = Img2ImgJob.model_validate(data)
     except ValidationError as exc:
         raise InvalidJobError(field_errors(Img2ImgJob, exc)) from None
+    errors = reference_errors(job)
+    if errors:
+        raise InvalidJobError(errors)
+    return job
+
+
+def reference_errors(job: Img2ImgJob) -> list[FieldError]:
+    """Every ``s3://`` reference of ``job`` through the strict parser (the model itself parses them leniently,
+    so that records stored before the strict rules stay readable); one error per refused field."""
+    from .boundaries import named_references  # boundaries reads jobs' types; imported here, not at the top
+
+    errors = []
+    for field, value, prefix in named_references(job):
+        try:
+            S3Uri.parse(value, allow_empty_key=prefix)
+        except InvalidUri as exc:
+            errors.append(FieldError(field, exc.value, exc.reason, exc.allowed))
+    return errors

@@ -27,7 +27,6 @@ and on ``darkroom:events``, so waiters wake at once instead of polling.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import DarkroomError, FieldError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
 from .events import ALL_EVENTS_CHANNEL, EventType, JobEvent, event_channel
-from .jobs import Img2ImgJob
+from .jobs import Img2ImgJob, valid_id
 from .results import FailureDetails, JobResult
 from .status import JobStatus
 from .webhooks import outbox_push
@@ -59,7 +58,6 @@ DEAD_LETTERS_KEY = "darkroom:dead-letters"
 DEAD_LETTERS_INDEX_KEY = "darkroom:dead-letters:index"
 JOBS_INDEX_KEY = "darkroom:jobs"
 OPEN_JOBS_KEY = "darkroom:jobs:open"
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
 def history_key(job_id: str) -> str:
@@ -139,7 +137,7 @@ class JobRecord(BaseModel):
 
     @staticmethod
     def valid_id(value: str) -> bool:
-        return _ID.fullmatch(value) is not None
+        return valid_id(value)
 
     @property
     def lost_attempts(self) -> int:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     allowed_buckets: list[str] = Field(
         default_factory=list, description="Buckets jobs may read and write; empty allows any."
     )
+    quarantine_prefix: str = Field(
+        "s3://darkroom/quarantine",
+        description="s3:// prefix for the originals of blurred and blocked images; keep it private. No job reads "
+                    "or writes under it (checked at submit, by workers and by the dashboard).",
+    )
     default_output_prefix: str = Field("s3://darkroom/outputs", description="Where outputs go when a job names no prefix.")
     status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="How long job status stays in Redis.")
     producer_id: str = Field("default", description="This producer's id; receivers verify webhooks with its secret.")

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import DarkroomError
 from .events import EventType, JobEvent
+from .redaction import redact_parameters
 from .results import FailureDetails, JobResult
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ def webhook_body(entry: OutboxEntry) -> bytes:
     event = entry.event.model_dump(mode="json")
     data = {k: v for k, v in event.items() if k not in {"type", "time"}}
     data["result"] = entry.result.model_dump(mode="json") if entry.result is not None else None
+    if data["result"] is not None:  # a result stored by an older worker may still hold the token
+        data["result"]["parameters"] = redact_parameters(data["result"]["parameters"])
     data["details"] = entry.details.model_dump(mode="json") if entry.details is not None else None
     payload = {"type": f"job.{entry.event.type.value}", "timestamp": event["time"], "data": data}
     return json.dumps(payload, separators=(",", ":")).encode()

@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
 from darkroom.common.errors import FieldError, InvalidJobError
 from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, validate_job
 from darkroom.common.jobstore import refused_status, stage_create
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
-from darkroom.common.storage import S3Uri
 from darkroom.common.webhooks import check_callback_url
 
 if TYPE_CHECKING:
@@ -149,15 +149,8 @@ def _guess_type(name: str) -> str:
 
 # -- checks -------------------------------------------------------------------
 def _check_buckets(job: Img2ImgJob, settings: Settings) -> None:
-    errors = []
-    for name in ("image", "output_prefix"):
-        value = getattr(job, name)
-        bucket = S3Uri.parse(value, allow_empty_key=True).bucket
-        if not settings.bucket_allowed(bucket):
-            allowed = ", ".join(settings.allowed_buckets)
-            errors.append(FieldError(name, value, f"bucket {bucket!r} is not allowed", f"buckets {allowed}"))
-    if errors:
-        raise InvalidJobError(errors)
+    """Every s3:// reference of the job inside the allowed buckets and outside the quarantine prefix."""
+    ReferencePolicy.from_settings(settings).check_submission(job)
 
 
 def _check_model(job: Img2ImgJob, known: Sequence[str]) -> None:

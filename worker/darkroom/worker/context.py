@@ -85,7 +85,8 @@ class WorkerContext:
         tuning.check(device, registry)  # a setting that cannot apply here stops the worker now, not mid-job
         client = make_redis(settings)
         store = ObjectStore(make_s3_client(settings))
-        files = FileCache(settings.state_dir / "cache", store)
+        files = FileCache(settings.state_dir / "cache", store, budget_bytes=settings.file_cache_bytes or None,
+                          max_adapter_bytes=settings.max_adapter_bytes)
         models = PipelineCache(
             registry, device, files, budget_bytes=settings.model_memory_budget_bytes or device.default_budget(),
             max_adapters=settings.max_adapters, allow_pickle=settings.allow_pickle_weights, tuning=tuning,

@@ -78,7 +78,7 @@ def fetch_textual_inversions(files: Any, refs: Sequence[TextualInversion]) -> tu
     out = []
     for ref in refs:
         try:
-            path = files.fetch_file(S3Uri.parse(ref.uri))
+            path = files.fetch_file(S3Uri.parse(ref.uri), max_bytes=files.max_adapter_bytes)
         except ObjectNotFoundError:
             raise JobError(ErrorCode.EMBEDDING_NOT_FOUND, f"textual inversion {ref.uri} does not exist") from None
         except StorageError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -14,17 +15,23 @@ from darkroom.common.jobs import Img2ImgJob, OutputFormat, ResizeMode
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["decode_image", "encode_image", "encode_latents", "fit_image", "fit_to_job", "working_size", "MIN_SIDE"]
+__all__ = ["decode_image", "encode_image", "encode_latents", "fit_image", "fit_to_job", "working_size", "MIN_SIDE",
+           "INPUT_FORMATS"]
 
 MIN_SIDE = 8
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+"""The only decoders Pillow may use for an input (never EPS, PSD, ... : their parsers are attack surface)."""
+_HIGH_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image:
     """Decode bytes into an RGB image, refusing bombs, truncation and odd sizes with a job error.
 
-    The pixel count is checked from the header before any pixel is decoded.
-    EXIF orientation is applied; palette, grayscale and alpha images become RGB
-    (alpha composited on white).
+    Only :data:`INPUT_FORMATS` are opened. The pixel count is checked from the header before any
+    pixel is decoded. EXIF orientation is applied; palette, grayscale and alpha images become RGB
+    (alpha composited on white); 16-bit and float images are scaled to 8 bits (their full range:
+    0..65535 or 0.0..1.0) or refused with ``input_unreadable``.
     """
     from PIL import Image as PILImage
     from PIL import ImageOps, UnidentifiedImageError
@@ -32,7 +39,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            image = PILImage.open(io.BytesIO(data))
+            image = PILImage.open(io.BytesIO(data), formats=INPUT_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
             raise JobError(
@@ -48,11 +55,40 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image:
     except JobError:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise JobError(ErrorCode.INPUT_TOO_LARGE, f"input image refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError as exc:
-        raise JobError(ErrorCode.INPUT_UNREADABLE, f"input is not a readable image: {exc}") from None
+        raise JobError(ErrorCode.INPUT_TOO_LARGE,
+                       f"input image refused as a decompression bomb: {_describe(exc)}") from None
+    except UnidentifiedImageError:
+        raise JobError(ErrorCode.INPUT_UNREADABLE, "input is not a readable image in an accepted format; accepted: "
+                                                   + ", ".join(INPUT_FORMATS)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise JobError(ErrorCode.INPUT_UNREADABLE, f"input image is corrupt or truncated: {exc}") from None
+        raise JobError(ErrorCode.INPUT_UNREADABLE, f"input image is corrupt or truncated: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message without Python object addresses (``<_io.BytesIO object at 0x7f..>``)."""
+    return _ADDRESS.sub(r"<\1>", str(exc))
+
+
+def _to_eight_bits(image: Image) -> Image:
+    """A 16-bit, 32-bit integer or float grayscale image as 8-bit ``L``, its full range kept: integers
+    0..65535 (``I;16``, and ``I`` as Pillow opens 16-bit files) and floats 0.0..1.0. Other ranges are
+    refused (``input_unreadable``): guessing them would clip or flatten the image."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            raise JobError(ErrorCode.INPUT_UNREADABLE, "float input images must hold values in 0.0..1.0 "
+                                                       "(no NaN or infinity); convert it to 8 or 16 bits")
+        scaled = np.rint(values.astype(np.float64) * 255.0)
+    else:
+        wide = values.astype(np.int64)
+        if wide.min() < 0 or wide.max() > 65535:
+            raise JobError(ErrorCode.INPUT_UNREADABLE, f"{image.mode} input images must hold values in 0..65535 "
+                                                       f"(found {wide.min()}..{wide.max()}); convert it to 8 or 16 bits")
+        scaled = (wide * 255 + 32767) // 65535  # rounded: 65535 -> 255, 257 -> 1
+    return PILImage.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _to_rgb(image: Image) -> Image:
@@ -60,6 +96,8 @@ def _to_rgb(image: Image) -> Image:
 
     if image.mode == "RGB":
         return image
+    if image.mode in _HIGH_BIT:
+        return _to_eight_bits(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in {"RGBA", "LA", "PA"}:
@@ -68,8 +106,8 @@ def _to_rgb(image: Image) -> Image:
         return background
     try:
         return image.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise JobError(ErrorCode.INPUT_UNSUPPORTED, f"image mode {image.mode!r} cannot be converted to RGB") from exc
+    except (ValueError, OSError):
+        raise JobError(ErrorCode.INPUT_UNSUPPORTED, f"image mode {image.mode!r} cannot be converted to RGB") from None
 
 
 def working_size(size: tuple[int, int], mode: ResizeMode | str, width: int | None = None,

@@ -156,7 +156,7 @@ class BatchExecutor:
         source = self.ctx.models.registry.adapter_source(model, ref)
         if source.startswith("s3://"):
             try:
-                path = self.ctx.files.fetch_file(S3Uri.parse(source))
+                path = self.ctx.files.fetch_file(S3Uri.parse(source), max_bytes=self.ctx.files.max_adapter_bytes)
             except ObjectNotFoundError:
                 raise JobError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {source} does not exist") from None
             except StorageError as exc:

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
+from darkroom.common.jobs import ID_ALLOWED, valid_id
+from darkroom.common.storage import InvalidUri, S3Uri
 
 from .checkpoints import is_single_file
 
@@ -102,6 +104,7 @@ class ModelRegistry:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
 
     def add(self, spec: ModelSpec) -> None:
+        _check_id("model", spec.id)
         if spec.is_single_file:
             _check_single_file(spec)
         elif spec.config is not None:
@@ -113,9 +116,18 @@ class ModelRegistry:
             )
         if spec.ip_adapter is not None:
             _check_ip_adapter(spec.id, spec.ip_adapter)
+        ip = spec.ip_adapter
+        sources = {"source": spec.source, "config": spec.config, "ip_adapter weights": ip and ip.weights,
+                   "ip_adapter image_encoder": ip and ip.image_encoder}
+        for where, source in sources.items():
+            _check_s3_source(f"model {spec.id!r} {where}", source)
+        for entry in spec.allowed_adapters or ():
+            _check_s3_source(f"model {spec.id!r} adapters entry", entry.removesuffix("*"))
         self.models[spec.id] = spec
 
     def add_adapter(self, spec: AdapterSpec) -> None:
+        _check_id("adapter", spec.id)
+        _check_s3_source(f"adapter {spec.id!r} source", spec.source)
         if not spec.source.endswith(".safetensors"):
             raise ConfigurationError(f"adapter {spec.id!r}: {spec.source} is not a .safetensors file")
         if not spec.source.startswith("s3://") and not Path(spec.source).is_file():
@@ -246,6 +258,22 @@ def _check_single_file(spec: ModelSpec) -> None:
     if not spec.config.startswith("s3://") and not (Path(spec.config) / "model_index.json").is_file():
         raise ConfigurationError(f"model {spec.id!r}: config {spec.config} is not a diffusers folder "
                                  "(no model_index.json)")
+
+
+def _check_id(kind: str, value: str) -> None:
+    """Jobs name models and adapters by id; one a job could not name (or a queue would mangle) is refused."""
+    if not valid_id(value):
+        raise ConfigurationError(f"{kind} id {value!r} is not an id; allowed: {ID_ALLOWED}")
+
+
+def _check_s3_source(where: str, source: str | None) -> None:
+    """An ``s3://`` source through the same parser as a job's references (folders may end in '/')."""
+    if source is None or not source.startswith("s3://"):
+        return
+    try:
+        S3Uri.parse(source, allow_empty_key=True)
+    except InvalidUri as exc:
+        raise ConfigurationError(f"{where} {exc}; allowed: {exc.allowed}") from None
 
 
 def _tables(data: dict[str, Any], name: str, file: Path) -> dict[str, dict[str, Any]]:

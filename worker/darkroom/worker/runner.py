@@ -34,6 +34,7 @@ from darkroom.common.errors import (
 from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority
 from darkroom.common.jobstore import JobRecord
 from darkroom.common.lifecycle import Fence
+from darkroom.common.redaction import redact_parameters
 from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timings
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
@@ -218,7 +219,7 @@ class JobRunner:
             model=job.model,
             outputs=outputs,
             result_uri=str(result_uri(job.output_prefix or "", record.job_id)),
-            parameters={**job.model_dump(mode="json"), "steps_run": inference.steps_run, **inference.details,
+            parameters={**redact_parameters(job.model_dump(mode="json")), "steps_run": inference.steps_run, **inference.details,
                         **self._ip_adapter_details(job, ip_scale),
                         "safety_policy": rules.policy.value, "safety_threshold": rules.threshold},
             input_safety=input_safety,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from darkroom.common.boundaries import ReferencePolicy
+from darkroom.common.boundaries import quarantine_prefix as parse_quarantine_prefix
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.safety import SafetyPolicy, SafetyVerdict
@@ -58,7 +60,7 @@ class Screening:
 
     def __init__(self, checker: SafetyChecker, *, threshold: float = 0.5, threshold_min: float = 0.0,
                  threshold_max: float | None = None, policy: SafetyPolicy = SafetyPolicy.BLUR,
-                 quarantine_prefix: str = "s3://darkroom/quarantine") -> None:
+                 quarantine_prefix: str = "s3://darkroom/quarantine", allowed_buckets: Sequence[str] = ()) -> None:
         self.checker = checker
         self._lock = threading.Lock()  # task threads score concurrently; checkers are not all thread-safe
         self.threshold, self.threshold_min = threshold, threshold_min
@@ -66,6 +68,7 @@ class Screening:
         self.policy = SafetyPolicy(policy)
         self.quarantine = _check_operator_settings(self.threshold, self.threshold_min, self.threshold_max,
                                                    quarantine_prefix)
+        self.references = ReferencePolicy(frozenset(allowed_buckets), self.quarantine)
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, registry: ModelRegistry, *, device: str = "cpu") -> Screening:
@@ -78,7 +81,7 @@ class Screening:
         checker = build_checker(settings.safety_checker, model_dir, threads=settings.safety_threads, device=device)
         screening = cls(checker, threshold=settings.safety_threshold, threshold_min=settings.safety_threshold_min,
                         threshold_max=settings.safety_threshold_max, policy=settings.safety_policy,
-                        quarantine_prefix=settings.quarantine_prefix)
+                        quarantine_prefix=settings.quarantine_prefix, allowed_buckets=settings.allowed_buckets)
         log.info("safety: %s", screening.summary())
         return screening
 
@@ -90,13 +93,13 @@ class Screening:
 
     # -- per job ---------------------------------------------------------------
     def rules(self, job: Img2ImgJob) -> JobSafety:
-        """The job's rules; raises ``invalid_job`` for a threshold outside the limits or an impossible precheck."""
+        """The job's rules; raises ``invalid_job`` for a threshold outside the limits, an impossible precheck or a
+        reference under the quarantine prefix, ``bucket_not_allowed`` for a bucket outside the allowlist."""
         threshold = _resolve_threshold(job.safety_threshold, self.threshold, self.threshold_min, self.threshold_max)
         if job.precheck_input and isinstance(self.checker, NoChecker):
             raise JobError(ErrorCode.INVALID_JOB, "precheck_input=True needs a safety checker, and this worker runs "
                                                   "none (DARKROOM_SAFETY_CHECKER=none); submit without it")
-        self._refuse_quarantine(job.image, "image")
-        self._refuse_quarantine(job.output_prefix or "", "output_prefix")
+        self.references.check_job(job)  # every s3:// reference: bucket allowlist, never the quarantine
         return JobSafety(threshold, job.safety_policy or self.policy, job.precheck_input)
 
     def check_input(self, image: Image, rules: JobSafety) -> SafetyVerdict:
@@ -117,22 +120,12 @@ class Screening:
         """``{quarantine_prefix}/{job_id}/{run}/{index:03d}.{ext}``: where a blurred or blocked original goes."""
         return output_image_uri(str(self.quarantine), job_id, index, ext, run)
 
-    def _refuse_quarantine(self, uri: str, field: str) -> None:
-        """Jobs never read from or write into the quarantine prefix."""
-        target = S3Uri.parse(uri, allow_empty_key=True)
-        inside = target.bucket == self.quarantine.bucket and (
-            not self.quarantine.key or f"{target.key}/".startswith(f"{self.quarantine.key}/"))
-        if inside:
-            raise JobError(ErrorCode.INVALID_JOB,
-                           f"{field}={uri!r} lies under this worker's quarantine prefix {self.quarantine}; "
-                           "jobs may not read or write there")
-
 
 def _check_operator_settings(threshold: float, low: float, high: float | None, quarantine_prefix: str) -> S3Uri:
     """Refuse inconsistent limits or a bad quarantine prefix (ConfigurationError); return the prefix."""
     _resolve_threshold(None, threshold, low, threshold if high is None else high)
     try:
-        return S3Uri.parse(quarantine_prefix.rstrip("/"), allow_empty_key=True)
+        return parse_quarantine_prefix(quarantine_prefix)
     except ValueError as exc:
         raise ConfigurationError(f"DARKROOM_QUARANTINE_PREFIX={quarantine_prefix!r}: {exc}") from None
 

@@ -81,6 +81,14 @@ class WorkerSettings(Settings):
         256 * 1024 * 1024, ge=0,
         description="Bytes of VAE encodings of inputs kept for reuse across a source's variants; 0 disables.",
     )
+    max_adapter_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Largest LoRA or textual-inversion file a job may name; larger ones fail "
+                                       "the job before the download ends.",
+    )
+    file_cache_bytes: int = Field(
+        64 * 1024**3, ge=0, description="Bytes of downloaded models and adapters kept on disk (shared by a host's "
+                                        "workers); past it the least recently used go. 0: no bound.",
+    )
     max_adapters: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per model (LRU).")
     mixed_adapters: bool = Field(
         True, description="Batch jobs that differ only in their LoRA adapters into one call, each sample routed to "
@@ -142,10 +150,6 @@ class WorkerSettings(Settings):
     )
     safety_policy: SafetyPolicy = Field(
         SafetyPolicy.BLUR, description="What to do with a flagged image when the job does not say: flag, blur, block."
-    )
-    quarantine_prefix: str = Field(
-        "s3://darkroom/quarantine",
-        description="s3:// prefix for the originals of blurred and blocked images; keep it private.",
     )
 
     @property

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from darkroom.common.errors import DarkroomError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.jobstore import JobRecord, job_key
 from darkroom.common.objectstore import ObjectStore
@@ -101,9 +102,9 @@ def export(output_prefix: str, folder: str | Path, store: ObjectStore) -> int:
     folder = Path(folder)
     rows = read_metadata(output_prefix, store)
     root = S3Uri.parse(output_prefix, allow_empty_key=True)
+    targets = [_inside(folder, str(row["file_name"])) for row in rows]  # every one, before anything is written
 
-    def fetch(row: dict[str, Any]) -> None:
-        target = folder / row["file_name"]
+    def fetch(row: dict[str, Any], target: Path) -> None:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".part")
@@ -111,10 +112,21 @@ def export(output_prefix: str, folder: str | Path, store: ObjectStore) -> int:
             partial.replace(target)
 
     with ThreadPoolExecutor(_THREADS) as pool:
-        list(pool.map(fetch, rows))
+        list(pool.map(fetch, rows, targets))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metadata.jsonl").write_bytes(_jsonl(rows))
     return len(rows)
+
+
+def _inside(folder: Path, file_name: str) -> Path:
+    """``folder / file_name`` when it stays inside ``folder`` (metadata.jsonl is read from the bucket: a row
+    naming ``/etc/...`` or ``../`` must not write there)."""
+    base = folder.resolve()
+    target = (base / file_name).resolve()
+    if not file_name or file_name.startswith("/") or not target.is_relative_to(base) or target == base:
+        raise DarkroomError(f"metadata.jsonl names file {file_name!r}, which is not inside {base}; nothing "
+                            "was exported")
+    return target
 
 
 # -- rows ------------------------------------------------------------------------

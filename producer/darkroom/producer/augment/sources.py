@@ -7,7 +7,8 @@ Three kinds of ``sources``:
   (identity = the MD5 of the file, which is the ETag a single-part upload gets, so a dry run computes the
   same job ids as the real run, and a rerun skips files already uploaded);
 - a manifest (``.jsonl``, ``.csv`` or ``.parquet``, local or ``s3://``): one row per source with an
-  ``image`` column (``s3://`` URI, or a path relative to the manifest) and any other columns: job fields
+  ``image`` column (``s3://`` URI, or a path relative to the manifest that stays inside its folder: an
+  absolute path, ``..`` out of it or a symbolic link leading out is refused) and any other columns: job fields
   for that row (``prompt``, ``negative_prompt``, ``num_inference_steps`` ...) and template variables.
 """
 
@@ -124,24 +125,35 @@ def _manifest_source(index: int, row: dict[str, Any], location: str, upload_pref
     image = str(row["image"])
     columns = {k: v for k, v in row.items() if k != "image"}
     if image.startswith("s3://") or location.startswith("s3://"):
-        uri = image if image.startswith("s3://") else str(_parent(S3Uri.parse(location)).join(image))
         try:
+            uri = image if image.startswith("s3://") else str(_parent(S3Uri.parse(location)).join(_relative(image)))
             head = store.head(S3Uri.parse(uri))
         except (ObjectNotFoundError, ValueError) as exc:
             raise InvalidSpecError([FieldError(f"sources[{index}].image", image, str(exc), "an existing object")]) \
                 from None
         identity = str(head.get("VersionId") or str(head.get("ETag", "")).strip('"'))
         return Source(uri, identity, PurePosixPath(S3Uri.parse(uri).key).name, columns)
-    path = (Path(location).parent / image).resolve()
-    if not path.is_file():
-        raise InvalidSpecError([FieldError(f"sources[{index}].image", image, f"no such file: {path}",
-                                          "a path relative to the manifest")])
     base = Path(location).resolve().parent
-    name = path.relative_to(base).as_posix() if path.is_relative_to(base) else f"_external/{path.name}"
+    path = (base / image).resolve()
+    if not path.is_relative_to(base) or path == base:
+        raise InvalidSpecError([FieldError(f"sources[{index}].image", image, f"lies outside the manifest's folder "
+                                           f"{base}", _INSIDE)])
+    if not path.is_file():
+        raise InvalidSpecError([FieldError(f"sources[{index}].image", image, f"no such file: {path}", _INSIDE)])
+    name = path.relative_to(base).as_posix()
     digest = _md5(path)
     target = S3Uri.parse(upload_prefix, allow_empty_key=True)
-    key = name if not name.startswith("_external/") else f"_external/{digest[:16]}/{path.name}"
-    return Source(str(target.join(key)), digest, name, columns, path)
+    return Source(str(target.join(name)), digest, name, columns, path)
+
+
+_INSIDE = "an s3:// URI, or a path relative to the manifest's folder that stays inside it (no absolute path, no '..')"
+
+
+def _relative(image: str) -> str:
+    """A manifest's relative ``image`` beside an ``s3://`` manifest: no leading '/' (it would be dropped)."""
+    if image.startswith("/"):
+        raise ValueError(f"{image!r} is absolute; name it relative to the manifest, or as an s3:// URI")
+    return image
 
 
 def _read_rows(location: str, store: ObjectStore) -> list[dict[str, Any]]:

@@ -25,15 +25,17 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.errors import DarkroomError, ObjectNotFoundError
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.redaction import redact_url
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
 
 from .auth import CSRF_HEADER, Authenticator, Principal
 from .live import LiveHub, sse
-from .media import MAX_MEDIA_BYTES, MediaKind, input_visible, output_object, sniff_image_type
+from .media import MAX_MEDIA_BYTES, MediaKind, input_object, output_object, sniff_image_type
 from .settings import DashboardSettings
 from .views import JobFilter, Reader
 
@@ -55,10 +57,12 @@ class Dashboard:
         self.auth = Authenticator(settings)
         self.redis = client or make_redis(settings)
         self.store = store or ObjectStore(make_s3_client(settings))
-        self.reader = Reader(self.redis, ttl_seconds=settings.status_ttl_seconds)
+        self.references = ReferencePolicy.from_settings(settings)  # what an input proxy may read
+        self.reader = Reader(self.redis, ttl_seconds=settings.status_ttl_seconds, references=self.references)
         self.hub = LiveHub(make_async_redis(settings), self.reader.digests, settings.dashboard_poll_seconds)
         self.templates = Jinja2Templates(directory=HERE / "templates")
-        self.templates.env.filters.update(ago=_ago, when=_when, seconds=_seconds, size=_size, short=_short)
+        self.templates.env.filters.update(ago=_ago, when=_when, seconds=_seconds, size=_size, short=_short,
+                                          redact_url=redact_url)
 
     # -- pages -----------------------------------------------------------
     def page(self, request: Request, name: str, **context: Any) -> Response:
@@ -114,7 +118,7 @@ class Dashboard:
             return PlainTextResponse("no such job\n", status_code=404)
         uri: str | None = None
         if request.path_params.get("index") is None:
-            uri = record.job.image if record.job is not None and input_visible(record, role) else None
+            uri = input_object(record, role, self.references)
         elif record.result is not None:
             try:
                 output = record.result.outputs[int(request.path_params["index"])]

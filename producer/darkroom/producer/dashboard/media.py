@@ -3,7 +3,10 @@
 The browser never gets S3 credentials or addresses: it asks for ``/media/{job}/...`` and the
 dashboard looks the object up in the job's own record (never in the request), checks the role,
 and streams it. A flagged output (``nsfw``) and a flagged input are hidden from viewers; quarantined
-originals are for admins only. Only raster image types are served (sniffed from the bytes).
+originals are for admins only. A job's input is read only through the same policy as a job's own
+references (:class:`~darkroom.common.boundaries.ReferencePolicy`): never outside the allowed buckets,
+never under the quarantine prefix, for any role. Only raster image types are served (sniffed from
+the bytes).
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.jobstore import JobRecord
 from darkroom.common.results import OutputImage
 from darkroom.common.safety import SafetyVerdict
 
 from .auth import Role
 
-__all__ = ["MediaKind", "Picture", "input_visible", "output_object", "picture", "sniff_image_type", "MAX_MEDIA_BYTES"]
+__all__ = ["MediaKind", "Picture", "input_object", "input_visible", "output_object", "picture", "sniff_image_type",
+           "MAX_MEDIA_BYTES"]
 
 MAX_MEDIA_BYTES = 64 * 1024 * 1024
 """Objects larger than this are not proxied (the dashboard holds one in memory while it sends it)."""
@@ -65,6 +70,15 @@ def input_visible(record: JobRecord, role: Role) -> bool:
     verdicts = [record.result.input_safety if record.result else None,
                 record.details.input_safety if record.details else None]
     return not any(v is not None and v.flagged for v in verdicts)
+
+
+def input_object(record: JobRecord, role: Role, policy: ReferencePolicy) -> str | None:
+    """The ``s3://`` address of a job's input that ``role`` may see, or None: hidden from viewers when the
+    precheck flagged it, and from everyone when ``policy`` puts it out of reach (a job naming a quarantined
+    image or a foreign bucket gets nothing through the dashboard)."""
+    if record.job is None or not input_visible(record, role) or not policy.readable("image", record.job.image):
+        return None
+    return record.job.image
 
 
 def picture(job_id: str, output: OutputImage, role: Role) -> Picture:

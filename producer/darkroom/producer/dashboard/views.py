@@ -17,16 +17,18 @@ from typing import Any
 import redis
 
 from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, augment_run_key
+from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import CATALOG_KEY, Fleet, WorkerInfo, parse_catalog
 from darkroom.common.jobs import Priority
 from darkroom.common.jobstore import JOBS_INDEX_KEY, JobRecord, JobStore, job_key
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.common.redaction import redact_parameters
 from darkroom.common.status import JobStatus
 
 from ..deliveries import DeadLetters, Delivery
 from .auth import Role
-from .media import Picture, input_visible, picture
+from .media import Picture, input_object, input_visible, picture
 
 __all__ = ["JobFilter", "JobRow", "Reader", "QueueRow", "RunRow", "Tile", "WorkerRow"]
 
@@ -162,8 +164,9 @@ class QueuesView:
 class Reader:
     """Reads what the pages show. Sync (pages render in Starlette's thread pool); never writes."""
 
-    def __init__(self, client: redis.Redis, *, ttl_seconds: int) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_seconds: int, references: ReferencePolicy | None = None) -> None:
         self.redis = client
+        self.references = references or ReferencePolicy()  # which job inputs may be shown at all
         self.jobs = JobStore(client, ttl_seconds=ttl_seconds)
         self.fleet_reader = Fleet(client, ttl=0)
         self.dead = DeadLetters(client)
@@ -248,8 +251,9 @@ class Reader:
             return None
         outputs = [picture(job_id, o, role) for o in record.result.outputs] if record.result else []
         webhooks = [d for d in self.dead.entries() if d.job_id == job_id]
-        return JobDetail(record, self.jobs.history(job_id), self.jobs.progress(job_id), outputs,
-                         input_visible(record, role), webhooks)
+        shown = input_object(record, role, self.references) is not None
+        return JobDetail(record, self.jobs.history(job_id), self.jobs.progress(job_id), outputs, shown, webhooks,
+                         "" if shown else "input flagged" if not input_visible(record, role) else "input not shown")
 
     def gallery(self, role: Role, limit: int = 60) -> list[Tile]:
         """The newest outputs of succeeded jobs, as thumbnails (hidden where the role may not see them)."""
@@ -297,14 +301,15 @@ class JobDetail:
     outputs: list[Picture]
     show_input: bool
     dead_webhooks: list[Delivery]
+    input_hidden: str = ""  # why the input is not shown: flagged, or outside what the dashboard may read
 
     @property
     def parameters(self) -> dict[str, Any]:
         if self.record.result is not None:
-            return self.record.result.parameters
+            return redact_parameters(self.record.result.parameters)
         if self.record.job is None:  # a message that could not be read as a job
             return {"raw_job": self.record.raw_job}
-        return self.record.job.model_dump(mode="json", exclude_none=True)
+        return redact_parameters(self.record.job.model_dump(mode="json", exclude_none=True))
 
     @property
     def timings(self) -> dict[str, float | None]:
