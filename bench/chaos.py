@@ -112,7 +112,7 @@ class Nemesis:
     def _busy_worker(self) -> tuple[int, list[str]] | None:
         from darkroom.common.fleet import Fleet
 
-        busy = {w.name: [j["job_id"] for j in w.report.get("current_jobs", [])]
+        busy = {w.name: [j["job_id"] for j in w.data.get("current_jobs", [])]
                 for w in Fleet(self.client.jobs.redis, ttl=0).workers()}
         candidates = [i for i, w in enumerate(self.fleet.workers) if busy.get(w.name) and w.alive()]
         if not candidates:
