@@ -57,3 +57,35 @@ def worker(services: object, settings: Settings, tiny_model: Path) -> Iterator[W
 def client(settings: Settings) -> Iterator[Client]:
     with Client(settings) as c:
         yield c
+
+
+CHAOS_ENV = {"DARKROOM_FAULT_INJECTION": "true", "DARKROOM_LEASE_SECONDS": "2", "DARKROOM_HEARTBEAT_SECONDS": "0.5",
+             "DARKROOM_MAX_DELIVERIES": "2", "DARKROOM_PROGRESS_INTERVAL_SECONDS": "0", "DARKROOM_CPU_THREADS": "1"}
+
+
+class Pool:
+    """Workers serving one private model id, started and stopped by the test."""
+
+    def __init__(self, services: Any, settings: Settings, tiny_model: Path) -> None:
+        self.model = f"f{uuid.uuid4().hex[:6]}"
+        self.services, self.settings, self.tiny_model = services, settings, tiny_model
+        self.workers: list[WorkerProcess] = []
+
+    def start(self, **env: str) -> WorkerProcess:
+        worker = spawn_worker(self.services, self.settings, f"{self.model}-{len(self.workers)}", "--model",
+                              f"{self.model}={self.tiny_model}", **{**CHAOS_ENV, **env}).start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+
+
+@pytest.fixture()
+def pool(services: Any, settings: Settings, tiny_model: Path) -> Iterator[Pool]:
+    p = Pool(services, settings, tiny_model)
+    try:
+        yield p
+    finally:
+        p.stop()

@@ -10,15 +10,12 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.queues import TASK_IMG2IMG
-from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
 from darkroom.producer.client import Client, JobHandle
@@ -26,41 +23,9 @@ from darkroom.worker.demo import sample_image
 from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
-from .conftest import spawn_worker
+from .conftest import Pool
 
 pytestmark = pytest.mark.integration
-
-CHAOS_ENV = {"DARKROOM_FAULT_INJECTION": "true", "DARKROOM_LEASE_SECONDS": "2", "DARKROOM_HEARTBEAT_SECONDS": "0.5",
-             "DARKROOM_MAX_DELIVERIES": "2", "DARKROOM_PROGRESS_INTERVAL_SECONDS": "0", "DARKROOM_CPU_THREADS": "1"}
-
-
-class Pool:
-    """Workers serving one private model id, started and stopped by the test."""
-
-    def __init__(self, services: Any, settings: Settings, tiny_model: Path) -> None:
-        self.model = f"f{uuid.uuid4().hex[:6]}"
-        self.services, self.settings, self.tiny_model = services, settings, tiny_model
-        self.workers: list[WorkerProcess] = []
-
-    def start(self, **env: str) -> WorkerProcess:
-        worker = spawn_worker(self.services, self.settings, f"{self.model}-{len(self.workers)}", "--model",
-                              f"{self.model}={self.tiny_model}", **{**CHAOS_ENV, **env}).start()
-        self.workers.append(worker)
-        return worker
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-
-
-@pytest.fixture()
-def pool(services: Any, settings: Settings, tiny_model: Path) -> Iterator[Pool]:
-    p = Pool(services, settings, tiny_model)
-    try:
-        yield p
-    finally:
-        p.stop()
-
 
 def submit(client: Client, pool: Pool, prompt: str = "a boat", steps: int = 8, **extra: Any) -> JobHandle:
     uri = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png")

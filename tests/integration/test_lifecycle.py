@@ -11,7 +11,6 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import redis
 from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.jobstore import DEAD_LETTERS_KEY, JobStore, cancel_key, job_key
 from darkroom.common.queues import TASK_IMG2IMG
-from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
 from darkroom.producer.client import Client
@@ -29,18 +27,10 @@ from darkroom.producer.embedded import EmbeddedServices
 from darkroom.worker.demo import sample_image
 
 from ..conftest import png_bytes
-from .test_failures import Pool, celery_sender, events, submit
+from .conftest import Pool
+from .test_failures import celery_sender, events, submit
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def pool(services: Any, settings: Settings, tiny_model: Path) -> Iterator[Pool]:
-    p = Pool(services, settings, tiny_model)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def wait_for(condition: Any, timeout: float = 60, message: str = "condition") -> None:

@@ -48,7 +48,7 @@ def test_a_takeover_makes_the_first_attempts_fence_stale(r: redis.Redis) -> None
     with pytest.raises(LeaseLost):  # A wakes up: nothing it asks for is accepted
         life.succeed(first.fence, first.record, None)  # type: ignore[arg-type]
     with pytest.raises(LeaseLost):
-        life.retry(first.fence, first.record, "blip", 1.0, 5.0)
+        life.retry(first.fence, first.record, "blip", max_retries=5, delay=lambda n: 1.0, lease_seconds=5.0)
     assert life.report_progress(first.fence, first.record, 3, 10) == "stale"
     assert r.get(lease_key(record.job_id)).decode().startswith(second.fence.tag)  # B's lease untouched
     done = life.fail(second.fence, second.record, "internal_error", "boom")
@@ -79,7 +79,7 @@ def test_counters_are_record_fields_beyond_the_history_length(r: redis.Redis) ->
     for _ in range(60):
         started = life.start(record.job_id, None, worker="a", lease_seconds=5, max_lost=2)
         assert started.reply is StartReply.STARTED and started.fence is not None and started.record is not None
-        life.retry(started.fence, started.record, "blip", 0.0, 0.001)
+        life.retry(started.fence, started.record, "blip", max_retries=100, delay=lambda n: 0.0, lease_seconds=0.001)
         r.delete(lease_key(record.job_id))
     current = store.require(record.job_id)
     assert current.transient_retries == 60 and current.attempt == 60 and current.lost_attempts == 0

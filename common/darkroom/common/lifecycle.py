@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -38,6 +38,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from .bounds import keep_bounded
 from .errors import ErrorCode, LeaseLost
 from .events import EventType
 from .jobs import Img2ImgJob
@@ -146,21 +147,13 @@ local now = redis.call('TIME')
 local t = now[1] + now[2] / 1000000
 if ARGV[10] == 'add' then redis.call('ZADD', KEYS[4], t, ARGV[11])
 elseif ARGV[10] == 'rem' then redis.call('ZREM', KEYS[4], ARGV[11]) end
-if ARGV[12] ~= '' then
-  redis.call('HSET', KEYS[6], ARGV[11], ARGV[12])
-  redis.call('ZADD', KEYS[7], t, ARGV[11])
-  local old = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', t - tonumber(ARGV[13]))
-  local over = redis.call('ZCARD', KEYS[7]) - #old - tonumber(ARGV[14])
-  if over > 0 then
-    for _, f in ipairs(redis.call('ZRANGE', KEYS[7], #old, #old + over - 1)) do table.insert(old, f) end
-  end
-  for _, f in ipairs(old) do redis.call('HDEL', KEYS[6], f); redis.call('ZREM', KEYS[7], f) end
-end
+if ARGV[12] ~= '' then DEAD_LETTER end
 if ARGV[15] == 'set' then redis.call('SET', KEYS[5], ARGV[16], 'EX', ARGV[5])
 elseif ARGV[15] == 'del' then redis.call('DEL', KEYS[5]) end
 for i = 17, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 'ok'
-""".replace("HISTORY_LIMIT", str(HISTORY_LIMIT))
+""".replace("HISTORY_LIMIT", str(HISTORY_LIMIT)).replace(
+    "DEAD_LETTER", keep_bounded("KEYS[6]", "KEYS[7]", "ARGV[11]", "ARGV[12]", "ARGV[13]", "ARGV[14]"))
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -311,18 +304,25 @@ class Lifecycle:
             raise LeaseLost(record.job_id, f"cannot end the job {status.value}: {self._why(reply)}")
         return new
 
-    def retry(self, fence: Fence, record: JobRecord, error: str, delay: float, lease_seconds: float) -> JobRecord:
-        """``started`` → ``queued`` after a transient error; the lease becomes a retry marker for ``delay``."""
-        new = record.evolve(status=JobStatus.QUEUED, transient_retries=record.transient_retries + 1,
-                            error_message=f"retrying in {delay:.1f} s after a transient error: {error}",
-                            updated_at=_now())
+    def retry(self, fence: Fence, record: JobRecord, error: str, *, max_retries: int, delay: Callable[[int], float],
+              lease_seconds: float) -> tuple[JobRecord, float]:
+        """After a transient error: ``queued`` again with ``transient_retries`` + 1 and the lease a retry marker for
+        ``delay(retries so far)`` seconds; past ``max_retries`` retries, ``failed`` with ``transient_exhausted``.
+        Returns the record and the delay (0 when it failed); LeaseLost if the fence is stale."""
+        done = record.transient_retries
+        if done >= max_retries:
+            message = f"gave up after {done} retries: {error}"
+            return self.fail(fence, record, ErrorCode.TRANSIENT_EXHAUSTED, message), 0.0
+        wait = delay(done)
+        new = record.evolve(status=JobStatus.QUEUED, transient_retries=done + 1, updated_at=_now(),
+                            error_message=f"retrying in {wait:.1f} s after a transient error: {error}")
         reply = self._write(record, new, fence=fence, expect="started",
-                            lease=("mark", f"retry:{fence.tag}", int((delay + lease_seconds) * 1000)),
-                            note=("transient", {"attempt": fence.attempt, "error": error, "retry_in": round(delay, 2)}),
+                            lease=("mark", f"retry:{fence.tag}", int((wait + lease_seconds) * 1000)),
+                            note=("transient", {"attempt": fence.attempt, "error": error, "retry_in": round(wait, 2)}),
                             open_op="add")
         if reply != "ok":
             raise LeaseLost(record.job_id, f"cannot schedule a retry: {self._why(reply)}")
-        return new
+        return new, wait
 
     def requeue_fatal(self, fence: Fence, record: JobRecord, error: str) -> JobRecord:
         """After a worker-fatal error: ``queued`` once more, or ``failed worker_fatal`` the second time."""

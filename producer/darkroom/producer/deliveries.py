@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from darkroom.common.bounds import keep_bounded
 from darkroom.common.webhooks import OUTBOX_KEY, OutboxEntry
 
 __all__ = ["Attempt", "DeadLetters", "Delivery", "DeliveryQueue", "RETRIES_KEY", "DEAD_KEY"]
@@ -36,20 +37,8 @@ DISPATCHERS_KEY = "darkroom:webhooks:dispatchers"
 
 # Bury one delivery: take it off the processing list, keep it, and trim the store by age and count.
 # KEYS: processing, dead hash, dead index. ARGV: raw entry, id, delivery JSON, retention s, max count.
-_BURY = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-local now = redis.call('TIME')
-local t = now[1] + now[2] / 1000000
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[3], t, ARGV[2])
-local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', t - tonumber(ARGV[4]))
-local over = redis.call('ZCARD', KEYS[3]) - #old - tonumber(ARGV[5])
-if over > 0 then
-  for _, f in ipairs(redis.call('ZRANGE', KEYS[3], #old, #old + over - 1)) do table.insert(old, f) end
-end
-for _, f in ipairs(old) do redis.call('HDEL', KEYS[2], f); redis.call('ZREM', KEYS[3], f) end
-return #old
-"""
+_BURY = "redis.call('LREM', KEYS[1], 1, ARGV[1])\n" + keep_bounded(
+    "KEYS[2]", "KEYS[3]", "ARGV[2]", "ARGV[3]", "ARGV[4]", "ARGV[5]") + "return 1\n"
 
 # Move up to ARGV[2] entries due by ARGV[1] from the retry set to a processing list, atomically.
 _PROMOTE_DUE = """

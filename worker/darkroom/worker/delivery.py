@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, LeaseLost, TransientError, WorkerFatalError
+from darkroom.common.errors import LeaseLost, TransientError, WorkerFatalError
 from darkroom.common.jobstore import JobRecord, UnreadableRecord
 from darkroom.common.lifecycle import Fence, StartReply, message_job
 from darkroom.common.logs import job_context
@@ -142,20 +142,20 @@ class DeliveryHandler:
         return Decision(Outcome.RUN)
 
     def _retry(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
-        current = self.ctx.lifecycle.read(record.job_id) or record
-        done = current.transient_retries
+        settings = self.ctx.settings
         try:
-            if done >= self.ctx.settings.transient_retries:
-                self.ctx.lifecycle.fail(fence, current, ErrorCode.TRANSIENT_EXHAUSTED,
-                                        f"gave up after {done} retries: {exc}")
-                return Decision(Outcome.RUN)
-            delay = backoff(done, base=self.ctx.settings.retry_backoff_seconds,
-                            cap=self.ctx.settings.retry_backoff_cap_seconds)
-            self.ctx.lifecycle.retry(fence, current, str(exc), delay, self.ctx.settings.lease_seconds)
+            after, delay = self.ctx.lifecycle.retry(
+                fence, self.ctx.lifecycle.read(record.job_id) or record, str(exc),
+                max_retries=settings.transient_retries, lease_seconds=settings.lease_seconds,
+                delay=lambda done: backoff(done, base=settings.retry_backoff_seconds,
+                                           cap=settings.retry_backoff_cap_seconds))
         except LeaseLost as lost:
             log.warning("%s; not retrying", lost)
             return Decision(Outcome.SKIP)
-        log.warning("job %s: transient error (%s); retry %d in %.1f s", record.job_id, exc, done + 1, delay)
+        if after.status.is_terminal:
+            return Decision(Outcome.RUN)
+        log.warning("job %s: transient error (%s); retry %d in %.1f s", record.job_id, exc, after.transient_retries,
+                    delay)
         return Decision(Outcome.RETRY, delay)
 
     def _recycle(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
