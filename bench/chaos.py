@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="times each fault is applied")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {', '.join(FAULTS)}")
     parser.add_argument("--s3-outage", type=float, default=6.0, help="seconds the S3 server is down")
-    parser.add_argument("--steps", type=int, default=6, help="denoising steps per job (strength 1)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per job (strength 1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up waiting after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for tests)")
@@ -97,7 +97,8 @@ class Nemesis:
             while len(self.done) < fraction * len(self.jobs):
                 if self.stop.wait(0.2):
                     return
-            for _ in range(120):  # a fault that finds nothing to act on now tries again shortly
+            tried = time.monotonic()
+            for _ in range(240):  # a fault that finds nothing to act on now tries again shortly
                 try:
                     if getattr(self, "_" + kind.replace("-", "_"))():
                         self.applied[kind] += 1
@@ -107,6 +108,8 @@ class Nemesis:
                     print(f"chaos: {kind} failed: {exc}", file=sys.stderr)
                 if self.stop.wait(0.25):
                     return
+            else:
+                print(f"chaos: {kind} found nothing to act on for {time.monotonic() - tried:.0f} s", file=sys.stderr)
 
     # -- faults (each returns whether it was applied) --------------------------------------------
     def _busy_worker(self) -> tuple[int, list[str]] | None:
@@ -311,6 +314,7 @@ class _Fleet:
         self.size = size
         self.workers: list[Any] = []
         self.count = 0
+        self._restarts: list[threading.Thread] = []
 
     def start_all(self) -> None:
         self.workers = [self._new() for _ in range(self.size)]
@@ -320,12 +324,20 @@ class _Fleet:
         return self._make(self.count).start(timeout=180)
 
     def kill(self, index: int) -> None:
+        """SIGKILL one worker; its replacement starts in the background (the nemesis goes on meanwhile)."""
         victim = self.workers[index]
         os.kill(victim.pid, signal.SIGKILL)
         victim.proc.wait()
+        restart = threading.Thread(target=self._replace, args=(index,), daemon=True)
+        restart.start()
+        self._restarts.append(restart)
+
+    def _replace(self, index: int) -> None:
         self.workers[index] = self._new()
 
     def stop_all(self) -> None:
+        for restart in self._restarts:
+            restart.join(timeout=200)
         for worker in self.workers:
             worker.stop(timeout=20)
 

@@ -18,7 +18,7 @@ Not expiring, but bounded (retention and count settings; see :mod:`.lifecycle`):
     darkroom:dead-letters            hash id -> job (or raw message), reason and history
     darkroom:dead-letters:index      sorted set id -> when it was dead-lettered (for trimming)
 
-Creation lives here; every later change of a record is :mod:`.lifecycle`'s.
+Creation lives here; every later change of a record (cancelling included) is :mod:`.lifecycle`'s.
 
 Every transition also publishes a :class:`JobEvent` on ``darkroom:events:{job_id}``
 and on ``darkroom:events``, so waiters wake at once instead of polling.
@@ -229,22 +229,6 @@ class JobStore:
         return record
 
     # -- cancelling --------------------------------------------------------
-    def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
-        """Cancel a queued or running job (see :meth:`Lifecycle.cancel`); a job that ended is left as it is.
-
-        Returns the record; :meth:`cancel_live` also says whether anything changed.
-        """
-        return self.cancel_live(job_id, reason)[0]
-
-    def cancel_live(self, job_id: str, reason: str = "cancelled on request") -> tuple[JobRecord, bool]:
-        """(the record, whether the cancel changed it); JobNotFound for an unknown id."""
-        from .lifecycle import Lifecycle
-
-        record, changed = Lifecycle(self.redis, ttl_seconds=self.ttl).cancel(job_id, reason)
-        if record is None:
-            raise JobNotFound(job_id)
-        return record, changed
-
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(cancel_key(job_id)))
 

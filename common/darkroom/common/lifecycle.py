@@ -46,6 +46,7 @@ from .jobstore import (
     DEAD_LETTERS_INDEX_KEY,
     DEAD_LETTERS_KEY,
     OPEN_JOBS_KEY,
+    JobNotFound,
     JobRecord,
     UnreadableRecord,
     cancel_key,
@@ -353,6 +354,13 @@ class Lifecycle:
         return _text(reply)
 
     # -- the producer's side ------------------------------------------------
+    def cancel_job(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
+        """:meth:`cancel` for callers that only want the record; JobNotFound for an unknown id."""
+        record, _ = self.cancel(job_id, reason)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
     def cancel(self, job_id: str, reason: str = "cancelled on request") -> tuple[JobRecord | None, bool]:
         """Cancel a queued or running job: (its record, True). A job that ended is left as it is: (record, False).
 

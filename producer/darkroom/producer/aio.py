@@ -28,7 +28,8 @@ from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import AsyncFleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
-from darkroom.common.jobstore import JobNotFound, JobRecord, JobStore, job_key, raise_taken
+from darkroom.common.jobstore import JobNotFound, JobRecord, job_key, raise_taken
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
@@ -146,7 +147,7 @@ class AsyncClient:
         def cancel_now() -> JobRecord:  # the lifecycle's fenced script, on a short-lived sync connection
             client = make_redis(self.settings)
             try:
-                return JobStore(client, ttl_seconds=self.settings.status_ttl_seconds).cancel(job_id, reason)
+                return Lifecycle(client, ttl_seconds=self.settings.status_ttl_seconds).cancel_job(job_id, reason)
             finally:
                 client.close()
 

@@ -23,6 +23,7 @@ from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
@@ -150,7 +151,7 @@ class Client:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising step and
         publishes nothing. A job that already ended is left as it is. Returns the job's record."""
         self.jobs.require(job_id)
-        return self.jobs.cancel(job_id)
+        return Lifecycle(self.jobs.redis, ttl_seconds=self.settings.status_ttl_seconds).cancel_job(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.errors import DarkroomError, ObjectNotFoundError
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.redaction import redact_url
 from darkroom.common.status import JobStatus
@@ -143,7 +144,8 @@ class Dashboard:
         job_id = request.path_params["job_id"]
         if self.reader.jobs.get(job_id) is None:
             return JSONResponse({"error": f"no job {job_id!r}"}, status_code=404)
-        record = self.reader.jobs.cancel(job_id, "cancelled from the dashboard")
+        record = Lifecycle(self.reader.jobs.redis, ttl_seconds=self.reader.jobs.ttl).cancel_job(
+            job_id, "cancelled from the dashboard")
         log.info("job %s cancel requested from the dashboard: now %s", job_id, record.status.value)
         return JSONResponse({"job_id": job_id, "status": record.status.value})
 
