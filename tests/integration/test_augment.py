@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, augment_run_key
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.jobstore import cancel_key, job_key
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
@@ -130,7 +131,10 @@ def test_a_run_killed_midway_and_resumed_makes_every_cell_exactly_once(
     assert {r["job_id"] for r in manifest} == {c.job_id for c in cells}
     row = manifest[0]
     assert row["source_uri"] == f"{output}/_augment/inputs/photo-00.png" and row["prompt"] == "photo-00, watercolor"
-    assert row["output_uri"] == f"{output}/{row['job_id']}/000.png" and row["strength"] == 0.5 and row["seed"] == 0
+    published = client.status(row["job_id"]).result
+    assert published is not None and row["output_uri"] == published.outputs[0].uri
+    assert row["output_uri"].startswith(f"{output}/{row['job_id']}/") and row["output_uri"].endswith("/000.png")
+    assert row["strength"] == 0.5 and row["seed"] == 0
     assert row["num_inference_steps"] == 2 and row["safety_action"] == "none" and row["nsfw"] is None
     import pyarrow.parquet as pq
 
@@ -218,8 +222,9 @@ def test_resubmit_replaces_only_a_failed_or_cancelled_job(client: Client) -> Non
         client.submit(job, resubmit=True)
 
     # A cancelled one is replaced atomically: queued again, cancel flag gone, history kept aside
+    life = Lifecycle(client.jobs.redis)
     client.cancel(job["job_id"])
-    client.jobs.note(job["job_id"], "started", attempt=1)
+    life.note(job["job_id"], "started", attempt=1)
     assert client.jobs.is_cancelled(job["job_id"])
     client.submit(job, resubmit=True)
     record = client.status(job["job_id"])
@@ -227,17 +232,18 @@ def test_resubmit_replaces_only_a_failed_or_cancelled_job(client: Client) -> Non
     assert not client.jobs.redis.exists(cancel_key(job["job_id"]))
     assert [e["event"] for e in client.jobs.history(job["job_id"])] == ["resubmitted"]
     previous = client.jobs.redis.lrange(job_key(job["job_id"]) + ":history:previous", 0, -1)
-    assert [json.loads(e)["event"] for e in previous] == ["started"]
+    assert [json.loads(e)["event"] for e in previous] == ["cancelled", "started"]
 
     # A failed one too; a plain submit still refuses the id
-    client.jobs.transition(job["job_id"], JobStatus.FAILED, error_code="internal_error", error_message="boom")
+    started = life.start(job["job_id"], None, worker="t", lease_seconds=60, max_lost=5)
+    assert started.fence is not None and started.record is not None
+    life.fail(started.fence, started.record, "internal_error", "boom")
     with pytest.raises(InvalidJobError, match="already exists"):
         client.submit(job)
     handles = client.submit_many([job], resubmit=True)
     assert handles[0].status().status is JobStatus.QUEUED
 
     # A succeeded job is never replaced
-    client.jobs.transition(job["job_id"], JobStatus.STARTED)
     client.jobs.redis.set(job_key(job["job_id"]), client.status(job["job_id"]).model_copy(
         update={"status": JobStatus.SUCCEEDED}).model_dump_json())
     with pytest.raises(InvalidJobError):

@@ -26,6 +26,7 @@ from darkroom.common.clients import make_redis
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import OutboxEntry, WebhookVerificationError, generate_secret, verify
@@ -207,9 +208,11 @@ def assert_signed(requests: list[Received], secret: str) -> None:
 def test_every_lifecycle_event_arrives_signed(
     hooks_client: Client, worker: WorkerProcess, receiver: Receiver, dispatcher: object
 ) -> None:
-    # Given a job with a callback on a real receiver
+    # Given a job with a callback on a real receiver, asking for every event (progress is opt-in)
     url = receiver.url()
-    handle = hooks_client.submit({**JOB, "image": upload_input(hooks_client), "callback_url": url})
+    handle = hooks_client.submit({**JOB, "image": upload_input(hooks_client), "callback_url": url,
+                                  "webhook_events": ["queued", "started", "progress", "succeeded", "failed",
+                                                     "cancelled"]})
     # When it runs on the real worker
     result = handle.wait(timeout=60)
     got = receiver.wait_for(url, has("job.queued", "job.started", "job.progress", "job.succeeded"))
@@ -321,13 +324,17 @@ def test_progress_is_throttled_and_each_producer_signs_with_its_own_secret(
 ) -> None:
     # Given a job of another producer (no worker needed: the status store drives webhooks)
     url = receiver.url()
-    job = hooks_client.prepare({**JOB, "image": "s3://darkroom/inputs/x.png", "callback_url": url, "producer": OTHER})
+    job = hooks_client.prepare({**JOB, "image": "s3://darkroom/inputs/x.png", "callback_url": url, "producer": OTHER,
+                                "webhook_events": ["queued", "progress", "cancelled"]})
     assert job.job_id is not None
-    record = hooks_client.jobs.create(job)
-    # When it reports progress five times in a row, then is cancelled
+    hooks_client.jobs.create(job)
+    # When an attempt reports progress five times in a row, then the job is cancelled
+    life = Lifecycle(hooks_client.jobs.redis)
+    started = life.start(job.job_id, None, worker="test", lease_seconds=60, max_lost=5)
+    assert started.fence is not None and started.record is not None
     for step in range(1, 6):
-        hooks_client.jobs.report_progress(record, step, 5)
-    hooks_client.jobs.transition(job.job_id, JobStatus.CANCELLED)
+        life.report_progress(started.fence, started.record, step, 5)
+    life.cancel(job.job_id)
     got = receiver.wait_for(url, has("job.cancelled"))
     time.sleep(0.3)
     # Then one progress event got through, and everything is signed with that producer's secret
