@@ -4,6 +4,7 @@ saying what to do, and the same worker serves the next job (real Redis, S3 serve
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,10 +94,13 @@ def test_a_foreign_producers_invalid_message_fails_as_invalid_job(
     worker, model = hardened
     job = validate_job({"model": model, "image": put(client, png_bytes(sample_image(64))), "job_id": uuid.uuid4().hex,
                         "output_prefix": "s3://darkroom/outputs", **JOB})
-    client.jobs.create(job)
     payload = {**job.model_dump(mode="json"), "strength": 1.5, "colour": "red"}  # bypasses submit-time checks
     celery_sender(client).send_task(TASK_IMG2IMG, args=[payload], task_id=job.job_id,
                                     queue=client.fleet.queue_for(model))
+    deadline = time.monotonic() + 120  # no record yet: the worker makes a failed one from the message
+    while client.jobs.get(job.job_id or "") is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     with pytest.raises(JobFailed) as failure:
         client.wait(job.job_id or "", timeout=120)
     assert failure.value.code == ErrorCode.INVALID_JOB
