@@ -127,11 +127,12 @@ def run_flagging_everything(client: Client, model: str, image: str, policy: str)
 
 
 def public_uri(result: JobResult, output: OutputImage) -> str:
-    return f"{OUTPUTS}/{result.job_id}/{output.index:03d}.png"
+    """Under the job's folder, in the publishing attempt's own folder ({submission}-{attempt})."""
+    return f"{OUTPUTS}/{result.job_id}/{result.submission}-{result.attempt}/{output.index:03d}.png"
 
 
 def quarantine_uri(result: JobResult, output: OutputImage) -> str:
-    return f"{QUARANTINE}/{result.job_id}/{output.index:03d}.png"
+    return f"{QUARANTINE}/{result.job_id}/{result.submission}-{result.attempt}/{output.index:03d}.png"
 
 
 def test_flag_stores_each_image_as_made_and_marks_it(client: Client, safety_worker: WorkerProcess,
