@@ -72,6 +72,9 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     WORKER_FATAL = "worker_fatal"
     INTERNAL_ERROR = "internal_error"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_PERMITTED = "not_permitted"
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class DarkroomError(Exception):

@@ -118,6 +118,8 @@ class JobRecord(BaseModel):
     details: FailureDetails | None = None
     result: JobResult | None = None
     raw_job: str | None = None
+    producer: str | None = None  # the producer a worker verified (identity.Gate); webhooks are signed as it
+    auth: dict[str, Any] | None = None  # the submission's signature envelope (identity)
 
     @field_validator("job", mode="before")
     @classmethod
@@ -412,7 +414,8 @@ class _Deferred:
 
 
 def stage_create(
-    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False
+    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False,
+    auth: dict[str, Any] | None = None,
 ) -> JobRecord:
     """Add the creation of ``job``'s ``queued`` record to ``pipe`` (a sync or asyncio pipeline).
 
@@ -427,7 +430,7 @@ def stage_create(
     assert job.job_id is not None
     now = _now()
     record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now,
-                       submission=new_submission())
+                       submission=new_submission(), auth=auth)
     deferred = _Deferred()
     JobStore._publish(deferred, record, JobStore._event(record))
     if enqueue is not None:

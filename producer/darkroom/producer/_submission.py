@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
 from darkroom.common.errors import FieldError, InvalidJobError
+from darkroom.common.identity import AUTH_FIELD, Signer
 from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, validate_job
 from darkroom.common.jobstore import refused_status, stage_create
 from darkroom.common.queues import TASK_IMG2IMG
@@ -46,6 +47,7 @@ def prepare(job: JobLike, settings: Settings, known_models: Sequence[str]) -> Im
             "producer": job.producer or settings.producer_id,
         }
     )
+    _check_producer(job, settings)
     _check_buckets(job, settings)
     _check_model(job, known_models)
     if job.callback_url is not None:
@@ -75,12 +77,23 @@ def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequ
     return prepared
 
 
-class Stager:
-    """Adds jobs to a (sync or asyncio) pipeline: record, ``queued`` event and broker message, one script each."""
+def signer(settings: Settings) -> Signer | None:
+    """The producer's signing key when one is configured (``DARKROOM_PRODUCER_KEY_ID`` and ``_KEY``)."""
+    if settings.producer_key is None or not settings.producer_key_id:
+        return None
+    return Signer(settings.producer_id, settings.producer_key_id, settings.producer_key.get_secret_value())
 
-    def __init__(self, ttl: int, sender: str) -> None:
+
+class Stager:
+    """Adds jobs to a (sync or asyncio) pipeline: record, ``queued`` event and broker message, one script each.
+
+    With a ``signer`` each job's message and record carry its signature envelope (:mod:`darkroom.common.identity`).
+    """
+
+    def __init__(self, ttl: int, sender: str, signer: Signer | None = None) -> None:
         self.ttl = ttl
         self.sender = sender
+        self.signer = signer
 
     def stage(
         self, pipe: Any, job: Img2ImgJob, queue: str, priority: int | None = None, *, resubmit: bool = False
@@ -88,12 +101,15 @@ class Stager:
         """``priority`` (0 first .. 9) overrides the job's interactive/bulk priority; ``resubmit`` replaces a
         job of the same id that ended failed or cancelled (see ``jobstore.stage_create``)."""
         assert job.job_id is not None
+        data = job.model_dump(mode="json")
+        auth = None if self.signer is None else self.signer.envelope(data)
+        signed = {} if auth is None else {AUTH_FIELD: auth}
         message = task_message(
-            TASK_IMG2IMG, job.job_id, [{**job.model_dump(mode="json"), "schema_version": MESSAGE_SCHEMA_VERSION}],
+            TASK_IMG2IMG, job.job_id, [{**data, "schema_version": MESSAGE_SCHEMA_VERSION, **signed}],
             queue=queue,
             priority=job.priority.broker_priority if priority is None else priority, sender=self.sender,
         )
-        stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit)
+        stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit, auth=auth)
 
 
 def chunks(jobs: Sequence[Img2ImgJob], size: int) -> Iterable[tuple[int, Sequence[Img2ImgJob]]]:
@@ -151,6 +167,14 @@ def _guess_type(name: str) -> str:
 def _check_buckets(job: Img2ImgJob, settings: Settings) -> None:
     """Every s3:// reference of the job inside the allowed buckets and outside the quarantine prefix."""
     ReferencePolicy.from_settings(settings).check_submission(job)
+
+
+def _check_producer(job: Img2ImgJob, settings: Settings) -> None:
+    """A signing client submits only as its own producer (workers refuse anything else as unauthenticated)."""
+    if signer(settings) is not None and job.producer != settings.producer_id:
+        raise InvalidJobError([FieldError("producer", job.producer, "this client signs as producer "
+                                          f"{settings.producer_id!r}; a producer submits only as itself",
+                                          settings.producer_id)])
 
 
 def _check_model(job: Img2ImgJob, known: Sequence[str]) -> None:

@@ -77,7 +77,7 @@ class Client:
         self.jobs = JobStore(self._redis, ttl_seconds=settings.status_ttl_seconds)
         self._s3_client = s3_client
         self.fleet = Fleet(self._redis)
-        self._stager = submission.Stager(settings.status_ttl_seconds, origin())
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:

@@ -10,7 +10,11 @@ thread pool that makes the HTTP requests:
 * progress events are throttled per job and never retried.
 
 Every attempt is signed afresh (new ``webhook-timestamp``) under the same
-``webhook-id``. Redirects are not followed. The callback URL is checked again at
+``webhook-id``, with the secret of the producer a worker *verified* for the job
+(the entry's ``verified_producer``, from the record), never the job's ``producer``
+field. Without a producer registry (one producer) an entry no worker verified is
+signed as ``DARKROOM_PRODUCER_ID``; with one, such an entry (a job no worker has
+admitted, or one refused as unauthenticated) is dropped unsent. Redirects are not followed. The callback URL is checked again at
 delivery (DNS may have changed) and the request goes to the address that was
 checked. Secrets are never logged.
 """
@@ -35,6 +39,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.events import EventType
+from darkroom.common.producers import ProducerRegistry
 from darkroom.common.settings import Settings
 from darkroom.common.webhooks import CallbackTarget, Resolver, resolve_callback, sign, webhook_body
 
@@ -181,6 +186,8 @@ class Dispatcher:
         self._slots = threading.BoundedSemaphore(settings.webhook_concurrency)
         self._thread: threading.Thread | None = None
         self._last_beat = 0.0
+        self._registry = ProducerRegistry(client)
+        self._signed_at = (-1e9, False)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -261,6 +268,12 @@ class Dispatcher:
         if self._throttled(delivery):
             self.queue.finish(raw)
             return
+        if delivery.verified_producer is None and self._signing_required():
+            self._count("unverified")
+            self.queue.finish(raw)
+            log.warning("dropped %s of %s: no worker verified its producer (it is not signed for anyone)",
+                        delivery.event.type.value, delivery.job_id)
+            return
         delivery = delivery.with_attempt(self.attempt(delivery))
         self._settle(raw, delivery)
 
@@ -286,9 +299,20 @@ class Dispatcher:
         error = None if 200 <= response.status < 300 else response.describe()
         return Attempt(at=at, status=response.status, error=error, seconds=time.monotonic() - started)
 
+    def _signing_required(self) -> bool:
+        """Whether producers must be verified: a registry exists (checked at most every 2 s) or it is required."""
+        if self.settings.require_signed_jobs:
+            return True
+        at, found = self._signed_at
+        if time.monotonic() - at > 2.0:
+            found = self._registry.in_use()
+            self._signed_at = (time.monotonic(), found)
+        return found
+
     def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
-        """The Standard Webhooks headers for one attempt, signed with the job's producer secret."""
-        producer = delivery.producer or self.settings.producer_id
+        """The Standard Webhooks headers for one attempt, signed with the secret of the producer a worker verified
+        (without a registry, of ``DARKROOM_PRODUCER_ID``); the job's own ``producer`` field chooses nothing."""
+        producer = delivery.verified_producer or self.settings.producer_id
         secret = self.secrets.get(producer)
         if secret is None:
             raise ValueError(f"no signing secret for producer {producer!r}; add it to DARKROOM_WEBHOOK_SECRETS")
