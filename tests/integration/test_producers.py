@@ -278,3 +278,71 @@ def test_a_policy_is_stored_per_producer(tenancy: dict[str, Any]) -> None:
     registry.add(name, ProducerPolicy(models=["tiny"]))
     assert registry.require(name).policy.models == ["tiny"]
     registry.remove(name)
+
+
+# -- per-producer policy ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def limited(tenancy: dict[str, Any]) -> str:
+    """team-p: reads only s3://darkroom/team-p, writes only under s3://darkroom/outputs/team-p, model tiny,
+    bulk work only, at most 64 x 64 pixels x 4 steps per job."""
+    policy = ProducerPolicy(read_prefixes=["s3://darkroom/team-p"], write_prefixes=["s3://darkroom/outputs/team-p"],
+                            models=["tiny"], max_priority="bulk", max_job_cost=64 * 64 * 4)  # type: ignore[arg-type]
+    entry, secret = tenancy["registry"].add("team-p", policy)
+    tenancy["keys"]["team-p"] = (entry.keys[0].key_id, secret)
+    time.sleep(2.5)  # workers cache the registry for 2 s
+    return "team-p"
+
+
+def own_input(client: Client) -> str:
+    return client.upload(png_bytes(sample_image(64)), f"s3://darkroom/team-p/{uuid.uuid4().hex}.png")
+
+
+ALLOWED = {"model": "tiny", "priority": "bulk", "resize_mode": "resize", "width": 64, "height": 64, "output_prefix": "s3://darkroom/outputs/team-p",
+           **JOB}
+
+
+def test_a_job_within_its_producers_policy_runs(tenancy: dict[str, Any], limited: str) -> None:
+    with client_for(tenancy, limited) as client:
+        result = client.submit({**ALLOWED, "image": own_input(client)}).wait(timeout=120)
+    assert all(uri.startswith("s3://darkroom/outputs/team-p/") for uri in result.uris)
+
+
+@pytest.mark.parametrize(("change", "field", "says"), [
+    ({"image": "s3://darkroom/team-a/secret.png"}, "image", "may not read s3://darkroom/team-a/secret.png"),
+    ({"output_prefix": "s3://darkroom/outputs/team-a"}, "output_prefix", "may not write to s3://darkroom/outputs/team-a"),
+    ({"priority": "interactive"}, "priority", "only bulk work"),
+    ({"num_inference_steps": 40}, "num_inference_steps", "over this producer's ceiling"),
+    ({"width": None, "height": None, "resize_mode": None}, "num_inference_steps", "names no size"),
+])
+def test_the_sdk_and_the_worker_both_refuse_what_the_policy_does_not_allow(
+    tenancy: dict[str, Any], limited: str, change: dict[str, Any], field: str, says: str,
+) -> None:
+    with client_for(tenancy, limited) as client:
+        job = {**ALLOWED, "image": own_input(client), **change}
+        job = {k: v for k, v in job.items() if v is not None}
+        # the SDK refuses it at once, naming the field
+        with pytest.raises(InvalidJobError) as early:
+            client.submit(job)
+        assert [e.field for e in early.value.errors] == [field] and says in str(early.value)
+        # and written past the SDK, signed, the worker refuses it before reading or writing anything
+        fields = {**job, "job_id": uuid.uuid4().hex}
+        job_id = send_signed(client, fields, signature(tenancy, limited, fields))
+        message = refused(client, job_id, ErrorCode.NOT_PERMITTED)
+    assert says in message and "team-p" in message
+    assert _list(client, job_id) == [] and not list(client.store.list_objects(
+        S3Uri.parse("s3://darkroom/outputs/team-a/" + job_id, allow_empty_key=True)))
+
+
+def test_a_producer_reads_cancels_and_resubmits_only_its_own_jobs(tenancy: dict[str, Any]) -> None:
+    from darkroom.common.errors import NotPermitted
+
+    with client_for(tenancy, "team-a") as a, client_for(tenancy, "team-b") as b:
+        handle = a.submit({"model": "tiny", "image": image(a), **JOB})
+        for attempt in (lambda: b.status(handle.job_id), lambda: b.cancel(handle.job_id),
+                        lambda: b.wait(handle.job_id, timeout=5),
+                        lambda: b.submit({"model": "tiny", "image": image(b), **JOB, "job_id": handle.job_id},
+                                         resubmit=True)):
+            with pytest.raises(NotPermitted, match="belongs to producer 'team-a'; producer 'team-b' may"):
+                attempt()
+        result = handle.wait(timeout=120)
+        assert a.status(result.job_id).status.value == "succeeded"  # untouched by team-b's attempts

@@ -131,4 +131,5 @@ def test_signer_envelope_round_trips() -> None:
 def test_acl_lines_never_grant_the_registry() -> None:
     (line,) = acl_lines("team-a", "pw")
     assert line.startswith("ACL SETUSER darkroom-producer-team-a reset on >pw ")
-    assert "darkroom:producers" not in line and "~*" not in line.split() and "+@all" not in line
+    assert [w for w in line.split() if "darkroom:producers" in w] == ["%R~darkroom:producers:policy:team-a"]
+    assert "~*" not in line.split() and "+@all" not in line and "+keys" not in line

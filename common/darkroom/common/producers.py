@@ -22,10 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .jobs import Priority, valid_id
 
-__all__ = ["REGISTRY_KEY", "KEY_PREFIX", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
+__all__ = ["REGISTRY_KEY", "KEY_PREFIX", "policy_key", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
            "UnknownProducer", "acl_lines", "new_key"]
 
 REGISTRY_KEY = "darkroom:producers"
+
+
+def policy_key(producer_id: str) -> str:
+    """The producer's policy alone (no keys), readable by its own Redis user: the SDK checks it early."""
+    return f"darkroom:producers:policy:{producer_id}"
+
 KEY_PREFIX = "dk_"
 """Signing keys read ``dk_`` + 32 random bytes in URL-safe base64."""
 
@@ -125,6 +131,11 @@ class ProducerRegistry:
         raw = self.redis.hgetall(REGISTRY_KEY)
         return sorted((Producer.model_validate_json(v) for v in raw.values()), key=lambda p: p.id)
 
+    def policy(self, producer_id: str) -> ProducerPolicy | None:
+        """The producer's policy as its own Redis user may read it (no keys)."""
+        raw = self.redis.get(policy_key(producer_id))
+        return None if raw is None else ProducerPolicy.model_validate_json(raw)
+
     def in_use(self) -> bool:
         """Whether any producer is registered (then every job must be signed)."""
         return bool(self.redis.exists(REGISTRY_KEY))
@@ -138,6 +149,7 @@ class ProducerRegistry:
                             policy=policy or ProducerPolicy(), weight=weight, created_at=now)
         if not self.redis.hsetnx(REGISTRY_KEY, producer_id, producer.model_dump_json()):
             raise ValueError(f"producer {producer_id!r} exists already; use rotate for a new key")
+        self.redis.set(policy_key(producer_id), producer.policy.model_dump_json())
         return producer, secret
 
     def rotate(self, producer_id: str, overlap_seconds: float) -> tuple[Producer, ProducerKey]:
@@ -159,9 +171,12 @@ class ProducerRegistry:
         def change(current: Producer, now: float) -> Producer:
             return current.model_copy(update={"policy": policy, "weight": weight or current.weight})
 
-        return self._update(producer_id, change)
+        updated = self._update(producer_id, change)
+        self.redis.set(policy_key(producer_id), updated.policy.model_dump_json())
+        return updated
 
     def remove(self, producer_id: str) -> bool:
+        self.redis.delete(policy_key(producer_id))
         return bool(self.redis.hdel(REGISTRY_KEY, producer_id))
 
     def _update(self, producer_id: str, change: object) -> Producer:
@@ -196,10 +211,11 @@ def acl_lines(producer_id: str, password: str, queues: Iterable[str] = ("darkroo
         "~darkroom:dead-letters", "~darkroom:dead-letters:index",
         "~darkroom:webhooks:outbox",
         "%R~darkroom:worker:*", "%R~darkroom:workers*", "%R~darkroom:models*",  # the catalog and routes
+        f"%R~{policy_key(producer_id)}",  # its own policy (the SDK's early check); never the registry
         *[f"%W~{q}" for q in queues],      # push messages; never pop them
     ]
     commands = ["+@connection", "+get", "+mget", "+exists", "+hget", "+hgetall", "+smembers", "+zrevrangebyscore",
                 "+zrange", "+lrange", "+llen", "+eval", "+evalsha", "+script|load", "+script|exists",
-                "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe", "+info", "+ttl", "+scan", "+keys",
+                "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe", "+ttl",
                 "+hmget", "+zscore", "+zcard", "+type"]
     return [f"ACL SETUSER {user} reset on >{password} resetchannels &darkroom:events* " + " ".join(keys + commands)]

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
-from darkroom.common.errors import FieldError, InvalidJobError
+from darkroom.common.errors import ErrorCode, FieldError, InvalidJobError, NotPermitted
 from darkroom.common.identity import AUTH_FIELD, Signer
 from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, validate_job
-from darkroom.common.jobstore import refused_status, stage_create
+from darkroom.common.jobstore import JobRecord, refused_status, stage_create
+from darkroom.common.producers import ProducerPolicy
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
+from darkroom.common.tenancy import policy_errors
 from darkroom.common.webhooks import check_callback_url
 
 if TYPE_CHECKING:
@@ -32,11 +34,13 @@ DEFAULT_CHUNK = 500
 """Jobs per Redis round trip in ``submit_many``."""
 
 
-def prepare(job: JobLike, settings: Settings, known_models: Sequence[str]) -> Img2ImgJob:
+def prepare(job: JobLike, settings: Settings, known_models: Sequence[str],
+            policy: ProducerPolicy | None = None) -> Img2ImgJob:
     """Validate a job and fill what the producer decides: id, seed, output prefix and producer id.
 
     ``known_models`` is the fleet's catalog (empty: no worker registered yet, any model passes). A
-    ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set.
+    ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set. ``policy``:
+    the signing producer's (:mod:`darkroom.common.tenancy`), checked here as the worker will.
     """
     job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
     job = job.model_copy(
@@ -48,21 +52,22 @@ def prepare(job: JobLike, settings: Settings, known_models: Sequence[str]) -> Im
         }
     )
     _check_producer(job, settings)
-    _check_buckets(job, settings)
+    _check_buckets(job, settings, policy)
     _check_model(job, known_models)
     if job.callback_url is not None:
         _check_callback(job.callback_url, settings)
     return job
 
 
-def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequence[str]) -> list[Img2ImgJob]:
+def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequence[str],
+                 policy: ProducerPolicy | None = None) -> list[Img2ImgJob]:
     """Prepare every job; raise one InvalidJobError naming each bad job's index and fields (``jobs[3].strength``)."""
     prepared: list[Img2ImgJob] = []
     errors: list[FieldError] = []
     first_index: dict[str, int] = {}
     for index, job in enumerate(jobs):
         try:
-            ready = prepare(job, settings, known_models)
+            ready = prepare(job, settings, known_models, policy)
         except InvalidJobError as exc:
             errors += [FieldError(f"jobs[{index}].{e.field}", e.value, e.message, e.allowed) for e in exc.errors]
             continue
@@ -164,9 +169,35 @@ def _guess_type(name: str) -> str:
 
 
 # -- checks -------------------------------------------------------------------
-def _check_buckets(job: Img2ImgJob, settings: Settings) -> None:
-    """Every s3:// reference of the job inside the allowed buckets and outside the quarantine prefix."""
-    ReferencePolicy.from_settings(settings).check_submission(job)
+def _check_buckets(job: Img2ImgJob, settings: Settings, policy: ProducerPolicy | None = None) -> None:
+    """Every s3:// reference of the job inside the allowed buckets and outside the quarantine prefix; with a
+    producer's policy, everything it limits too."""
+    base = ReferencePolicy.from_settings(settings)
+    if policy is None:
+        base.check_submission(job)
+        return
+    _, errors = policy_errors(job, policy, base)
+    if errors:
+        raise InvalidJobError(errors)
+
+
+def owner(record: JobRecord) -> str | None:
+    """Whose job a record is: the producer a worker verified, else the one that signed it, else the job's field."""
+    if record.producer is not None:
+        return record.producer
+    if record.auth is not None and isinstance(record.auth.get("producer"), str):
+        return str(record.auth["producer"])
+    return record.job.producer if record.job is not None else None
+
+
+def check_owner(record: JobRecord | None, settings: Settings, action: str) -> None:
+    """A signing client reads, cancels and resubmits only its own producer's jobs (NotPermitted)."""
+    if record is None or signer(settings) is None:
+        return
+    found = owner(record)
+    if found != settings.producer_id:
+        raise NotPermitted(ErrorCode.NOT_PERMITTED, f"job {record.job_id} belongs to producer {found!r}; producer "
+                           f"{settings.producer_id!r} may {action} only its own jobs")
 
 
 def _check_producer(job: Img2ImgJob, settings: Settings) -> None:

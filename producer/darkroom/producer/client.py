@@ -24,6 +24,7 @@ from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.producers import ProducerPolicy, ProducerRegistry
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -102,7 +103,13 @@ class Client:
         ``callback_url`` on a private address (unless ``allow_private_callbacks`` is set).
         """
         job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
-        return submission.prepare(job, self.settings, self.fleet.catalog())
+        return submission.prepare(job, self.settings, self.fleet.catalog(), self.own_policy())
+
+    def own_policy(self) -> ProducerPolicy | None:
+        """This producer's policy from the registry when the client signs (None: no policy, or unsigned)."""
+        if self._stager.signer is None:
+            return None
+        return ProducerRegistry(self._redis).policy(self.settings.producer_id)
 
     def submit(self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False) -> JobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip. Raises InvalidJobError for bad input
@@ -114,6 +121,8 @@ class Client:
         to ``:history:previous``); one queued, running or succeeded is still refused.
         """
         job = self.prepare(job)
+        if resubmit:
+            submission.check_owner(self.jobs.get(job.job_id or ""), self.settings, "resubmit")
         pipe = self._redis.pipeline(transaction=False)
         self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
         raise_taken(submission.taken(pipe.execute(), [job], None), submission.taken_reason(resubmit))
@@ -128,7 +137,10 @@ class Client:
         is sent. A job whose ``job_id`` exists already is neither recorded nor enqueued; the others are, and
         then InvalidJobError names the taken ids. ``resubmit`` works as in :meth:`submit`.
         """
-        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog())
+        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog(), self.own_policy())
+        if resubmit:
+            for record in self.jobs.get_many([job.job_id or "" for job in prepared]):
+                submission.check_owner(record, self.settings, "resubmit")
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
@@ -143,17 +155,21 @@ class Client:
 
     # -- following -------------------------------------------------------
     def status(self, job_id: str) -> JobRecord:
-        """The job's current record; raises JobNotFound for unknown (or expired) ids."""
-        return self.jobs.require(job_id)
+        """The job's current record; raises JobNotFound for unknown (or expired) ids, NotPermitted for another
+        producer's job when this client signs."""
+        record = self.jobs.require(job_id)
+        submission.check_owner(record, self.settings, "read")
+        return record
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising step and
         publishes nothing. A job that already ended is left as it is. Returns the job's record."""
-        self.jobs.require(job_id)
+        submission.check_owner(self.jobs.require(job_id), self.settings, "cancel")
         return self.jobs.cancel(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""
+        self.status(job_id)
         return self.jobs.wait(job_id, timeout=timeout, on_event=on_event).raise_for_outcome()
 
     def result(self, job_id: str) -> JobResult:
