@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -415,7 +415,7 @@ class _Deferred:
 
 def stage_create(
     pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False,
-    auth: dict[str, Any] | None = None,
+    auth: dict[str, Any] | None = None, extra: Sequence[str | bytes] = (),
 ) -> JobRecord:
     """Add the creation of ``job``'s ``queued`` record to ``pipe`` (a sync or asyncio pipeline).
 
@@ -435,6 +435,7 @@ def stage_create(
     JobStore._publish(deferred, record, JobStore._event(record))
     if enqueue is not None:
         deferred.lpush(*enqueue)
+    deferred.args += list(extra)  # more (command, key, value) triples, e.g. a message held for fair share
     key = job_key(job.job_id)
     flags = (cancel_key(job.job_id), key + ":progress")
     keys: tuple[str, ...]

@@ -212,6 +212,7 @@ def acl_lines(producer_id: str, password: str, queues: Iterable[str] = ("darkroo
         "~darkroom:webhooks:outbox",
         "%R~darkroom:worker:*", "%R~darkroom:workers*", "%R~darkroom:models*",  # the catalog and routes
         f"%R~{policy_key(producer_id)}",  # its own policy (the SDK's early check); never the registry
+        "%W~darkroom:fair:*",              # fair share: the producers with held bulk work, the backlog tokens
         *[f"%W~{q}" for q in queues],      # push messages; never pop them
     ]
     commands = ["+@connection", "+get", "+mget", "+exists", "+hget", "+hgetall", "+smembers", "+zrevrangebyscore",

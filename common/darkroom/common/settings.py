@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         86_400, ge=60, description="Workers refuse a signed message older than this when no record of its job "
                                    "exists (replays); a job whose record exists runs from the record.",
     )
+    fair_share: bool = Field(
+        False, description="Submit bulk jobs to this producer's own queue per model; workers release them by "
+                           "producer weight (fair share), interactive jobs still first.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object a line) for fleets.")
     redis_socket_timeout_seconds: float = Field(
         15.0, gt=0, description="Longest any Redis call may wait for an answer (connect and read); a stalled Redis "

@@ -13,14 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from darkroom.common import fairness
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
 from darkroom.common.errors import ErrorCode, FieldError, InvalidJobError, NotPermitted
 from darkroom.common.identity import AUTH_FIELD, Signer
-from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, validate_job
+from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, Priority, validate_job
 from darkroom.common.jobstore import JobRecord, refused_status, stage_create
 from darkroom.common.producers import ProducerPolicy
-from darkroom.common.queues import TASK_IMG2IMG
+from darkroom.common.queues import TASK_IMG2IMG, cold_queue
 from darkroom.common.settings import Settings
 from darkroom.common.tenancy import policy_errors
 from darkroom.common.webhooks import check_callback_url
@@ -95,10 +96,11 @@ class Stager:
     With a ``signer`` each job's message and record carry its signature envelope (:mod:`darkroom.common.identity`).
     """
 
-    def __init__(self, ttl: int, sender: str, signer: Signer | None = None) -> None:
+    def __init__(self, ttl: int, sender: str, signer: Signer | None = None, *, fair: bool = False) -> None:
         self.ttl = ttl
         self.sender = sender
         self.signer = signer
+        self.fair = fair
 
     def stage(
         self, pipe: Any, job: Img2ImgJob, queue: str, priority: int | None = None, *, resubmit: bool = False
@@ -109,12 +111,17 @@ class Stager:
         data = job.model_dump(mode="json")
         auth = None if self.signer is None else self.signer.envelope(data)
         signed = {} if auth is None else {AUTH_FIELD: auth}
+        held = self.fair and priority is None and job.priority is Priority.BULK  # released by workers, by weight
         message = task_message(
             TASK_IMG2IMG, job.job_id, [{**data, "schema_version": MESSAGE_SCHEMA_VERSION, **signed}],
-            queue=queue,
+            queue=cold_queue(job.model) if held else queue,
             priority=job.priority.broker_priority if priority is None else priority, sender=self.sender,
         )
-        stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit, auth=auth)
+        if held:
+            extra = fairness.hold(job.model, job.producer or "default", message[1])
+            stage_create(pipe, job, self.ttl, resubmit=resubmit, auth=auth, extra=extra)
+        else:
+            stage_create(pipe, job, self.ttl, enqueue=message, resubmit=resubmit, auth=auth)
 
 
 def chunks(jobs: Sequence[Img2ImgJob], size: int) -> Iterable[tuple[int, Sequence[Img2ImgJob]]]:

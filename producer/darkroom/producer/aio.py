@@ -80,7 +80,8 @@ class AsyncClient:
         self._redis = redis_client if redis_client is not None else make_async_redis(settings)
         self._s3_client = s3_client
         self.fleet = AsyncFleet(self._redis)
-        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings))
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings),
+                                          fair=settings.fair_share)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:

@@ -78,7 +78,8 @@ class Client:
         self.jobs = JobStore(self._redis, ttl_seconds=settings.status_ttl_seconds)
         self._s3_client = s3_client
         self.fleet = Fleet(self._redis)
-        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings))
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings),
+                                          fair=settings.fair_share)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:

@@ -1,5 +1,8 @@
 """Which queues this worker consumes, and the sweep that keeps no job stranded.
 
+Fair share (:mod:`darkroom.common.fairness`): a :class:`FairFeeder` thread releases the bulk work
+producers hold per model onto the model's queue (hot or cold, decided at release) by producer weight.
+
 A worker consumes, in this order of preference, the hot queue of each model it
 holds resident (producers send a model's jobs there while any worker holds it)
 and the cold queue of every model it serves (jobs for models resident nowhere;
@@ -11,15 +14,19 @@ queue: a job never waits for a worker that will not come.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
+from darkroom.common.fairness import Feeder
 from darkroom.common.fleet import Fleet
+from darkroom.common.producers import ProducerRegistry
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
 
-__all__ = ["QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
+__all__ = ["FairFeeder", "QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +78,48 @@ def sweep_orphaned_queues(client: redis.Redis, fleet: Fleet, model_ids: Iterable
     if moved:
         log.info("moved %d job(s) from hot queues of models resident nowhere to their cold queues", moved)
     return moved
+
+
+class FairFeeder:
+    """Releases held bulk jobs of the models this worker serves, every ``interval`` seconds, from a daemon thread.
+
+    Every worker of a pool runs one; each release is one script, so together they keep each model's bulk list
+    at about ``depth`` messages. Weights come from the producer registry (read at most every 5 s).
+    """
+
+    def __init__(self, client: redis.Redis, models: Iterable[str], *, depth: int, interval: float) -> None:
+        self.redis = client
+        self.models = list(models)
+        self.feeder = Feeder(client, depth=depth)
+        self.fleet = Fleet(client)
+        self.interval = interval
+        self._weights: tuple[float, dict[str, float]] = (-1e9, {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="darkroom-fair-share", daemon=True)
+
+    def weights(self) -> dict[str, float]:
+        at, found = self._weights
+        if time.monotonic() - at > 5.0:
+            found = {p.id: p.weight for p in ProducerRegistry(self.redis).all() if p.weight != 1.0}
+            self._weights = (time.monotonic(), found)
+        return found
+
+    def step(self) -> int:
+        """One release for each served model; the messages released."""
+        weights = self.weights()
+        return sum(self.feeder.feed(m, self.fleet.queue_for(m), weights) for m in self.models)
+
+    def start(self) -> FairFeeder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the feeder must outlive Redis blips
+                log.warning("fair-share release failed: %s", exc)
+                self._stop.wait(1.0)
