@@ -346,3 +346,34 @@ def test_a_producer_reads_cancels_and_resubmits_only_its_own_jobs(tenancy: dict[
                 attempt()
         result = handle.wait(timeout=120)
         assert a.status(result.job_id).status.value == "succeeded"  # untouched by team-b's attempts
+
+
+# -- quotas ---------------------------------------------------------------------------------
+def test_quotas_refuse_with_quota_exceeded_and_say_when_to_retry(tenancy: dict[str, Any]) -> None:
+    from darkroom.common.errors import NotPermitted
+    from darkroom.common.fleet import Fleet
+
+    registry: ProducerRegistry = tenancy["registry"]
+    idle = f"idle{uuid.uuid4().hex[:6]}"  # in the catalog, served by no worker: its jobs stay in flight
+    Fleet(tenancy["redis"]).register_models([idle])
+    for name, policy in (("team-q", ProducerPolicy(max_in_flight=2)), ("team-m", ProducerPolicy(max_per_minute=3))):
+        entry, secret = registry.add(name, policy)
+        tenancy["keys"][name] = (entry.keys[0].key_id, secret)
+    with client_for(tenancy, "team-q") as q:
+        first = q.submit_many([{"model": idle, "image": "s3://darkroom/in/x.png", **JOB} for _ in range(2)])
+        with pytest.raises(NotPermitted) as over:
+            q.submit({"model": idle, "image": "s3://darkroom/in/x.png", **JOB})
+        assert over.value.code == ErrorCode.QUOTA_EXCEEDED and over.value.retry_after
+        assert "has 2 job(s) in flight; 1 more would pass its 2" in over.value.message
+        q.cancel(first[0].job_id)  # one ends: room for one more
+        q.submit({"model": idle, "image": "s3://darkroom/in/x.png", **JOB})
+        for handle in first[1:]:
+            q.cancel(handle.job_id)
+    with client_for(tenancy, "team-m") as m:
+        if time.time() % 60 > 50:  # a new minute between the submits would reset the count
+            time.sleep(61 - time.time() % 60)
+        m.submit_many([{"model": idle, "image": "s3://darkroom/in/x.png", **JOB} for _ in range(3)])
+        with pytest.raises(NotPermitted) as fast:
+            m.submit({"model": idle, "image": "s3://darkroom/in/x.png", **JOB})
+        assert fast.value.code == ErrorCode.QUOTA_EXCEEDED and "3 per minute" in fast.value.message
+        assert fast.value.retry_after is not None and 0 < fast.value.retry_after <= 60

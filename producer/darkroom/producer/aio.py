@@ -31,6 +31,7 @@ from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobNotFound, JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, policy_key
+from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -112,6 +113,17 @@ class AsyncClient:
         raw = await self._redis.get(policy_key(self.settings.producer_id))
         return None if raw is None else ProducerPolicy.model_validate_json(raw)
 
+    async def _take_quota(self, jobs: list[Img2ImgJob]) -> None:
+        """Take this producer's quotas for ``jobs`` (see ``Client._take_quota``)."""
+        policy = await self.own_policy()
+        call = None if policy is None else quota_call(self.settings.producer_id, policy, [j.job_id or "" for j in jobs])
+        if policy is None or call is None:
+            return
+        reply = await self._redis.eval(QUOTA_SCRIPT, 2, *call[0], *call[1])
+        refusal = quota_refusal(reply, self.settings.producer_id, policy, len(jobs))
+        if refusal is not None:
+            raise refusal
+
     async def submit(
         self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False
     ) -> AsyncJobHandle:
@@ -120,6 +132,7 @@ class AsyncClient:
         if resubmit:
             raw = await self._redis.get(job_key(job.job_id or ""))
             submission.check_owner(None if raw is None else JobRecord.read(raw), self.settings, "resubmit")
+        await self._take_quota([job])
         pipe = self._redis.pipeline(transaction=False)
         self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority, resubmit=resubmit)
         raise_taken(submission.taken(await pipe.execute(), [job], None), submission.taken_reason(resubmit))
@@ -132,6 +145,7 @@ class AsyncClient:
         known = await self.fleet.catalog()
         prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known,
                                            await self.own_policy())
+        await self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)

@@ -25,6 +25,7 @@ from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, ProducerRegistry
+from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -112,6 +113,17 @@ class Client:
             return None
         return ProducerRegistry(self._redis).policy(self.settings.producer_id)
 
+    def _take_quota(self, jobs: list[Img2ImgJob]) -> None:
+        """Take this producer's quotas for ``jobs`` (NotPermitted ``quota_exceeded`` with ``retry_after``)."""
+        policy = self.own_policy()
+        call = None if policy is None else quota_call(self.settings.producer_id, policy, [j.job_id or "" for j in jobs])
+        if policy is None or call is None:
+            return
+        refusal = quota_refusal(self._redis.eval(QUOTA_SCRIPT, 2, *call[0], *call[1]), self.settings.producer_id,
+                                policy, len(jobs))
+        if refusal is not None:
+            raise refusal
+
     def submit(self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False) -> JobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip. Raises InvalidJobError for bad input
         or a ``job_id`` that exists already.
@@ -124,6 +136,7 @@ class Client:
         job = self.prepare(job)
         if resubmit:
             submission.check_owner(self.jobs.get(job.job_id or ""), self.settings, "resubmit")
+        self._take_quota([job])
         pipe = self._redis.pipeline(transaction=False)
         self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
         raise_taken(submission.taken(pipe.execute(), [job], None), submission.taken_reason(resubmit))
@@ -142,6 +155,7 @@ class Client:
         if resubmit:
             for record in self.jobs.get_many([job.job_id or "" for job in prepared]):
                 submission.check_owner(record, self.settings, "resubmit")
+        self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
