@@ -215,8 +215,11 @@ def acl_lines(producer_id: str, password: str, queues: Iterable[str] = ("darkroo
         "%W~darkroom:fair:*",              # fair share: the producers with held bulk work, the backlog tokens
         *[f"%W~{q}" for q in queues],      # push messages; never pop them
     ]
-    commands = ["+@connection", "+get", "+mget", "+exists", "+hget", "+hgetall", "+smembers", "+zrevrangebyscore",
-                "+zrange", "+lrange", "+llen", "+eval", "+evalsha", "+script|load", "+script|exists",
-                "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe", "+ttl",
-                "+hmget", "+zscore", "+zcard", "+type"]
+    commands = ["+@connection", "+get", "+mget", "+exists", "+hget", "+hgetall", "+hmget", "+smembers", "+type",
+                "+ttl", "+lrange", "+llen", "+zrange", "+zrangebyscore", "+zrevrangebyscore", "+zscore", "+zcard",
+                "+eval", "+evalsha", "+script|load", "+script|exists", "+time",
+                "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe", "+publish",
+                # what the submit, cancel and quota scripts write (each only on the keys above)
+                "+set", "+del", "+expire", "+pexpire", "+rename", "+lpush", "+rpush", "+ltrim", "+sadd", "+zadd",
+                "+zrem", "+zremrangebyscore", "+incrby", "+hset", "+hdel"]
     return [f"ACL SETUSER {user} reset on >{password} resetchannels &darkroom:events* " + " ".join(keys + commands)]
