@@ -78,11 +78,14 @@ def test_the_acl_user_submits_follows_and_cancels_but_cannot_read_keys_or_take_j
         assert client.status(handle.job_id).status.value == "queued"
         assert client.cancel(handle.job_id).status.value == "cancelled"
         assert list(client.watch([handle.job_id], timeout=5))[-1].status.value == "cancelled"
-    # Then the registry (every producer's keys) is out of its reach, and so is taking a job off a queue
+    # Then the registry (every producer's keys), other producers' records and taking a job off a queue are out of
+    # its reach
     user = redis.Redis.from_url(settings.redis_url.get_secret_value())
     for attempt in (lambda: user.hgetall("darkroom:producers"), lambda: user.hget("darkroom:producers", "team-b"),
                     lambda: user.get(policy_key("team-b")), lambda: user.rpop(cold_queue("tiny") + ":6"),
-                    lambda: user.flushdb(), lambda: user.keys("*")):
+                    lambda: user.flushdb(), lambda: user.keys("*"),
+                    lambda: user.get("darkroom:job:team-b.x"), lambda: user.set("darkroom:job:team-b.x", "{}"),
+                    lambda: user.delete("darkroom:job:team-b.x:cancel")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
     assert user.get(policy_key("team-a")) is not None  # its own policy: the SDK's early check

@@ -95,6 +95,11 @@ def client_for(tenancy: dict[str, Any], producer: str | None) -> Client:
     return Client(tenancy["settings"].model_copy(update=update))
 
 
+def new_id(client: Client) -> str:
+    """A job id in the client's producer's namespace."""
+    return f"{client.settings.producer_id}.{uuid.uuid4().hex}"
+
+
 def image(client: Client) -> str:
     return client.upload(png_bytes(sample_image(64)), f"s3://darkroom/tenancy/{uuid.uuid4().hex}.png")
 
@@ -102,7 +107,7 @@ def image(client: Client) -> str:
 def send_signed(client: Client, fields: dict[str, Any], auth: dict[str, Any] | None, *,
                 record: bool = True) -> str:
     """A record (unless ``record`` is False) and a broker message written past the SDK, carrying ``auth``."""
-    job = validate_job({"model": "tiny", "image": image(client), "job_id": uuid.uuid4().hex,
+    job = validate_job({"model": "tiny", "image": image(client), "job_id": new_id(client),
                         "output_prefix": "s3://darkroom/outputs", **JOB, **fields})
     assert job.job_id is not None
     args = {**job.model_dump(mode="json"), "schema_version": MESSAGE_SCHEMA_VERSION,
@@ -159,7 +164,7 @@ def test_an_unsigned_job_is_refused_once_producers_are_registered(tenancy: dict[
 
 def test_a_record_changed_after_signing_is_refused(tenancy: dict[str, Any]) -> None:
     with client_for(tenancy, "team-a") as client:
-        fields = {"job_id": uuid.uuid4().hex, "image": image(client), "model": "tiny",
+        fields = {"job_id": new_id(client), "image": image(client), "model": "tiny",
                   "output_prefix": "s3://darkroom/outputs", **JOB}
         auth = signature(tenancy, "team-a", fields)
         # the signed job, then its output folder changed before it was written (a tampered record and message)
@@ -178,7 +183,7 @@ def test_a_job_claiming_another_producer_is_refused_and_that_producers_receiver_
             client.submit({"model": "tiny", "image": image(client), **JOB, "producer": "team-b",
                            "callback_url": b_url})
         # When team-a writes past its SDK a job naming team-b and team-b's receiver, signed with its own key
-        fields = {"job_id": uuid.uuid4().hex, "image": image(client), "model": "tiny", "producer": "team-b",
+        fields = {"job_id": new_id(client), "image": image(client), "model": "tiny", "producer": "team-b",
                   "callback_url": b_url, "output_prefix": "s3://darkroom/outputs", **JOB}
         job_id = send_signed(client, fields, signature(tenancy, "team-a", fields))
         # Then the worker refuses it, naming both producers, and writes nothing
@@ -201,7 +206,7 @@ def test_a_message_without_a_record_that_fails_verification_is_dead_lettered_and
 ) -> None:
     with client_for(tenancy, "team-a") as client:
         unsigned = send_signed(client, {}, None, record=False)
-        fields = {"job_id": uuid.uuid4().hex, "image": image(client), "model": "tiny",
+        fields = {"job_id": new_id(client), "image": image(client), "model": "tiny",
                   "output_prefix": "s3://darkroom/outputs", **JOB}
         stale = send_signed(client, fields, signature(tenancy, "team-a", fields, int(time.time()) - 3600),
                             record=False)
@@ -218,7 +223,7 @@ def test_a_message_without_a_record_that_fails_verification_is_dead_lettered_and
         assert client.jobs.get(unsigned) is None and client.jobs.get(stale) is None
         assert _list(client, unsigned) == [] and _list(client, stale) == []
         # and a fresh signed message without a record runs
-        fresh = {**fields, "job_id": uuid.uuid4().hex}
+        fresh = {**fields, "job_id": new_id(client)}
         ok = send_signed(client, fresh, signature(tenancy, "team-a", fresh), record=False)
         deadline = time.monotonic() + 120
         while (record := client.jobs.get(ok)) is None or not record.status.is_terminal:
@@ -325,7 +330,7 @@ def test_the_sdk_and_the_worker_both_refuse_what_the_policy_does_not_allow(
             client.submit(job)
         assert [e.field for e in early.value.errors] == [field] and says in str(early.value)
         # and written past the SDK, signed, the worker refuses it before reading or writing anything
-        fields = {**job, "job_id": uuid.uuid4().hex}
+        fields = {**job, "job_id": new_id(client)}
         job_id = send_signed(client, fields, signature(tenancy, limited, fields))
         message = refused(client, job_id, ErrorCode.NOT_PERMITTED)
     assert says in message and "team-p" in message
@@ -339,11 +344,11 @@ def test_a_producer_reads_cancels_and_resubmits_only_its_own_jobs(tenancy: dict[
     with client_for(tenancy, "team-a") as a, client_for(tenancy, "team-b") as b:
         handle = a.submit({"model": "tiny", "image": image(a), **JOB})
         for attempt in (lambda: b.status(handle.job_id), lambda: b.cancel(handle.job_id),
-                        lambda: b.wait(handle.job_id, timeout=5),
-                        lambda: b.submit({"model": "tiny", "image": image(b), **JOB, "job_id": handle.job_id},
-                                         resubmit=True)):
+                        lambda: b.wait(handle.job_id, timeout=5)):
             with pytest.raises(NotPermitted, match="belongs to producer 'team-a'; producer 'team-b' may"):
                 attempt()
+        with pytest.raises(InvalidJobError, match="job ids start with 'team-b.'"):  # not in team-b's namespace
+            b.submit({"model": "tiny", "image": image(b), **JOB, "job_id": handle.job_id}, resubmit=True)
         result = handle.wait(timeout=120)
         assert a.status(result.job_id).status.value == "succeeded"  # untouched by team-b's attempts
 
@@ -377,3 +382,54 @@ def test_quotas_refuse_with_quota_exceeded_and_say_when_to_retry(tenancy: dict[s
             m.submit({"model": idle, "image": "s3://darkroom/in/x.png", **JOB})
         assert fast.value.code == ErrorCode.QUOTA_EXCEEDED and "3 per minute" in fast.value.message
         assert fast.value.retry_after is not None and 0 < fast.value.retry_after <= 60
+
+
+# -- namespaces and the outbox ---------------------------------------------------------------
+def test_a_job_id_outside_the_producers_namespace_is_refused(tenancy: dict[str, Any]) -> None:
+    with client_for(tenancy, "team-a") as client:
+        with pytest.raises(InvalidJobError, match="job ids start with 'team-a.'"):
+            client.submit({"model": "tiny", "image": image(client), **JOB, "job_id": f"team-b.{uuid.uuid4().hex}"})
+        assert client.prepare({"model": "tiny", "image": image(client), **JOB}).job_id.startswith("team-a.")
+        fields = {"job_id": f"team-b.{uuid.uuid4().hex}", "image": image(client), "model": "tiny",
+                  "output_prefix": "s3://darkroom/outputs", **JOB}
+        job_id = send_signed(client, fields, signature(tenancy, "team-a", fields))
+        message = refused(client, job_id, ErrorCode.NOT_PERMITTED)
+    assert "outside producer 'team-a''s namespace" in message
+
+
+def test_outbox_entries_written_past_the_lifecycle_get_nothing_signed_but_what_the_record_says(
+    tenancy: dict[str, Any],
+) -> None:
+    from darkroom.common.events import EventType, JobEvent
+    from darkroom.common.results import JobResult
+    from darkroom.common.webhooks import OUTBOX_KEY, OutboxEntry
+
+    receiver: Receiver = tenancy["receiver"]
+    b_url = receiver.url()
+    # Given a genuine team-b job that succeeded, with its webhooks delivered
+    with client_for(tenancy, "team-b") as b:
+        genuine = b.submit({"model": "tiny", "image": image(b), **JOB, "callback_url": b_url})
+        result = genuine.wait(timeout=120)
+    receiver.wait_for(b_url, has("job.succeeded"))
+    before = len(receiver.requests(b_url))
+    # When someone pushes entries straight into the shared outbox claiming team-b was verified: a fake result for
+    # the genuine job, the same to another URL, and one for a job id outside team-b's namespace
+    event = JobEvent(type=EventType.SUCCEEDED, job_id=genuine.job_id, status="succeeded",  # type: ignore[arg-type]
+                     time=result.finished_at)
+    fake = JobResult.model_validate({**result.model_dump(mode="json"), "outputs": []})
+    spoof = receiver.url()
+    entries = [OutboxEntry(id=f"msg_{uuid.uuid4().hex}", job_id=genuine.job_id, url=b_url, verified_producer="team-b",
+                           terminal=True, event=event, result=fake),
+               OutboxEntry(id=f"msg_{uuid.uuid4().hex}", job_id=genuine.job_id, url=spoof, verified_producer="team-b",
+                           terminal=True, event=event, result=fake),
+               OutboxEntry(id=f"msg_{uuid.uuid4().hex}", job_id=f"team-a.{uuid.uuid4().hex}", url=spoof,
+                           verified_producer="team-b", terminal=True, event=event.model_copy(update={"job_id": "x"}))]
+    for entry in entries:
+        tenancy["redis"].lpush(OUTBOX_KEY, entry.model_dump_json())
+    # Then team-b's receiver gets the record's true result (not the fake), and nothing goes anywhere else
+    got = receiver.wait_for(b_url, lambda r: len(r) > before)
+    time.sleep(1.0)
+    (resent,) = receiver.requests(b_url)[before:]
+    assert [o["uri"] for o in json.loads(resent.body)["data"]["result"]["outputs"]] == result.uris
+    verify(HOOK_SECRETS["team-b"], resent.headers, resent.body)
+    assert receiver.requests(spoof) == [] and got

@@ -19,7 +19,7 @@ from darkroom.producer import _submission as submission
 NOW = 1_765_000_000.0
 KEY_ID, SECRET = new_key()
 TEAM_A = Producer(id="team-a", keys=[ProducerKey(key_id=KEY_ID, secret=SECRET, created_at=NOW - 10)])
-JOB = {"job_id": "j1", "model": "tiny", "image": "s3://darkroom/in/a.png", "prompt": "a cat", "producer": "team-a",
+JOB = {"job_id": "team-a.j1", "model": "tiny", "image": "s3://darkroom/in/a.png", "prompt": "a cat", "producer": "team-a",
        "seed": 1, "output_prefix": "s3://darkroom/outputs"}
 
 
@@ -108,7 +108,7 @@ def test_the_record_and_the_message_carry_the_same_signed_job() -> None:
     assert verify_job(args, args[AUTH_FIELD], lookup, now=now, max_age=60).id == "team-a"
     assert canonical_job(record["job"]) == canonical_job(args)
     job_id, parsed, invalid, _ = message_job(args)
-    assert job_id == "j1" and invalid is None and parsed == job
+    assert job_id == "team-a.j1" and invalid is None and parsed == job
     assert JobRecord.read(record_json).auth == record[AUTH_FIELD]  # type: ignore[arg-type]
     assert stage_create  # the staging function the Stager calls
 
@@ -133,3 +133,11 @@ def test_acl_lines_never_grant_the_registry() -> None:
     assert line.startswith("ACL SETUSER darkroom-producer-team-a reset on >pw ")
     assert [w for w in line.split() if "darkroom:producers" in w] == ["%R~darkroom:producers:policy:team-a"]
     assert "~*" not in line.split() and "+@all" not in line and "+keys" not in line
+
+
+def test_producer_ids_have_no_dot_so_no_namespace_holds_another() -> None:
+    from pydantic import ValidationError
+
+    assert Producer(id="team").namespace == "team." and not "team-a.x".startswith(Producer(id="team").namespace)
+    with pytest.raises(ValidationError, match="no '.'"):
+        Producer(id="team.a")

@@ -24,7 +24,9 @@ embedded services, the demo) nothing changes. When required:
 - a message without a record (a plain Celery producer, or the record expired) must verify itself and
   be younger than ``DARKROOM_SIGNATURE_MAX_AGE_SECONDS`` (replays of old messages); if not, it goes to
   the dead-letter store and no record is written (a refused message cannot take a job id).
-- the job's ``producer`` field, if set, must be the signer: a job cannot claim another producer.
+- the job's ``producer`` field, if set, must be the signer: a job cannot claim another producer; and its
+  id must start with the signer's namespace ``{producer}.`` (``not_permitted``), so that each producer's
+  records are keys a Redis ACL user can be limited to.
 
 A verified job then meets its producer's policy (:class:`~darkroom.common.producers.ProducerPolicy`);
 the worker records the verified producer in the job's record (``producer``), and webhooks are signed
@@ -244,6 +246,10 @@ class Gate:
         return Admission(producer)
 
     def _policy(self, producer: Producer, job: Mapping[str, Any]) -> tuple[ErrorCode, str] | None:
+        job_id = job.get("job_id")
+        if not isinstance(job_id, str) or not job_id.startswith(producer.namespace):
+            return ErrorCode.NOT_PERMITTED, (f"job id {str(job_id)[:80]!r} lies outside producer {producer.id!r}'s "
+                                             f"namespace: its job ids start with {producer.namespace!r}")
         return None if self.policy_check is None else self.policy_check(producer, job)
 
     def _fail(self, lifecycle: Lifecycle, record: JobRecord, code: ErrorCode, message: str) -> Admission:

@@ -13,6 +13,7 @@ read this hash can sign as any producer, so producers must not: give each one a 
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -20,12 +21,19 @@ from collections.abc import Iterable
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .jobs import Priority, valid_id
+from .jobs import Priority
 
-__all__ = ["REGISTRY_KEY", "KEY_PREFIX", "policy_key", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
+__all__ = ["REGISTRY_KEY", "KEY_PREFIX", "job_namespace", "policy_key", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
            "UnknownProducer", "acl_lines", "new_key"]
 
 REGISTRY_KEY = "darkroom:producers"
+_PRODUCER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def job_namespace(producer_id: str) -> str:
+    """``{producer}.``: with a producer registry every job id of the producer starts so (a producer id has no
+    '.', so no namespace holds another)."""
+    return f"{producer_id}."
 
 
 def policy_key(producer_id: str) -> str:
@@ -92,9 +100,15 @@ class Producer(BaseModel):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not valid_id(v):
-            raise ValueError(f"producer id {v!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        if not _PRODUCER_ID.fullmatch(v):
+            raise ValueError(f"producer id {v!r} must be 1-64 letters, digits, '_' or '-', starting alphanumeric "
+                             "(no '.': a producer's job ids start with '<id>.')")
         return v
+
+    @property
+    def namespace(self) -> str:
+        """The start of every job id of this producer (its records' keys: Redis ACL patterns can name them)."""
+        return job_namespace(self.id)
 
     def key(self, key_id: str, now: float) -> ProducerKey | None:
         """The key ``key_id`` if it is valid at ``now``."""
@@ -200,14 +214,15 @@ def acl_lines(producer_id: str, password: str, queues: Iterable[str] = ("darkroo
     """``ACL SETUSER`` lines for a Redis user that submits, follows and cancels jobs as ``producer_id`` and
     cannot read the producer registry (so it cannot sign as anyone else) nor consume queues.
 
-    Job records, the jobs indexes and the webhook outbox are shared keys (the submit script writes them);
-    see docs/security.md for what that leaves open.
+    Its records are those under its job-id namespace (``{id}.``); the jobs indexes, the dead letters and the
+    webhook outbox are shared keys (its scripts write them); see docs/security.md for what that leaves open.
     """
     user = f"darkroom-producer-{producer_id}"
+    space = job_namespace(producer_id)
     keys = [
-        "~darkroom:job:*",                 # records, progress, history, cancel flags (job ids are not per producer)
+        f"~darkroom:job:{space}*",         # its records, progress, history, cancel flags: only its own job ids
         "~darkroom:jobs", "~darkroom:jobs:open",
-        "~darkroom:lease:*",               # a cancel's compare-and-set names the lease key
+        f"~darkroom:lease:{space}*",       # a cancel's compare-and-set names the lease key
         "~darkroom:dead-letters", "~darkroom:dead-letters:index",
         "~darkroom:webhooks:outbox",
         "%R~darkroom:worker:*", "%R~darkroom:workers*", "%R~darkroom:models*",  # the catalog and routes

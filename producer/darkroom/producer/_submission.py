@@ -20,7 +20,7 @@ from darkroom.common.errors import ErrorCode, FieldError, InvalidJobError, NotPe
 from darkroom.common.identity import AUTH_FIELD, Signer
 from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, Priority, validate_job
 from darkroom.common.jobstore import JobRecord, refused_status, stage_create
-from darkroom.common.producers import ProducerPolicy
+from darkroom.common.producers import ProducerPolicy, job_namespace
 from darkroom.common.queues import TASK_IMG2IMG, cold_queue
 from darkroom.common.settings import Settings
 from darkroom.common.tenancy import policy_errors
@@ -46,7 +46,7 @@ def prepare(job: JobLike, settings: Settings, known_models: Sequence[str],
     job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
     job = job.model_copy(
         update={
-            "job_id": job.job_id or uuid.uuid4().hex,
+            "job_id": job.job_id or namespace(settings) + uuid.uuid4().hex,
             "seed": job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1 - 64),
             "output_prefix": job.output_prefix or settings.default_output_prefix.rstrip("/"),
             "producer": job.producer or settings.producer_id,
@@ -207,12 +207,24 @@ def check_owner(record: JobRecord | None, settings: Settings, action: str) -> No
                            f"{settings.producer_id!r} may {action} only its own jobs")
 
 
+def namespace(settings: Settings) -> str:
+    """How a signing producer's job ids start (``{id}.``); empty when the client does not sign."""
+    return job_namespace(settings.producer_id) if signer(settings) is not None else ""
+
+
 def _check_producer(job: Img2ImgJob, settings: Settings) -> None:
-    """A signing client submits only as its own producer (workers refuse anything else as unauthenticated)."""
-    if signer(settings) is not None and job.producer != settings.producer_id:
+    """A signing client submits only as its own producer, and only job ids in its namespace (workers refuse
+    anything else)."""
+    if signer(settings) is None:
+        return
+    if job.producer != settings.producer_id:
         raise InvalidJobError([FieldError("producer", job.producer, "this client signs as producer "
                                           f"{settings.producer_id!r}; a producer submits only as itself",
                                           settings.producer_id)])
+    space = namespace(settings)
+    if not (job.job_id or "").startswith(space):
+        raise InvalidJobError([FieldError("job_id", job.job_id, f"producer {settings.producer_id!r}'s job ids "
+                                          f"start with {space!r}", f"{space}<id>, or omit job_id")])
 
 
 def _check_model(job: Img2ImgJob, known: Sequence[str]) -> None:

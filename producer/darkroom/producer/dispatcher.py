@@ -13,8 +13,9 @@ Every attempt is signed afresh (new ``webhook-timestamp``) under the same
 ``webhook-id``, with the secret of the producer a worker *verified* for the job
 (the entry's ``verified_producer``, from the record), never the job's ``producer``
 field. Without a producer registry (one producer) an entry no worker verified is
-signed as ``DARKROOM_PRODUCER_ID``; with one, such an entry (a job no worker has
-admitted, or one refused as unauthenticated) is dropped unsent. Redirects are not followed. The callback URL is checked again at
+signed as ``DARKROOM_PRODUCER_ID``; with one, an entry is sent only as its job's
+record vouches for it (:meth:`Dispatcher.checked`; a job no worker has admitted,
+one refused as unauthenticated, or an entry written past the lifecycle is dropped). Redirects are not followed. The callback URL is checked again at
 delivery (DNS may have changed) and the request goes to the address that was
 checked. Secrets are never logged.
 """
@@ -39,8 +40,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.events import EventType
-from darkroom.common.producers import ProducerRegistry
+from darkroom.common.jobstore import JobRecord, UnreadableRecord, job_key
+from darkroom.common.producers import ProducerRegistry, job_namespace
 from darkroom.common.settings import Settings
+from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import CallbackTarget, Resolver, resolve_callback, sign, webhook_body
 
 from .deliveries import Attempt, Delivery, DeliveryQueue
@@ -268,12 +271,14 @@ class Dispatcher:
         if self._throttled(delivery):
             self.queue.finish(raw)
             return
-        if delivery.verified_producer is None and self._signing_required():
+        checked = self.checked(delivery)
+        if checked is None:
             self._count("unverified")
             self.queue.finish(raw)
-            log.warning("dropped %s of %s: no worker verified its producer (it is not signed for anyone)",
-                        delivery.event.type.value, delivery.job_id)
+            log.warning("dropped %s of %s: its producer is not verified by the job's record (it is not signed for "
+                        "anyone)", delivery.event.type.value, delivery.job_id)
             return
+        delivery = checked
         delivery = delivery.with_attempt(self.attempt(delivery))
         self._settle(raw, delivery)
 
@@ -298,6 +303,36 @@ class Dispatcher:
             return Attempt(at=at, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
         error = None if 200 <= response.status < 300 else response.describe()
         return Attempt(at=at, status=response.status, error=error, seconds=time.monotonic() - started)
+
+    def checked(self, delivery: Delivery) -> Delivery | None:
+        """With a producer registry, the entry as its job's record vouches for it, or None (drop it unsent).
+
+        The outbox is a shared list, so an entry proves nothing: it must name the producer a worker verified,
+        whose namespace holds the job id (a producer's Redis user can write only there), and the URL that
+        record's job names; a terminal event must match the record's status and carries the record's result and
+        failure details, not the entry's.
+        """
+        if not self._signing_required():
+            return delivery
+        producer = delivery.verified_producer
+        if producer is None or not delivery.job_id.startswith(job_namespace(producer)):
+            return None
+        raw = self.queue.redis.get(job_key(delivery.job_id))
+        try:
+            record = None if raw is None else JobRecord.read(raw)
+        except UnreadableRecord:
+            return None
+        if record is None or record.producer != producer or record.job is None or \
+                record.job.callback_url != delivery.url:
+            return None
+        if not delivery.terminal:
+            return delivery
+        if delivery.event.status is not record.status:
+            return None
+        return delivery.model_copy(update={
+            "event": record.as_event(delivery.event.type, time=delivery.event.time),
+            "result": record.result if record.status is JobStatus.SUCCEEDED else None,
+            "details": record.details if record.status is JobStatus.FAILED else None})
 
     def _signing_required(self) -> bool:
         """Whether producers must be verified: a registry exists (checked at most every 2 s) or it is required."""

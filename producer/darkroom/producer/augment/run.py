@@ -95,7 +95,7 @@ class Augmentation:
 
     @cached_property
     def cells(self) -> list[Cell]:
-        return expand(self.spec, self.sources)
+        return expand(self.spec, self.sources, submission.namespace(self.client.settings))
 
     @cached_property
     def jobs(self) -> dict[str, Img2ImgJob]:
