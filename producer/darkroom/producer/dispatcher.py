@@ -14,8 +14,9 @@ Every attempt is signed afresh (new ``webhook-timestamp``) under the same
 (the entry's ``verified_producer``, from the record), never the job's ``producer``
 field. Without a producer registry (one producer) an entry no worker verified is
 signed as ``DARKROOM_PRODUCER_ID``; with one, an entry is sent only as its job's
-record vouches for it (:meth:`Dispatcher.checked`; a job no worker has admitted,
-one refused as unauthenticated, or an entry written past the lifecycle is dropped). Redirects are not followed. The callback URL is checked again at
+record vouches for it (:meth:`Dispatcher.checked`: the producer a worker wrote there,
+or the record's verified signature; a job refused as unauthenticated, or an entry
+written past the lifecycle, is dropped). Redirects are not followed. The callback URL is checked again at
 delivery (DNS may have changed) and the request goes to the address that was
 checked. Secrets are never logged.
 """
@@ -23,6 +24,7 @@ checked. Secrets are never logged.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import socket
@@ -40,6 +42,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.events import EventType
+from darkroom.common.identity import Unauthenticated, verify_job
 from darkroom.common.jobstore import JobRecord, UnreadableRecord, job_key
 from darkroom.common.producers import ProducerRegistry, job_namespace
 from darkroom.common.settings import Settings
@@ -307,24 +310,26 @@ class Dispatcher:
     def checked(self, delivery: Delivery) -> Delivery | None:
         """With a producer registry, the entry as its job's record vouches for it, or None (drop it unsent).
 
-        The outbox is a shared list, so an entry proves nothing: it must name the producer a worker verified,
-        whose namespace holds the job id (a producer's Redis user can write only there), and the URL that
-        record's job names; a terminal event must match the record's status and carries the record's result and
-        failure details, not the entry's.
+        The outbox is a shared list, so an entry proves nothing: it must name the producer a worker verified
+        (or, before any worker did, the record's signature must verify, as a worker checks it), whose namespace
+        holds the job id (a producer's Redis user can write only there), and the URL that record's job names;
+        a terminal event must match the record's status and carries the record's result and failure details,
+        not the entry's.
         """
         if not self._signing_required():
             return delivery
-        producer = delivery.verified_producer
-        if producer is None or not delivery.job_id.startswith(job_namespace(producer)):
-            return None
         raw = self.queue.redis.get(job_key(delivery.job_id))
         try:
             record = None if raw is None else JobRecord.read(raw)
         except UnreadableRecord:
             return None
-        if record is None or record.producer != producer or record.job is None or \
-                record.job.callback_url != delivery.url:
+        producer = delivery.verified_producer or self._signer(raw)  # not started yet: the record's signature
+        if record is None or producer is None or record.producer not in (None, producer) or record.job is None \
+                or record.job.callback_url != delivery.url or not delivery.job_id.startswith(job_namespace(producer)):
             return None
+        if record.producer is None and delivery.verified_producer is not None:
+            return None  # an entry claiming a verification the record does not show
+        delivery = delivery.model_copy(update={"verified_producer": producer})
         if not delivery.terminal:
             return delivery
         if delivery.event.status is not record.status:
@@ -333,6 +338,15 @@ class Dispatcher:
             "event": record.as_event(delivery.event.type, time=delivery.event.time),
             "result": record.result if record.status is JobStatus.SUCCEEDED else None,
             "details": record.details if record.status is JobStatus.FAILED else None})
+
+    def _signer(self, raw: bytes | str | None) -> str | None:
+        """The producer whose registered key signed the stored record's job (as a worker checks it), or None."""
+        try:
+            stored = json.loads(raw or b"null")
+            job, auth = stored["job"], stored.get("auth")
+            return verify_job(job, auth, self._registry.get, now=time.time(), max_age=None).id
+        except (Unauthenticated, ValueError, TypeError, KeyError):
+            return None
 
     def _signing_required(self) -> bool:
         """Whether producers must be verified: a registry exists (checked at most every 2 s) or it is required."""
