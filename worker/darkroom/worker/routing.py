@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from darkroom.common.fairness import Feeder
+from darkroom.common.fairness import Feeder, producers_key
 from darkroom.common.fleet import Fleet
 from darkroom.common.producers import ProducerRegistry
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
@@ -80,6 +80,10 @@ def sweep_orphaned_queues(client: redis.Redis, fleet: Fleet, model_ids: Iterable
     return moved
 
 
+IDLE_SECONDS = 1.0
+"""How often a feeder looks for held work while none is held (then every ``interval``)."""
+
+
 class FairFeeder:
     """Releases held bulk jobs of the models this worker serves, every ``interval`` seconds, from a daemon thread.
 
@@ -104,10 +108,16 @@ class FairFeeder:
             self._weights = (time.monotonic(), found)
         return found
 
-    def step(self) -> int:
-        """One release for each served model; the messages released."""
+    def step(self) -> int | None:
+        """One release for each served model with held work; the messages released (None: nothing is held)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in self.models:
+            pipe.exists(producers_key(model))
+        held = [m for m, found in zip(self.models, pipe.execute(), strict=True) if found]
+        if not held:
+            return None
         weights = self.weights()
-        return sum(self.feeder.feed(m, self.fleet.queue_for(m), weights) for m in self.models)
+        return sum(self.feeder.feed(m, self.fleet.queue_for(m), weights) for m in held)
 
     def start(self) -> FairFeeder:
         self._thread.start()
@@ -117,9 +127,10 @@ class FairFeeder:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        pause = self.interval
+        while not self._stop.wait(pause):
             try:
-                self.step()
+                pause = self.interval if self.step() is not None else IDLE_SECONDS  # one EXISTS a second when idle
             except Exception as exc:  # noqa: BLE001 - the feeder must outlive Redis blips
                 log.warning("fair-share release failed: %s", exc)
-                self._stop.wait(1.0)
+                pause = IDLE_SECONDS
