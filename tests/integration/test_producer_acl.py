@@ -16,6 +16,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.producers import ProducerRegistry, acl_lines, policy_key
 from darkroom.common.queues import cold_queue
 from darkroom.common.settings import Settings
@@ -89,5 +90,13 @@ def test_the_acl_user_submits_follows_and_cancels_but_cannot_read_keys_or_take_j
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
     assert user.get(policy_key("team-a")) is not None  # its own policy: the SDK's early check
+    # and a job of team-b's stays out of reach through the lifecycle too (cancel, resubmit)
+    with Client(settings.model_copy(update={"redis_url": SecretStr(f"redis://127.0.0.1:{redis7}/0"),
+                                            "producer_key": None})) as operator:
+        other = operator.submit({"model": "tiny", "image": "s3://darkroom/in/x.png", "prompt": "p",
+                                 "job_id": f"team-b.{time.time_ns()}"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        Lifecycle(user).cancel(other.job_id)
+    assert admin.get(f"darkroom:job:{other.job_id}") is not None
     user.close()
     admin.close()
