@@ -433,3 +433,15 @@ def test_outbox_entries_written_past_the_lifecycle_get_nothing_signed_but_what_t
     assert [o["uri"] for o in json.loads(resent.body)["data"]["result"]["outputs"]] == result.uris
     verify(HOOK_SECRETS["team-b"], resent.headers, resent.body)
     assert receiver.requests(spoof) == [] and got
+
+
+def test_the_cli_says_no_for_another_producers_job(tenancy: dict[str, Any]) -> None:
+    with client_for(tenancy, "team-a") as a:
+        handle = a.submit({"model": "tiny", "image": image(a), **JOB})
+        handle.wait(timeout=120)
+    key_id, secret = tenancy["keys"]["team-b"]
+    env = {"DARKROOM_REDIS_URL": tenancy["url"], "DARKROOM_STATE_DIR": str(tenancy["settings"].state_dir),
+           "DARKROOM_PRODUCER_ID": "team-b", "DARKROOM_PRODUCER_KEY_ID": key_id, "DARKROOM_PRODUCER_KEY": secret}
+    for command in (["status", handle.job_id], ["cancel", handle.job_id], ["wait", handle.job_id]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 1 and "belongs to producer 'team-a'" in result.output, result.output
