@@ -445,3 +445,32 @@ def test_the_cli_says_no_for_another_producers_job(tenancy: dict[str, Any]) -> N
     for command in (["status", handle.job_id], ["cancel", handle.job_id], ["wait", handle.job_id]):
         result = CliRunner().invoke(main, command, env=env)
         assert result.exit_code == 1 and "belongs to producer 'team-a'" in result.output, result.output
+
+
+def test_the_async_client_signs_checks_its_policy_and_reads_only_its_own_jobs(tenancy: dict[str, Any],
+                                                                               limited: str) -> None:
+    import asyncio
+
+    from darkroom.common.errors import NotPermitted
+    from darkroom.producer.aio import AsyncClient
+
+    key_id, secret = tenancy["keys"][limited]
+    settings = tenancy["settings"].model_copy(update={"producer_id": limited, "producer_key_id": key_id,
+                                                      "producer_key": SecretStr(secret)})
+    with client_for(tenancy, limited) as sync:
+        source = own_input(sync)
+    with client_for(tenancy, "team-a") as a:
+        foreign = a.submit({"model": "tiny", "image": image(a), **JOB})
+
+    async def scenario() -> None:
+        async with AsyncClient(settings) as client:
+            handle = await client.submit({**ALLOWED, "image": source})
+            assert handle.job_id.startswith(f"{limited}.")
+            result = await handle.wait(timeout=120)
+            assert (await client.status(result.job_id)).producer == limited
+            with pytest.raises(InvalidJobError, match="only bulk work"):
+                await client.submit({**ALLOWED, "image": source, "priority": "interactive"})
+            with pytest.raises(NotPermitted, match="belongs to producer 'team-a'"):
+                await client.status(foreign.job_id)
+
+    asyncio.run(scenario())
