@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from darkroom.common.fairness import backlog_key
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +168,7 @@ def test_each_pool_scales_on_every_priority_list_of_its_hot_and_cold_queues(rend
         models = list(tomllib.loads(registry["data"]["models.toml"])["models"])
         lists = {t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"}
         expected = {broker_list(q(m), p) for m in models for q in (hot_queue, cold_queue) for p in PRIORITY_STEPS}
-        assert lists == expected
+        assert lists == expected | {backlog_key(m) for m in models}  # and the bulk work held for fair share
         names = [t["name"] for t in so["spec"]["triggers"]]
         formula = so["spec"]["advanced"]["scalingModifiers"]["formula"]
         assert sorted(formula.replace(" ", "").split("+")) == sorted(names), "the formula must sum every trigger"
@@ -186,7 +187,7 @@ def test_overlays_do_what_they_say() -> None:
     assert config["REDIS_ADDRESS"] != "redis:6379" and "DARKROOM_S3_REGION" in config
     single = render(K8S / "overlays" / "single-gpu-pool")
     (so,) = [o for o in single if o["kind"] == "ScaledObject"]
-    assert so["spec"]["maxReplicaCount"] == 1 and len(so["spec"]["triggers"]) == 21
+    assert so["spec"]["maxReplicaCount"] == 1 and len(so["spec"]["triggers"]) == 22
 
 
 @pytest.mark.parametrize("breakage", ["unknown_field", "bad_gpu_type", "keda_unknown_field", "keda_missing_target"])

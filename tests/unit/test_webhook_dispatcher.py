@@ -34,6 +34,7 @@ def delivery(type_: EventType = EventType.SUCCEEDED, attempts: int = 0, producer
                      attempt=1, worker="w1", step=3 if type_ is EventType.PROGRESS else None)
     failed = [Attempt(at=datetime.now(UTC), status=500) for _ in range(attempts)]
     return Delivery(id="msg_abc", job_id="job-1", url="https://hooks.example.com/in?token=t", producer=producer,
+                    verified_producer=producer,
                     terminal=type_ in {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED},
                     event=event, attempts=failed)
 
@@ -176,3 +177,16 @@ def test_cli_secret_and_replay_usage() -> None:
     assert runner.invoke(main, ["webhooks", "secret"]).output.startswith("whsec_")
     refused = runner.invoke(main, ["webhooks", "replay"])
     assert refused.exit_code == 2 and "--all" in refused.output
+
+
+def test_the_jobs_producer_field_chooses_no_secret_only_the_verified_producer_does() -> None:
+    # Given an entry whose job names producer p1 but that no worker verified (no registry: one-producer mode)
+    sender = Recorder(200)
+    claimed = delivery(producer="p1").model_copy(update={"verified_producer": None})
+    # When the dispatcher signs it, it signs as its own DARKROOM_PRODUCER_ID, which has no secret here
+    attempt = make(sender).attempt(claimed)
+    assert attempt.error is not None and "no signing secret for producer 'default'" in attempt.error
+    assert sender.sent == []
+    # and as p1 once a worker verified p1
+    assert make(sender).attempt(delivery(producer="someone-else").model_copy(
+        update={"verified_producer": "p1"})).ok

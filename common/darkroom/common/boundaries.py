@@ -73,10 +73,13 @@ def job_references(job: Img2ImgJob) -> list[Reference]:
 
 @dataclass(frozen=True)
 class ReferencePolicy:
-    """Which objects jobs may name: buckets in ``allowed_buckets`` (empty: any), never under ``quarantine``."""
+    """Which objects jobs may name: buckets in ``allowed_buckets`` (empty: any), never under ``quarantine``; with
+    ``read_prefixes`` / ``write_prefixes`` (a producer's policy, :mod:`.tenancy`), reads and writes only under one."""
 
     allowed_buckets: frozenset[str] = frozenset()
     quarantine: S3Uri | None = None
+    read_prefixes: tuple[S3Uri, ...] = ()
+    write_prefixes: tuple[S3Uri, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferencePolicy:
@@ -94,7 +97,16 @@ class ReferencePolicy:
             return ReferenceRefused(ErrorCode.INVALID_JOB, FieldError(
                 ref.field, shorten(ref.value), f"{where} under the quarantine prefix {self.quarantine}; jobs may "
                 "not read or write there", f"any prefix outside {self.quarantine}"))
-        return None
+        return self._prefix_refusal(ref)
+
+    def _prefix_refusal(self, ref: Reference) -> ReferenceRefused | None:
+        prefixes = self.write_prefixes if ref.writes else self.read_prefixes
+        if not prefixes or any(ref.uri.is_under(p) for p in prefixes):
+            return None
+        verb = "write to" if ref.writes else "read"
+        return ReferenceRefused(ErrorCode.NOT_PERMITTED, FieldError(
+            ref.field, shorten(ref.value), f"this producer may not {verb} {ref.uri}",
+            "under " + ", ".join(str(p) for p in prefixes)))
 
     def refusals(self, refs: Iterable[Reference]) -> list[ReferenceRefused]:
         return [r for r in map(self.refusal, refs) if r is not None]

@@ -10,6 +10,7 @@ scale::
     ├── JobError                  the job failed for good (bad input, unknown model); never retried
     ├── TransientError            try again later (storage 5xx, broker blip); retried with backoff, bounded
     ├── WorkerFatalError          the process is unusable (CUDA OOM, corrupt state); requeue, recycle
+    ├── NotPermitted              a producer asked for another producer's job, or past its policy or quota
     ├── LeaseLost                 this attempt's fencing token is stale: stop, write nothing, ack the message
     ├── UnreadableRecord          a stored record this version cannot read (darkroom.common.jobstore)
     ├── JobNotFound               no record for a job id (darkroom.common.jobstore; also a KeyError)
@@ -39,6 +40,7 @@ __all__ = [
     "JobError",
     "JobFailed",
     "LeaseLost",
+    "NotPermitted",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "StorageError",
@@ -72,6 +74,9 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     WORKER_FATAL = "worker_fatal"
     INTERNAL_ERROR = "internal_error"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_PERMITTED = "not_permitted"
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class DarkroomError(Exception):
@@ -113,6 +118,17 @@ class JobError(DarkroomError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         self.code = code
         self.message = message
+        super().__init__(f"[{code}] {message}")
+
+
+class NotPermitted(DarkroomError):
+    """Raised when a producer reads, cancels or resubmits another producer's job, or goes past its policy or quota
+    (``retry_after``: seconds until the quota allows it again)."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
         super().__init__(f"[{code}] {message}")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,6 +118,8 @@ class JobRecord(BaseModel):
     details: FailureDetails | None = None
     result: JobResult | None = None
     raw_job: str | None = None
+    producer: str | None = None  # the producer a worker verified (identity.Gate); webhooks are signed as it
+    auth: dict[str, Any] | None = None  # the submission's signature envelope (identity)
 
     @field_validator("job", mode="before")
     @classmethod
@@ -396,7 +398,8 @@ class _Deferred:
 
 
 def stage_create(
-    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False
+    pipe: Any, job: Img2ImgJob, ttl: int, *, enqueue: tuple[str, str | bytes] | None = None, resubmit: bool = False,
+    auth: dict[str, Any] | None = None, extra: Sequence[str | bytes] = (),
 ) -> JobRecord:
     """Add the creation of ``job``'s ``queued`` record to ``pipe`` (a sync or asyncio pipeline).
 
@@ -411,11 +414,12 @@ def stage_create(
     assert job.job_id is not None
     now = _now()
     record = JobRecord(job_id=job.job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now,
-                       submission=new_submission())
+                       submission=new_submission(), auth=auth)
     deferred = _Deferred()
     JobStore._publish(deferred, record, JobStore._event(record))
     if enqueue is not None:
         deferred.lpush(*enqueue)
+    deferred.args += list(extra)  # more (command, key, value) triples, e.g. a message held for fair share
     key = job_key(job.job_id)
     flags = (cancel_key(job.job_id), key + ":progress")
     keys: tuple[str, ...]

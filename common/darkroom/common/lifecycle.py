@@ -215,11 +215,12 @@ class Lifecycle:
 
     # -- starting ----------------------------------------------------------
     def start(self, job_id: str, job: Img2ImgJob | None, *, worker: str, lease_seconds: float,
-              max_lost: int) -> Started:
+              max_lost: int, producer: str | None = None, auth: dict[str, Any] | None = None) -> Started:
         """Take the job's lease and move it to ``started`` with a new fence, in one step.
 
         ``job`` (the message's) makes the record when none exists (a plain ``send_task`` producer, or the
-        record expired); with a record, the record's job runs and the message only names it.
+        record expired); with a record, the record's job runs and the message only names it. ``producer``: the
+        one a worker verified (:mod:`.identity`), kept in the record; ``auth`` goes into a record made from ``job``.
         """
         for _ in range(20):  # optimistic: re-read when the record changed between the read and the script
             try:
@@ -231,24 +232,26 @@ class Lifecycle:
                 return Started(StartReply.ENDED)
             if current is not None and current.status.is_terminal:
                 return Started(StartReply.ENDED, current)
-            started = self._try_start(job_id, current, job, worker, lease_seconds, max_lost)
+            started = self._try_start(job_id, current, job, worker, lease_seconds, max_lost, producer, auth)
             if started is not None:
                 return started
         raise RuntimeError(f"job {job_id}: the record kept changing while starting")
 
     def _try_start(self, job_id: str, current: JobRecord | None, job: Img2ImgJob | None, worker: str,
-                   lease_seconds: float, max_lost: int) -> Started | None:
+                   lease_seconds: float, max_lost: int, producer: str | None = None,
+                   auth: dict[str, Any] | None = None) -> Started | None:
         now = _now()
         if current is None:
             assert job is not None
             current = JobRecord(job_id=job_id, status=JobStatus.QUEUED, job=job, created_at=now, updated_at=now,
-                                submission=new_submission())
+                                submission=new_submission(), auth=auth)
         lost = current.lost_attempts
         if lost >= max_lost:
             return self._start_dead(current, lost)
         fence = Fence(current.submission, current.attempt + 1)
         record = current.evolve(status=JobStatus.STARTED, attempt=fence.attempt, worker=worker, error_code=None,
-                                error_message=None, details=None, updated_at=now)
+                                error_message=None, details=None, updated_at=now,
+                                producer=producer or current.producer)
         reply = self._write(current, record, expect=_UNSTARTED if current.status is JobStatus.QUEUED else _LIVE,
                             lease=("take", f"{fence.tag}@{worker}", int(lease_seconds * 1000)),
                             note=("started", {"attempt": fence.attempt, "worker": worker,
@@ -392,6 +395,14 @@ class Lifecycle:
         reply = self._write(None, record, expect="missing", note=("rejected", {"error": message[:500]}))
         return record if reply == "ok" else None
 
+    def refuse(self, record: JobRecord, code: ErrorCode, message: str) -> JobRecord | None:
+        """A queued job that may not run (unauthenticated, not permitted): ``failed`` with ``code``, unstarted;
+        None when the record changed meanwhile."""
+        new = record.evolve(status=JobStatus.FAILED, error_code=code.value, error_message=message, updated_at=_now())
+        reply = self._write(record, new, fence=Fence(record.submission, record.attempt), expect="queued",
+                            note=("refused", {"code": code.value, "error": message[:500]}), open_op="rem")
+        return new if reply == "ok" else None
+
     def dead_letter_message(self, raw: Any, reason: str) -> str:
         """A message without a usable job id: kept (cut to RAW_MESSAGE_LIMIT) in the dead-letter store."""
         field = f"message:{time.time_ns():x}"
@@ -513,13 +524,14 @@ def message_job(payload: Any) -> tuple[str | None, Img2ImgJob | None, str | None
     validated as strictly as a submission.
     """
     from .errors import InvalidJobError
+    from .identity import strip_auth
     from .jobs import MESSAGE_SCHEMA_VERSION, validate_job
 
     if not isinstance(payload, Mapping):
         return None, None, f"the task argument is a {type(payload).__name__}, not a JSON object (the job)", []
     job_id = payload.get("job_id")
     job_id = job_id if isinstance(job_id, str) and JobRecord.valid_id(job_id) else None
-    data = dict(payload)
+    data, _ = strip_auth(payload)  # the signature envelope; the worker's identity.Gate checked it
     version = data.pop("schema_version", 1)
     ignored: list[str] = []
     if isinstance(version, int) and version > MESSAGE_SCHEMA_VERSION:

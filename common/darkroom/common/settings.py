@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     allow_private_callbacks: bool = Field(
         False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
     )
+    producer_key_id: str | None = Field(
+        None, description="Id of this producer's signing key (darkroom producers add prints it); with "
+                          "DARKROOM_PRODUCER_KEY, every submission is signed.",
+    )
+    producer_key: SecretStr | None = Field(None, description="This producer's signing key (never logged).")
+    require_signed_jobs: bool = Field(
+        False, description="Workers refuse unsigned jobs even with no producer registered (they always do once "
+                           "one is).",
+    )
+    signature_max_age_seconds: int = Field(
+        86_400, ge=60, description="Workers refuse a signed message older than this when no record of its job "
+                                   "exists (replays); a job whose record exists runs from the record.",
+    )
+    fair_share: bool = Field(
+        False, description="Submit bulk jobs to this producer's own queue per model; workers release them by "
+                           "producer weight (fair share), interactive jobs still first.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object a line) for fleets.")
     redis_socket_timeout_seconds: float = Field(
         15.0, gt=0, description="Longest any Redis call may wait for an answer (connect and read); a stalled Redis "

@@ -81,7 +81,8 @@ class OutboxEntry(BaseModel):
     id: str
     job_id: str
     url: str
-    producer: str | None = None
+    producer: str | None = None  # as the job named it: informative only, never chooses a secret
+    verified_producer: str | None = None  # as a worker verified it (identity.Gate): the secret that signs
     terminal: bool
     event: JobEvent
     result: JobResult | None = None
@@ -116,6 +117,7 @@ def outbox_entry(record: JobRecord, event: JobEvent) -> str | None:
         job_id=record.job_id,
         url=record.job.callback_url,
         producer=record.job.producer,
+        verified_producer=record.producer,
         terminal=event.type in TERMINAL_EVENTS,
         event=event,
         result=record.result if event.type is EventType.SUCCEEDED else None,

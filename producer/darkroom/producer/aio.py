@@ -31,6 +31,8 @@ from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobNotFound, JobRecord, job_key, raise_taken
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.producers import ProducerPolicy, policy_key
+from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -80,7 +82,8 @@ class AsyncClient:
         self._redis = redis_client if redis_client is not None else make_async_redis(settings)
         self._s3_client = s3_client
         self.fleet = AsyncFleet(self._redis)
-        self._stager = submission.Stager(settings.status_ttl_seconds, origin())
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings),
+                                          fair=settings.fair_share)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -102,13 +105,35 @@ class AsyncClient:
         """Validate a job and fill what the producer decides (see ``Client.prepare``)."""
         job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
         known = await self.fleet.catalog()
-        return await asyncio.to_thread(submission.prepare, job, self.settings, known)
+        return await asyncio.to_thread(submission.prepare, job, self.settings, known, await self.own_policy())
+
+    async def own_policy(self) -> ProducerPolicy | None:
+        """This producer's policy from the registry when the client signs (see ``Client.own_policy``)."""
+        if self._stager.signer is None:
+            return None
+        raw = await self._redis.get(policy_key(self.settings.producer_id))
+        return None if raw is None else ProducerPolicy.model_validate_json(raw)
+
+    async def _take_quota(self, jobs: list[Img2ImgJob]) -> None:
+        """Take this producer's quotas for ``jobs`` (see ``Client._take_quota``)."""
+        policy = await self.own_policy()
+        call = None if policy is None else quota_call(self.settings.producer_id, policy, [j.job_id or "" for j in jobs])
+        if policy is None or call is None:
+            return
+        reply = await self._redis.eval(QUOTA_SCRIPT, 2, *call[0], *call[1])
+        refusal = quota_refusal(reply, self.settings.producer_id, policy, len(jobs))
+        if refusal is not None:
+            raise refusal
 
     async def submit(
         self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False
     ) -> AsyncJobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip (see ``Client.submit``)."""
         job = await self.prepare(job)
+        if resubmit:
+            raw = await self._redis.get(job_key(job.job_id or ""))
+            submission.check_owner(None if raw is None else JobRecord.read(raw), self.settings, "resubmit")
+        await self._take_quota([job])
         pipe = self._redis.pipeline(transaction=False)
         self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority, resubmit=resubmit)
         raise_taken(submission.taken(await pipe.execute(), [job], None), submission.taken_reason(resubmit))
@@ -119,7 +144,9 @@ class AsyncClient:
     ) -> list[AsyncJobHandle]:
         """Validate all jobs, then enqueue each ``chunk`` of them in one round trip (see ``Client.submit_many``)."""
         known = await self.fleet.catalog()
-        prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known)
+        prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known,
+                                           await self.own_policy())
+        await self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
@@ -134,11 +161,14 @@ class AsyncClient:
 
     # -- following -------------------------------------------------------
     async def status(self, job_id: str) -> JobRecord:
-        """The job's current record; raises JobNotFound for unknown (or expired) ids."""
+        """The job's current record; raises JobNotFound for unknown (or expired) ids (NotPermitted: see
+        ``Client.status``)."""
         raw = await self._redis.get(job_key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
-        return JobRecord.read(raw)
+        record = JobRecord.read(raw)
+        submission.check_owner(record, self.settings, "read")
+        return record
 
     async def cancel(self, job_id: str, reason: str = "cancelled on request") -> JobRecord:
         """Cancel a job (see ``Client.cancel``); a job that already ended is left as it is. Returns its record."""

@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin
 
 import click
 
-from darkroom.common.errors import DarkroomError, InvalidJobError, JobCancelled, JobFailed, WaitTimeout
+from darkroom.common.errors import DarkroomError, InvalidJobError, JobCancelled, JobFailed, NotPermitted, WaitTimeout
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob, allowed_range
 from darkroom.common.jobstore import JobNotFound, JobRecord
@@ -117,6 +117,8 @@ def submit(wait_: bool, timeout: float | None, as_json: bool, job_file: Any, **f
             handle = client.submit(job)
         except InvalidJobError as exc:
             raise click.BadParameter(str(exc)) from None
+        except NotPermitted as exc:  # another producer's job, or a quota (quota_exceeded says when to retry)
+            raise click.ClickException(str(exc)) from None
         if not as_json:
             click.echo(f"submitted {handle.job_id}")
         if wait_:
@@ -138,6 +140,8 @@ def status(job_id: str, as_json: bool) -> None:
             record = client.status(job_id)
         except JobNotFound:
             raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
+        except NotPermitted as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(record.model_dump_json(indent=2) if as_json else _describe(record))
 
 
@@ -165,6 +169,8 @@ def cancel(job_ids: tuple[str, ...]) -> None:
                 record = client.cancel(job_id)
             except JobNotFound:
                 raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
+            except NotPermitted as exc:
+                raise click.ClickException(str(exc)) from None
             state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
             click.echo(f"{job_id}: {state}")
 
@@ -212,6 +218,9 @@ def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bo
     bar = _ProgressLine(enabled=not as_json and sys.stderr.isatty())
     try:
         result = client.wait(job_id, timeout=timeout, on_event=bar.update)
+    except NotPermitted as exc:
+        bar.close()
+        raise click.ClickException(str(exc)) from None
     except JobFailed as exc:
         bar.close()
         click.echo(f"failed [{exc.code}]: {exc.message}", err=True)

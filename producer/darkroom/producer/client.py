@@ -25,6 +25,8 @@ from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.producers import ProducerPolicy, ProducerRegistry
+from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
@@ -78,7 +80,8 @@ class Client:
         self.jobs = JobStore(self._redis, ttl_seconds=settings.status_ttl_seconds)
         self._s3_client = s3_client
         self.fleet = Fleet(self._redis)
-        self._stager = submission.Stager(settings.status_ttl_seconds, origin())
+        self._stager = submission.Stager(settings.status_ttl_seconds, origin(), submission.signer(settings),
+                                          fair=settings.fair_share)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -103,7 +106,24 @@ class Client:
         ``callback_url`` on a private address (unless ``allow_private_callbacks`` is set).
         """
         job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))  # bad values fail before any I/O
-        return submission.prepare(job, self.settings, self.fleet.catalog())
+        return submission.prepare(job, self.settings, self.fleet.catalog(), self.own_policy())
+
+    def own_policy(self) -> ProducerPolicy | None:
+        """This producer's policy from the registry when the client signs (None: no policy, or unsigned)."""
+        if self._stager.signer is None:
+            return None
+        return ProducerRegistry(self._redis).policy(self.settings.producer_id)
+
+    def _take_quota(self, jobs: list[Img2ImgJob]) -> None:
+        """Take this producer's quotas for ``jobs`` (NotPermitted ``quota_exceeded`` with ``retry_after``)."""
+        policy = self.own_policy()
+        call = None if policy is None else quota_call(self.settings.producer_id, policy, [j.job_id or "" for j in jobs])
+        if policy is None or call is None:
+            return
+        refusal = quota_refusal(self._redis.eval(QUOTA_SCRIPT, 2, *call[0], *call[1]), self.settings.producer_id,
+                                policy, len(jobs))
+        if refusal is not None:
+            raise refusal
 
     def submit(self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False) -> JobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip. Raises InvalidJobError for bad input
@@ -115,6 +135,9 @@ class Client:
         to ``:history:previous``); one queued, running or succeeded is still refused.
         """
         job = self.prepare(job)
+        if resubmit:
+            submission.check_owner(self.jobs.get(job.job_id or ""), self.settings, "resubmit")
+        self._take_quota([job])
         pipe = self._redis.pipeline(transaction=False)
         self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
         raise_taken(submission.taken(pipe.execute(), [job], None), submission.taken_reason(resubmit))
@@ -129,7 +152,11 @@ class Client:
         is sent. A job whose ``job_id`` exists already is neither recorded nor enqueued; the others are, and
         then InvalidJobError names the taken ids. ``resubmit`` works as in :meth:`submit`.
         """
-        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog())
+        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog(), self.own_policy())
+        if resubmit:
+            for record in self.jobs.get_many([job.job_id or "" for job in prepared]):
+                submission.check_owner(record, self.settings, "resubmit")
+        self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
             pipe = self._redis.pipeline(transaction=False)
@@ -144,17 +171,21 @@ class Client:
 
     # -- following -------------------------------------------------------
     def status(self, job_id: str) -> JobRecord:
-        """The job's current record; raises JobNotFound for unknown (or expired) ids."""
-        return self.jobs.require(job_id)
+        """The job's current record; raises JobNotFound for unknown (or expired) ids, NotPermitted for another
+        producer's job when this client signs."""
+        record = self.jobs.require(job_id)
+        submission.check_owner(record, self.settings, "read")
+        return record
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising step and
         publishes nothing. A job that already ended is left as it is. Returns the job's record."""
-        self.jobs.require(job_id)
+        submission.check_owner(self.jobs.require(job_id), self.settings, "cancel")
         return Lifecycle(self.jobs.redis, ttl_seconds=self.settings.status_ttl_seconds).cancel_job(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""
+        self.status(job_id)
         return self.jobs.wait(job_id, timeout=timeout, on_event=on_event).raise_for_outcome()
 
     def result(self, job_id: str) -> JobResult:

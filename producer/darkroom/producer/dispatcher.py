@@ -10,7 +10,13 @@ thread pool that makes the HTTP requests:
 * progress events are throttled per job and never retried.
 
 Every attempt is signed afresh (new ``webhook-timestamp``) under the same
-``webhook-id``. Redirects are not followed. The callback URL is checked again at
+``webhook-id``, with the secret of the producer a worker *verified* for the job
+(the entry's ``verified_producer``, from the record), never the job's ``producer``
+field. Without a producer registry (one producer) an entry no worker verified is
+signed as ``DARKROOM_PRODUCER_ID``; with one, an entry is sent only as its job's
+record vouches for it (:meth:`Dispatcher.checked`: the producer a worker wrote there,
+or the record's verified signature; a job refused as unauthenticated, or an entry
+written past the lifecycle, is dropped). Redirects are not followed. The callback URL is checked again at
 delivery (DNS may have changed) and the request goes to the address that was
 checked. Secrets are never logged.
 """
@@ -18,6 +24,7 @@ checked. Secrets are never logged.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import socket
@@ -35,7 +42,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.events import EventType
+from darkroom.common.identity import Unauthenticated, verify_job
+from darkroom.common.jobstore import JobRecord, UnreadableRecord, job_key
+from darkroom.common.producers import ProducerRegistry, job_namespace
 from darkroom.common.settings import Settings
+from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import CallbackTarget, Resolver, resolve_callback, sign, webhook_body
 
 from .deliveries import Attempt, Delivery, DeliveryQueue
@@ -181,6 +192,8 @@ class Dispatcher:
         self._slots = threading.BoundedSemaphore(settings.webhook_concurrency)
         self._thread: threading.Thread | None = None
         self._last_beat = 0.0
+        self._registry = ProducerRegistry(client)
+        self._signed_at = (-1e9, False)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -261,6 +274,14 @@ class Dispatcher:
         if self._throttled(delivery):
             self.queue.finish(raw)
             return
+        checked = self.checked(delivery)
+        if checked is None:
+            self._count("unverified")
+            self.queue.finish(raw)
+            log.warning("dropped %s of %s: its producer is not verified by the job's record (it is not signed for "
+                        "anyone)", delivery.event.type.value, delivery.job_id)
+            return
+        delivery = checked
         delivery = delivery.with_attempt(self.attempt(delivery))
         self._settle(raw, delivery)
 
@@ -286,9 +307,61 @@ class Dispatcher:
         error = None if 200 <= response.status < 300 else response.describe()
         return Attempt(at=at, status=response.status, error=error, seconds=time.monotonic() - started)
 
+    def checked(self, delivery: Delivery) -> Delivery | None:
+        """With a producer registry, the entry as its job's record vouches for it, or None (drop it unsent).
+
+        The outbox is a shared list, so an entry proves nothing: it must name the producer a worker verified
+        (or, before any worker did, the record's signature must verify, as a worker checks it), whose namespace
+        holds the job id (a producer's Redis user can write only there), and the URL that record's job names;
+        a terminal event must match the record's status and carries the record's result and failure details,
+        not the entry's.
+        """
+        if not self._signing_required():
+            return delivery
+        raw = self.queue.redis.get(job_key(delivery.job_id))
+        try:
+            record = None if raw is None else JobRecord.read(raw)
+        except UnreadableRecord:
+            return None
+        producer = delivery.verified_producer or self._signer(raw)  # not started yet: the record's signature
+        if record is None or producer is None or record.producer not in (None, producer) or record.job is None \
+                or record.job.callback_url != delivery.url or not delivery.job_id.startswith(job_namespace(producer)):
+            return None
+        if record.producer is None and delivery.verified_producer is not None:
+            return None  # an entry claiming a verification the record does not show
+        delivery = delivery.model_copy(update={"verified_producer": producer})
+        if not delivery.terminal:
+            return delivery
+        if delivery.event.status is not record.status:
+            return None
+        return delivery.model_copy(update={
+            "event": record.as_event(delivery.event.type, time=delivery.event.time),
+            "result": record.result if record.status is JobStatus.SUCCEEDED else None,
+            "details": record.details if record.status is JobStatus.FAILED else None})
+
+    def _signer(self, raw: bytes | str | None) -> str | None:
+        """The producer whose registered key signed the stored record's job (as a worker checks it), or None."""
+        try:
+            stored = json.loads(raw or b"null")
+            job, auth = stored["job"], stored.get("auth")
+            return verify_job(job, auth, self._registry.get, now=time.time(), max_age=None).id
+        except (Unauthenticated, ValueError, TypeError, KeyError):
+            return None
+
+    def _signing_required(self) -> bool:
+        """Whether producers must be verified: a registry exists (checked at most every 2 s) or it is required."""
+        if self.settings.require_signed_jobs:
+            return True
+        at, found = self._signed_at
+        if time.monotonic() - at > 2.0:
+            found = self._registry.in_use()
+            self._signed_at = (time.monotonic(), found)
+        return found
+
     def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
-        """The Standard Webhooks headers for one attempt, signed with the job's producer secret."""
-        producer = delivery.producer or self.settings.producer_id
+        """The Standard Webhooks headers for one attempt, signed with the secret of the producer a worker verified
+        (without a registry, of ``DARKROOM_PRODUCER_ID``); the job's own ``producer`` field chooses nothing."""
+        producer = delivery.verified_producer or self.settings.producer_id
         secret = self.secrets.get(producer)
         if secret is None:
             raise ValueError(f"no signing secret for producer {producer!r}; add it to DARKROOM_WEBHOOK_SECRETS")

@@ -59,6 +59,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     from .app import create_app
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
+    from .routing import FairFeeder
     from .settings import WorkerSettings
 
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
@@ -84,6 +85,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     ctx.refresh_report()
     heartbeat = ctx.heartbeat = Heartbeat(ctx)
     heartbeat.start()
+    feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
+                        interval=settings.fair_share_interval_seconds).start()
     if settings.metrics_port:
         from .metrics import serve_metrics
 
@@ -98,6 +101,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     try:
         celery_worker.start()
     finally:
+        feeder.stop()
         heartbeat.stop()
     sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
 

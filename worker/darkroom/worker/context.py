@@ -19,11 +19,14 @@ from typing import Any
 
 import redis
 
+from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.fleet import Fleet
+from darkroom.common.identity import Gate
 from darkroom.common.jobstore import JobStore
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.tenancy import PolicyCheck
 
 from .device import DeviceInfo, select_device
 from .filecache import FileCache
@@ -73,6 +76,13 @@ class WorkerContext:
         return Lifecycle(self.redis, ttl_seconds=s.status_ttl_seconds,
                          dead_letter_retention_seconds=s.dead_letter_retention_seconds,
                          dead_letter_max=s.dead_letter_max, outbox_progress_cap=s.outbox_progress_cap)
+
+    @functools.cached_property
+    def gate(self) -> Gate:
+        """Verifies who sent each message, and that producer's policy, before anything else (identity)."""
+        s = self.settings
+        return Gate(self.redis, require=s.require_signed_jobs, max_age_seconds=s.signature_max_age_seconds,
+                    policy_check=PolicyCheck(ReferencePolicy.from_settings(s)))
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:

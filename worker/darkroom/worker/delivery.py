@@ -89,6 +89,10 @@ class DeliveryHandler:
 
     def _handle(self, payload: Any) -> Decision:
         lifecycle = self.ctx.lifecycle
+        admission = self.ctx.gate.admit(payload, lifecycle)  # who sent it, before any I/O on its behalf
+        if admission.refused is not None:
+            self.ctx.metrics.refused.labels(code=admission.refused.value).inc()
+            return Decision(Outcome.SKIP)
         job_id, job, invalid, ignored = message_job(payload)
         if job_id is None:
             lifecycle.dead_letter_message(payload, invalid or "the message has no usable job_id")
@@ -101,7 +105,8 @@ class DeliveryHandler:
             lifecycle.reject_message(job_id, invalid, payload)
             return Decision(Outcome.SKIP)
         started = lifecycle.start(job_id, job, worker=self.ctx.name, lease_seconds=self.ctx.settings.lease_seconds,
-                                  max_lost=self.ctx.settings.max_deliveries)
+                                  max_lost=self.ctx.settings.max_deliveries, producer=admission.producer_id,
+                                  auth=admission.auth)
         if started.reply is StartReply.HELD:
             lifecycle.note(job_id, "deferred", worker=self.ctx.name, holder=started.holder)
             log.info("job %s is running elsewhere (%s); deferring this delivery", job_id, started.holder)

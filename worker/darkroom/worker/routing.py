@@ -1,5 +1,8 @@
 """Which queues this worker consumes, and the sweep that keeps no job stranded.
 
+Fair share (:mod:`darkroom.common.fairness`): a :class:`FairFeeder` thread releases the bulk work
+producers hold per model onto the model's queue (hot or cold, decided at release) by producer weight.
+
 A worker consumes, in this order of preference, the hot queue of each model it
 holds resident (producers send a model's jobs there while any worker holds it)
 and the cold queue of every model it serves (jobs for models resident nowhere;
@@ -11,15 +14,19 @@ queue: a job never waits for a worker that will not come.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
+from darkroom.common.fairness import Feeder, producers_key
 from darkroom.common.fleet import Fleet
+from darkroom.common.producers import ProducerRegistry
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
 
-__all__ = ["QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
+__all__ = ["FairFeeder", "QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +78,59 @@ def sweep_orphaned_queues(client: redis.Redis, fleet: Fleet, model_ids: Iterable
     if moved:
         log.info("moved %d job(s) from hot queues of models resident nowhere to their cold queues", moved)
     return moved
+
+
+IDLE_SECONDS = 1.0
+"""How often a feeder looks for held work while none is held (then every ``interval``)."""
+
+
+class FairFeeder:
+    """Releases held bulk jobs of the models this worker serves, every ``interval`` seconds, from a daemon thread.
+
+    Every worker of a pool runs one; each release is one script, so together they keep each model's bulk list
+    at about ``depth`` messages. Weights come from the producer registry (read at most every 5 s).
+    """
+
+    def __init__(self, client: redis.Redis, models: Iterable[str], *, depth: int, interval: float) -> None:
+        self.redis = client
+        self.models = list(models)
+        self.feeder = Feeder(client, depth=depth)
+        self.fleet = Fleet(client)
+        self.interval = interval
+        self._weights: tuple[float, dict[str, float]] = (-1e9, {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="darkroom-fair-share", daemon=True)
+
+    def weights(self) -> dict[str, float]:
+        at, found = self._weights
+        if time.monotonic() - at > 5.0:
+            found = {p.id: p.weight for p in ProducerRegistry(self.redis).all() if p.weight != 1.0}
+            self._weights = (time.monotonic(), found)
+        return found
+
+    def step(self) -> int | None:
+        """One release for each served model with held work; the messages released (None: nothing is held)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for model in self.models:
+            pipe.exists(producers_key(model))
+        held = [m for m, found in zip(self.models, pipe.execute(), strict=True) if found]
+        if not held:
+            return None
+        weights = self.weights()
+        return sum(self.feeder.feed(m, self.fleet.queue_for(m), weights) for m in held)
+
+    def start(self) -> FairFeeder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        pause = self.interval
+        while not self._stop.wait(pause):
+            try:
+                pause = self.interval if self.step() is not None else IDLE_SECONDS  # one EXISTS a second when idle
+            except Exception as exc:  # noqa: BLE001 - the feeder must outlive Redis blips
+                log.warning("fair-share release failed: %s", exc)
+                pause = IDLE_SECONDS

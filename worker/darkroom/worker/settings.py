@@ -57,6 +57,13 @@ class WorkerSettings(Settings):
     retry_backoff_cap_seconds: float = Field(60.0, gt=0, description="Longest transient-retry delay.")
     progress_interval_seconds: float = Field(0.5, ge=0.0, description="Minimum time between progress events.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the worker announces itself in Redis.")
+    fair_share_depth: int = Field(
+        2, ge=1, le=1000, description="Held bulk jobs (fair share) are released onto a model's queue while it "
+                                      "holds fewer than this many bulk messages.",
+    )
+    fair_share_interval_seconds: float = Field(
+        0.1, gt=0, le=10, description="How often the worker releases held bulk jobs of the models it serves.",
+    )
     model_memory_budget_bytes: int | None = Field(
         None, ge=1, description="Bytes of model weights kept resident; auto: 70% of GPU memory or 50% of RAM."
     )

@@ -41,13 +41,13 @@ class Cell:
                 "priority": spec.priority.value}
 
 
-def cell_id(source: Source, output_prefix: str, params: dict[str, Any]) -> str:
-    """The deterministic job id of a cell."""
+def cell_id(source: Source, output_prefix: str, params: dict[str, Any], namespace: str = "") -> str:
+    """The deterministic job id of a cell (``namespace``: a signing producer's ``{id}.``)."""
     text = canonical_json([source.uri, source.identity, output_prefix, params])
-    return ID_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return namespace + ID_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def expand(spec: AugmentSpec, sources: Sequence[Source]) -> list[Cell]:
+def expand(spec: AugmentSpec, sources: Sequence[Source], namespace: str = "") -> list[Cell]:
     """Every cell, in grid order: source, then prompt, then each axis. Raises InvalidJobError naming the source
     row or prompt template at fault (a variable a source lacks, a bad per-row field, two cells alike)."""
     templates = list(spec.prompts) or ["{prompt}"]
@@ -74,7 +74,7 @@ def expand(spec: AugmentSpec, sources: Sequence[Source]) -> list[Cell]:
             for combo in itertools.product(*cell_axes.values()):
                 params = {**base, **row_fields, "image": source.uri, "prompt": prompt,
                           **dict(zip(cell_axes.keys(), combo, strict=True))}
-                job_id = cell_id(source, spec.output_prefix, params)
+                job_id = cell_id(source, spec.output_prefix, params, namespace)
                 if job_id in seen:
                     errors.append(FieldError(f"sources[{index}]", source.uri, f"prompt template {t} makes the "
                                              f"same job as cell {seen[job_id]} ({prompt!r})", "distinct prompts"))

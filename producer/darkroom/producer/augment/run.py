@@ -95,7 +95,7 @@ class Augmentation:
 
     @cached_property
     def cells(self) -> list[Cell]:
-        return expand(self.spec, self.sources)
+        return expand(self.spec, self.sources, submission.namespace(self.client.settings))
 
     @cached_property
     def jobs(self) -> dict[str, Img2ImgJob]:
@@ -103,7 +103,7 @@ class Augmentation:
         ids); raises InvalidJobError naming the cells at fault (``cells[17].prompt``)."""
         try:
             jobs = submission.prepare_many([c.job(self.spec) for c in self.cells], self.client.settings,
-                                           self.client.fleet.catalog())
+                                           self.client.fleet.catalog(), self.client.own_policy())
         except InvalidJobError as exc:
             raise InvalidJobError([FieldError(e.field.replace("jobs[", "cells[", 1), e.value, e.message, e.allowed)
                                    for e in exc.errors[:20]]) from None
