@@ -15,7 +15,7 @@ from typing import Annotated, Any, Self
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import FieldError, InvalidJobError
+from .errors import FieldError, InvalidJobError, shown
 from .events import EventType
 from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
@@ -61,7 +61,7 @@ class CrossFieldError(ValueError):
     """Raised by a job validator when a field is wrong given another field; names the field."""
 
     def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:
-        super().__init__(f"{field}={value!r}: {message}; allowed: {allowed}")
+        super().__init__(f"{field}={shown(value)}: {message}; allowed: {allowed}")
         self.field, self.value, self.message, self.allowed = field, value, message, allowed
 
 

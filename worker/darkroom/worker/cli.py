@@ -38,10 +38,12 @@ def _quiet_libraries() -> None:
               help="Load registry models at start-up (in order, while they fit the memory budget).")
 @click.option("--preload-model", "preload_models", multiple=True, metavar="ID",
               help="Preload only these models (repeatable); default: registry order while they fit.")
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--log-level", "loglevel", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True)
+@click.option("--loglevel", "legacy_loglevel", hidden=True, default=None, help="Old spelling of --log-level.")
 def worker(models: tuple[str, ...], models_file: Path | None, device: str | None, dtype: str | None,
            gpus: str | None, name: str | None, preload: bool, preload_models: tuple[str, ...],
-           loglevel: str) -> None:
+           loglevel: str, legacy_loglevel: str | None) -> None:
     """Run a worker: keep models resident and consume their queues.
 
     It takes jobs from the hot queues of the models it holds resident first, then from
@@ -52,7 +54,15 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     Examples:
       darkroom worker --model tiny=.darkroom/models/tiny
       darkroom worker --models-file registry.toml --gpus all
+
+    SIGTERM (or Ctrl-C) lets the running jobs finish, then the worker exits.
+
+    \b
+    Exit codes: 0 stopped cleanly; 1 a setting, the registry or a preload failed (the reason is
+    printed); 69 Redis unreachable (services not running?); 75 stopped itself after a fatal
+    error (CUDA out of memory) so that its supervisor restarts it clean.
     """
+    loglevel = (legacy_loglevel or loglevel).lower()
     if gpus is not None:
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
