@@ -209,7 +209,7 @@ class Img2ImgJob(BaseModel):
         0.8, description="How much the input is transformed: 0 keeps it, 1 ignores it."
     )
     num_inference_steps: Annotated[int, Ge(1), Le(1000)] = Field(
-        50, description="Denoising steps for strength 1; int(steps * strength) actually run."
+        50, description="Denoising steps for strength 1; int(steps * strength) actually run (PNDM: one more)."
     )
     guidance_scale: Annotated[float, Ge(0.0), Le(100.0)] = Field(
         7.5, description="Classifier-free guidance; on when > 1."
