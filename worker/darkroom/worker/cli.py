@@ -104,6 +104,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     celery_worker = app.Worker(
         hostname=ctx.name, pool_cls="threads", concurrency=settings.slots, queues=queues, loglevel=loglevel.upper(),
         without_gossip=True, without_mingle=True, optimization="fair",
+        quiet=loglevel in ("warning", "error"),  # no start-up banner unless info or debug was asked for
     )
     try:
         celery_worker.start()
