@@ -415,7 +415,12 @@ def _download_uris(client: Any, source: str) -> list[str]:
         uri = _parse_uri(source, "SOURCE")
         if not source.endswith("/") and uri.key:
             return [str(uri)]
-        found = [str(o.uri) for o in client.store.list_objects(uri)]
+        from darkroom.common.errors import ObjectNotFoundError
+
+        try:
+            found = [str(o.uri) for o in client.store.list_objects(uri)]
+        except ObjectNotFoundError:  # a listing finds no bucket, never no object
+            raise click.ClickException(f"bucket {uri.bucket!r} does not exist") from None
         if not found:
             raise click.ClickException(f"nothing under {source}")
         return found

@@ -66,6 +66,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     if gpus is not None:
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
+    from darkroom.common.clients import make_redis
+
     from .app import create_app
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
@@ -74,6 +76,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
+        make_redis(settings).ping()  # fail at once, before loading models, when the services are not running
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
