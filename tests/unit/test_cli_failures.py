@@ -103,7 +103,9 @@ def test_job_error_messages_carry_no_object_addresses() -> None:
 
 def test_every_command_documents_its_exit_codes(tmp_path: Path) -> None:
     for command in (["submit"], ["status"], ["wait"], ["watch"], ["cancel"], ["upload"], ["download"],
-                    ["workers"], ["worker"], ["services", "status"], ["services", "up"], ["services", "down"]):
+                    ["workers"], ["worker"], ["services", "status"], ["services", "up"], ["services", "down"],
+                    ["augment"], ["dispatcher"], ["webhooks", "list-failed"], ["webhooks", "replay"],
+                    ["webhooks", "secret"], ["dashboard"], ["demo"], ["models", "make-tiny"], ["models", "push"]):
         result = run(*command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Exit codes:" in result.stdout, command
 

@@ -205,21 +205,27 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_ids", nargs=-1, required=True)
-def cancel(job_ids: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print {job id: status after the request} as JSON.")
+def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
     """Cancel jobs: queued ones never run; running ones stop at their next denoising step.
 
     Exit codes: 0 done (cancelled, or already ended); 1 no such job; 69 Redis unreachable.
     """
     from .client import Client
 
+    statuses = {}
     with _client(Client) as client:
         for job_id in job_ids:
             try:
                 record = client.cancel(job_id)
             except JobNotFound:
                 raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
-            state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
-            click.echo(f"{job_id}: {state}")
+            statuses[job_id] = record.status.value
+            if not as_json:
+                state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
+                click.echo(f"{job_id}: {state}")
+    if as_json:
+        click.echo(json.dumps(statuses))
 
 
 @main.command()

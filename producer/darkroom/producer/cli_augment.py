@@ -68,6 +68,11 @@ def augment(resume_prefix: str | None, dry_run: bool, window: int, no_retry_fail
 
     Example: darkroom augment --model tiny --source s3://darkroom/photos/ --output s3://darkroom/aug/v1
     --prompt "{stem}, watercolor" --strength 0.4,0.6 --seed 0-3 --export dataset/
+
+    \b
+    Exit codes: 0 every cell succeeded (or --dry-run); 1 some cells failed, or the spec was refused;
+    2 usage error; 69 Redis or S3 unreachable (services not running?); 77 credentials refused;
+    130 stopped with Ctrl-C (run the same command again to resume).
     """
     from .client import Client
 

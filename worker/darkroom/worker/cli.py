@@ -150,7 +150,7 @@ def _args_without_gpus(argv: list[str]) -> list[str]:
 
 @click.group()
 def models() -> None:
-    """Model utilities."""
+    """Build the tiny test model; upload model folders to object storage."""
 
 
 @models.command("make-tiny")
@@ -162,11 +162,16 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 
     Built offline from configs (no hub). Its outputs are noise-like: it exists to
     exercise the whole system fast. Point --model at a real diffusers folder for real images.
+
+    Exit codes: 0 written (or already there); 1 DIRECTORY holds something else (see --overwrite).
     """
     _quiet_libraries()
     from .tiny import make_tiny_model
 
-    path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+    try:
+        path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{exc}: choose another folder, or replace it with --overwrite") from None
     click.echo(str(path))
 
 
@@ -176,7 +181,10 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 def push(source: Path, uri: str) -> None:
     """Upload a model folder (or one .safetensors file) to an s3:// prefix, recording each file's sha256.
 
-    Workers verify every download against that sha256 (see the README's "Cache of remote files").
+    Workers verify every download against that sha256 (see "Cache of remote files" in the models guide).
+
+    \b
+    Exit codes: 0 uploaded; 1 refused (bad URI, missing bucket); 69 S3 unreachable; 77 credentials refused.
     """
     from darkroom.common.clients import make_s3_client
     from darkroom.common.objectstore import ObjectStore
@@ -197,7 +205,10 @@ def push(source: Path, uri: str) -> None:
 @click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
 @click.option("--prompt", default="a watercolor painting of a lighthouse at dusk", show_default=True)
 def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str) -> None:
-    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet."""
+    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet.
+
+    Exit codes: 0 every job succeeded; 1 something failed (the reason is printed); 130 interrupted.
+    """
     _quiet_libraries()
     from .demo import run_demo
 
