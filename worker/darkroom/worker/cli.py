@@ -201,10 +201,11 @@ def push(source: Path, uri: str) -> None:
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Where services, the tiny model and the contact sheet live (default .darkroom).")
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Use this diffusers model folder instead of building the tiny random one.")
+              help="Use this diffusers model folder instead of the tiny trained demo model.")
 @click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
-@click.option("--prompt", default="a watercolor painting of a lighthouse at dusk", show_default=True)
-def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str) -> None:
+@click.option("--prompt", default=None,
+              help="Default: 'red' for the demo model (it knows colour words), a lighthouse painting with --model-dir.")
+def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str | None) -> None:
     """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet.
 
     Exit codes: 0 every job succeeded; 1 something failed (the reason is printed); 130 interrupted.
