@@ -297,4 +297,5 @@ class _stopping_on_sigint:
     def _handle(self, signum: int, frame: Any) -> None:
         self.stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        click.echo("\nstopping: no more jobs are submitted (Ctrl-C again to quit at once)", err=True)
+        click.echo("\nstopping: a batch being sent goes out, no job after it (Ctrl-C again to quit at once)",
+                   err=True)
