@@ -51,8 +51,10 @@ def cli_markdown() -> str:
     sections = []
 
     def walk(command: click.Command, path: list[str], parent: click.Context | None) -> None:
+        # the same context chain as a real invocation (so every command gets main's -h/--help), with the
+        # parent's name left out of the usage line so each section reads as typed
         ctx = click.Context(command, info_name=" ".join(path), parent=None, max_content_width=100,
-                            terminal_width=100)
+                            terminal_width=100, help_option_names=["-h", "--help"])
         sections.append(f"### `{' '.join(path)}`\n\n```text\n{command.get_help(ctx)}\n```")
         if isinstance(command, click.Group):
             for name in command.list_commands(ctx):
