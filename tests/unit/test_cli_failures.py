@@ -72,8 +72,8 @@ def test_upload_without_credentials_says_why(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("spelling", ["--log-level=warning", "--loglevel=WARNING"])
-def test_worker_without_services_fails_at_once(tmp_path: Path, spelling: str) -> None:
-    result = run("worker", "--model", f"tiny={tmp_path}", spelling, cwd=tmp_path,
+def test_worker_without_services_fails_before_loading_models(tmp_path: Path, tiny_model: Path, spelling: str) -> None:
+    result = run("worker", "--model", f"tiny={tiny_model}", spelling, cwd=tmp_path,
                  env={"DARKROOM_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
     assert result.returncode == 69
     assert "cannot reach Redis" in one_line(result)

@@ -76,10 +76,10 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
-        make_redis(settings).ping()  # fail at once, before loading models, when the services are not running
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
+        make_redis(settings).ping()  # settings checked: now fail at once, before loading models, if no services
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     log = logging.getLogger("darkroom.worker")
