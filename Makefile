@@ -48,11 +48,12 @@ lint: setup  ## ruff + mypy (strict on common and producer)
 	$(BIN)/ruff check common producer worker tests bench scripts
 	$(BIN)/mypy
 
-screenshots: setup  ## Regenerate the README's dashboard screenshots (docs/images/dashboard-*.png)
+screenshots: setup  ## Regenerate the dashboard guide's screenshots (docs/images/dashboard-*.png)
 	DARKROOM_SCREENSHOT_DIR=docs/images $(BIN)/python -m pytest tests/integration/test_dashboard.py -p no:cacheprovider -q
 
-docs: setup  ## Regenerate the README's job-field and settings tables from the code
-	$(BIN)/python scripts/update_readme.py
+docs: $(STAMP)  ## Regenerate the reference pages from the code, then build the site strictly into site/
+	$(BIN)/python scripts/update_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 services-up: setup  ## Start the embedded Redis + S3 server (.darkroom/)
 	$(BIN)/darkroom services up
@@ -62,4 +63,4 @@ services-down: setup
 
 clean:  ## Remove the venv and local state
 	-$(BIN)/darkroom services down 2>/dev/null
-	rm -rf $(VENV) .darkroom
+	rm -rf $(VENV) .darkroom site

@@ -2,7 +2,7 @@
 the session's Redis + S3 server, a real worker, and `darkroom dashboard` as a subprocess.
 
 Each browser test saves a screenshot: to a temporary folder, or to DARKROOM_SCREENSHOT_DIR (``make
-screenshots`` regenerates the README's docs/images/dashboard-*.png this way).
+screenshots`` regenerates the dashboard guide's docs/images/dashboard-*.png this way).
 """
 
 from __future__ import annotations

@@ -39,3 +39,39 @@ def test_one_worker_per_gpu_with_a_device_reservation() -> None:
         assert device["capabilities"] == ["gpu"]
         ids.extend(device["device_ids"])
     assert len(ids) == len(set(ids)), "two workers share a GPU"
+
+
+def _spec() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def test_a_one_shot_service_creates_the_bucket_before_workers_start() -> None:
+    services = _spec()["services"]
+    buckets = services["buckets"]
+    assert buckets["restart"] == "no" and "mc mb --ignore-existing local/darkroom" in " ".join(buckets["command"])
+    assert buckets["depends_on"]["minio"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        if name.startswith("worker-gpu"):
+            assert service["depends_on"]["buckets"]["condition"] == "service_completed_successfully"
+
+
+def test_every_darkroom_service_builds_from_the_repository() -> None:
+    services = _spec()["services"]
+    ours = {name: s for name, s in services.items() if str(s.get("image", "")).startswith("darkroom/")}
+    assert {"dispatcher", "dashboard", "worker-gpu0", "worker-gpu1"} <= set(ours)
+    for name, service in ours.items():
+        dockerfile = ROOT / service["build"]["dockerfile"]
+        assert service["build"]["context"] == "." and dockerfile.is_file(), name
+    assert "dashboard" in services["dashboard"]["command"]
+    assert "[dashboard]" in (ROOT / "infra" / "docker" / "producer.Dockerfile").read_text()
+
+
+def test_prometheus_finds_every_worker_by_dns_without_edits() -> None:
+    services = _spec()["services"]
+    prometheus = yaml.safe_load((ROOT / "infra" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    (dns,) = job["dns_sd_configs"]
+    for name, service in services.items():
+        if name.startswith("worker-gpu"):
+            assert dns["names"][0] in service["networks"]["default"]["aliases"], name
+            assert service["environment"]["DARKROOM_METRICS_PORT"] == str(dns["port"])

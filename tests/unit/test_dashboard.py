@@ -193,16 +193,19 @@ def test_relative_times_and_sizes_read_well() -> None:
     assert _when(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02 03:04:05 UTC"
 
 
-def test_the_readme_lists_the_dashboard_settings() -> None:
+def test_the_docs_list_the_dashboard_settings_and_show_its_screenshots() -> None:
     import re
     from pathlib import Path
 
     from darkroom.common.reference import settings_markdown
     from darkroom.common.settings import Settings
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(r"<!-- dashboard-settings:start -->\n(.*?)\n<!-- dashboard-settings:end -->", readme, re.S)
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    reference = (docs / "reference" / "settings.md").read_text()
+    block = re.search(r"<!-- dashboard-settings:start -->\n(.*?)\n<!-- dashboard-settings:end -->", reference, re.S)
     assert block and block.group(1) == settings_markdown(DashboardSettings, skip=Settings), "run: make docs"
-    for image in re.findall(r"\(docs/images/(dashboard-[\w-]+\.png)\)", readme):
+    images = re.findall(r"\(\.\./images/(dashboard-[\w-]+\.png)\)", (docs / "guides" / "dashboard.md").read_text())
+    assert len(images) >= 8
+    for image in images:
         path = Path(__file__).resolve().parents[2] / "docs" / "images" / image
         assert path.is_file() and path.stat().st_size < 300_000, image

@@ -146,10 +146,10 @@ def test_a_dispatcher_without_valid_secrets_does_not_start() -> None:
     assert "hunter2" not in str(failure.value)
 
 
-def test_the_readme_lists_the_dispatcher_settings() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    match = re.search(r"<!-- dispatcher-settings:start -->\n(.*?)\n<!-- dispatcher-settings:end -->", readme, re.S)
-    assert match, "README has no dispatcher-settings block"
+def test_the_settings_reference_lists_the_dispatcher_settings() -> None:
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "settings.md").read_text()
+    match = re.search(r"<!-- dispatcher-settings:start -->\n(.*?)\n<!-- dispatcher-settings:end -->", reference, re.S)
+    assert match, "docs/reference/settings.md has no dispatcher-settings block"
     assert match.group(1) == settings_markdown(DispatcherSettings, skip=Settings), "regenerate with: make docs"
 
 

@@ -26,6 +26,7 @@ scale::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -47,7 +48,26 @@ __all__ = [
     "TransientError",
     "WaitTimeout",
     "WorkerFatalError",
+    "shown",
 ]
+
+#: Longest part of a refused value that a message repeats.
+SHOWN_CHARS = 80
+_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message: its first 80 characters and its length when it is longer."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    if isinstance(value, str | bytes):
+        size = f"{len(value):,} {'characters' if isinstance(value, str) else 'bytes'}"
+    elif isinstance(value, list | tuple | dict):
+        size = f"{len(value):,} items"
+    else:
+        size = f"{len(text):,} characters"
+    return f"{text[:SHOWN_CHARS]}... ({size})"
 
 
 class ErrorCode(StrEnum):
@@ -94,7 +114,7 @@ class FieldError:
 
     def __str__(self) -> str:
         allowed = f"; allowed: {self.allowed}" if self.allowed else ""
-        return f"{self.field}={self.value!r}: {self.message}{allowed}"
+        return f"{self.field}={shown(self.value)}: {self.message}{allowed}"
 
 
 class InvalidJobError(DarkroomError, ValueError):
@@ -117,8 +137,8 @@ class JobError(DarkroomError):
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         self.code = code
-        self.message = message
-        super().__init__(f"[{code}] {message}")
+        self.message = _ADDRESS.sub("", message)  # "<_io.BytesIO object at 0x7f..>" means nothing to a user
+        super().__init__(f"[{code}] {self.message}")
 
 
 class NotPermitted(DarkroomError):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Self
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import FieldError, InvalidJobError
+from .errors import FieldError, InvalidJobError, shown
 from .events import EventType
 from .redaction import URL_FIELDS, redact_url
 from .safety import SafetyPolicy
@@ -66,7 +66,7 @@ class CrossFieldError(ValueError):
     """Raised by a job validator when a field is wrong given another field; names the field."""
 
     def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:
-        super().__init__(f"{field}={value!r}: {message}; allowed: {allowed}")
+        super().__init__(f"{field}={shown(value)}: {message}; allowed: {allowed}")
         self.field, self.value, self.message, self.allowed = field, value, message, allowed
 
 
@@ -219,7 +219,7 @@ class Img2ImgJob(BaseModel):
         0.8, description="How much the input is transformed: 0 keeps it, 1 ignores it."
     )
     num_inference_steps: Annotated[int, Ge(1), Le(1000)] = Field(
-        50, description="Denoising steps for strength 1; int(steps * strength) actually run."
+        50, description="Denoising steps for strength 1; int(steps * strength) actually run (PNDM: one more)."
     )
     guidance_scale: Annotated[float, Ge(0.0), Le(100.0)] = Field(
         7.5, description="Classifier-free guidance; on when > 1."

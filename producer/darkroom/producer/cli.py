@@ -1,9 +1,11 @@
 """The ``darkroom`` command line.
 
 Sub-commands come from the ``darkroom.commands`` entry-point group, so the
-producer package offers ``submit``, ``status``, ``wait`` and ``services`` and the
-worker package, when installed, adds ``worker``, ``models`` and ``demo`` without
-the producer importing it.
+producer package offers ``submit``, ``status``, ``wait``, ``upload``, ``download`` and
+``services`` and the worker package, when installed, adds ``worker``, ``models`` and
+``demo`` without the producer importing it. Expected conditions (services not running,
+credentials refused, a missing bucket) end a command with one line and an exit code
+(:mod:`.cli_errors`), never a traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from darkroom.common.jobs import Img2ImgJob, allowed_range
 from darkroom.common.jobstore import JobNotFound, JobRecord
 from darkroom.common.settings import Settings
 
+from .cli_errors import ExitCode, explain
+
 _WORKER_COMMANDS = {"worker", "models", "demo"}
 
 
@@ -44,6 +48,21 @@ class _Commands(click.Group):
             raise click.UsageError(f"'darkroom {name}' needs the worker package: pip install darkroom-worker")
         return None
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
+        except Exception as exc:
+            failure = explain(exc)
+            if failure is None:
+                raise
+            click.echo(f"darkroom: {failure.message}", err=True)
+            sys.exit(failure.exit_code)
+
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
@@ -51,7 +70,14 @@ def main() -> None:
 
     Connection settings come from DARKROOM_* environment variables (DARKROOM_REDIS_URL,
     DARKROOM_S3_ENDPOINT_URL, DARKROOM_S3_ACCESS_KEY_ID, DARKROOM_S3_SECRET_ACCESS_KEY, ...);
-    when none are set, from the embedded services started by 'darkroom services up'.
+    when none are set, from ./.darkroom/services.env (relative to the current directory, or
+    DARKROOM_STATE_DIR), which 'darkroom services up' writes.
+
+    \b
+    Exit codes (every command): 0 ok; 1 failed or refused; 2 usage error;
+    69 Redis or S3 unreachable (services not running?); 77 credentials refused;
+    130 interrupted. 'wait' and 'submit --wait' add 2 cancelled; they and 'watch'
+    add 3 timed out. Each command's --help lists its own.
     """
 
 
@@ -98,13 +124,25 @@ def _job_options(command: Any) -> Any:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and print its output URIs.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print only the job id (the default when stdout is not a terminal, e.g. JOB=$(darkroom submit ...)).")
 @click.option("--job", "job_file", type=click.File("r"), default=None,
               help="A JSON file (or - for stdin) with job fields, e.g. adapters, timesteps or per-image seeds; "
                    "flags override it.")
-def submit(wait_: bool, timeout: float | None, as_json: bool, job_file: Any, **fields: Any) -> None:
+def submit(wait_: bool, timeout: float | None, as_json: bool, quiet: bool, job_file: Any, **fields: Any) -> None:
     """Submit one img2img job; print its id (and, with --wait, its outputs).
 
-    Example: darkroom submit --model tiny --image s3://darkroom/inputs/cat.png --prompt "a cat" --wait
+    On a terminal it prints 'submitted <id>'; with --quiet, or when stdout is a pipe or a file,
+    only the id.
+
+    \b
+    Example:
+      JOB=$(darkroom submit --model tiny --image s3://darkroom/inputs/cat.png --prompt "a cat")
+
+    \b
+    Exit codes: 0 submitted (with --wait: succeeded); 1 refused (a bad field) or, with --wait,
+    the job failed; 2 usage error or, with --wait, cancelled; 3 --timeout passed; 69 Redis or S3
+    unreachable (services not running?); 77 credentials refused.
     """
     from .client import Client
 
@@ -115,11 +153,15 @@ def submit(wait_: bool, timeout: float | None, as_json: bool, job_file: Any, **f
     with _client(Client) as client:
         try:
             handle = client.submit(job)
-        except InvalidJobError as exc:
-            raise click.BadParameter(str(exc)) from None
+        except InvalidJobError as exc:  # one line: every bad field, each value cut to 80 characters
+            raise click.ClickException("job refused: " + "; ".join(str(e) for e in exc.errors)) from None
         except NotPermitted as exc:  # another producer's job, or a quota (quota_exceeded says when to retry)
             raise click.ClickException(str(exc)) from None
-        if not as_json:
+        if as_json:
+            pass
+        elif quiet or not sys.stdout.isatty():
+            click.echo(handle.job_id)
+        else:
             click.echo(f"submitted {handle.job_id}")
         if wait_:
             _wait_and_print(client, handle.job_id, timeout, as_json)
@@ -132,7 +174,10 @@ def submit(wait_: bool, timeout: float | None, as_json: bool, job_file: Any, **f
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 def status(job_id: str, as_json: bool) -> None:
-    """Show a job's status (and its outputs or error)."""
+    """Show a job's status (and its outputs or error).
+
+    Exit codes: 0 shown; 1 no such job; 69 Redis unreachable (services not running?).
+    """
     from .client import Client
 
     with _client(Client) as client:
@@ -150,7 +195,12 @@ def status(job_id: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit code 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
-    """Wait for a job to finish, with a progress bar; print its output URIs."""
+    """Wait for a job to finish, with a progress bar; print its output URIs.
+
+    \b
+    Exit codes: 0 succeeded; 1 failed (its error code and message on stderr) or no such job;
+    2 cancelled; 3 --timeout passed; 69 Redis unreachable (services not running?).
+    """
     from .client import Client
 
     with _client(Client) as client:
@@ -159,10 +209,15 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_ids", nargs=-1, required=True)
-def cancel(job_ids: tuple[str, ...]) -> None:
-    """Cancel jobs: queued ones never run; running ones stop at their next denoising step."""
+@click.option("--json", "as_json", is_flag=True, help="Print {job id: status after the request} as JSON.")
+def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Cancel jobs: queued ones never run; running ones stop at their next denoising step.
+
+    Exit codes: 0 done (cancelled, or already ended); 1 no such job; 69 Redis unreachable.
+    """
     from .client import Client
 
+    statuses = {}
     with _client(Client) as client:
         for job_id in job_ids:
             try:
@@ -171,8 +226,12 @@ def cancel(job_ids: tuple[str, ...]) -> None:
                 raise click.ClickException(f"no job {job_id!r} (never submitted, or its status expired)") from None
             except NotPermitted as exc:
                 raise click.ClickException(str(exc)) from None
-            state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
-            click.echo(f"{job_id}: {state}")
+            statuses[job_id] = record.status.value
+            if not as_json:
+                state = "cancelled" if record.status.value == "cancelled" else f"already {record.status.value}"
+                click.echo(f"{job_id}: {state}")
+    if as_json:
+        click.echo(json.dumps(statuses))
 
 
 @main.command()
@@ -182,7 +241,9 @@ def cancel(job_ids: tuple[str, ...]) -> None:
 def watch(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     """Follow jobs: one line per event (their state now, then each change) until all have ended.
 
-    Exits 0 when every job succeeded, 1 when one failed or was cancelled, 3 on --timeout.
+    \b
+    Exit codes: 0 every job succeeded; 1 one failed or was cancelled, or no such job;
+    3 --timeout passed; 69 Redis unreachable (services not running?).
     """
     from .client import Client
 
@@ -280,11 +341,131 @@ def _describe(record: JobRecord) -> str:
     return "\n".join(lines)
 
 
+# -- upload / download --------------------------------------------------------
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("destination", metavar="s3://BUCKET/PREFIX/")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the uploaded URIs.")
+def upload(files: tuple[Path, ...], destination: str, as_json: bool) -> None:
+    """Upload local files to object storage; print each one's s3:// URI.
+
+    A DESTINATION ending in '/' (or several FILES) keeps each file's name under it;
+    one file and a DESTINATION without the '/' is that exact object.
+
+    \b
+    Example:
+      darkroom upload photos/*.png s3://darkroom/inputs/
+
+    \b
+    Exit codes: 0 uploaded; 1 refused (bucket missing, bad URI); 2 usage error; 69 S3 server
+    unreachable (services not running?); 77 credentials refused.
+    """
+    from darkroom.common.errors import ObjectNotFoundError
+
+    from ._submission import upload_payload
+    from .client import Client
+
+    target = _parse_uri(destination, "DESTINATION")
+    as_prefix = destination.endswith("/") or len(files) > 1 or not target.key
+    uris = []
+    with _client(Client) as client:
+        for path in files:
+            uri = target.join(path.name) if as_prefix else target
+            data, kind = upload_payload(path, None)
+            try:
+                client.store.put_bytes(uri, data, content_type=kind)
+            except ObjectNotFoundError:
+                raise click.ClickException(f"bucket {uri.bucket!r} does not exist: create it first, or upload to an "
+                                           "existing bucket (the embedded services create 'darkroom')") from None
+            uris.append(str(uri))
+            if not as_json:
+                click.echo(str(uri))
+    if as_json:
+        click.echo(json.dumps(uris))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, metavar="JOB_ID|s3://URI...")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the files written.")
+def download(sources: tuple[str, ...], directory: Path, as_json: bool) -> None:
+    """Download a job's outputs, an object or every object under a prefix into DIRECTORY.
+
+    A SOURCE is a job id (its output images; the job must have succeeded), an s3:// object,
+    or an s3:// prefix ending in '/'. Prints each file written.
+
+    \b
+    Example:
+      darkroom download "$JOB" outputs/
+
+    \b
+    Exit codes: 0 downloaded; 1 no such job, job not succeeded, or object missing; 2 usage error;
+    69 Redis or S3 unreachable (services not running?); 77 credentials refused.
+    """
+    from darkroom.common.errors import ObjectNotFoundError
+
+    from .client import Client
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    with _client(Client) as client:
+        for source in sources:
+            for uri in _download_uris(client, source):
+                path = directory / uri.rsplit("/", 1)[-1]
+                if not source.startswith("s3://"):  # a job's outputs are 000.png, 001.png ...: keep jobs apart
+                    path = directory / f"{source}-{path.name}"
+                try:
+                    path.write_bytes(client.download(uri))
+                except ObjectNotFoundError:
+                    raise click.ClickException(f"{uri} does not exist") from None
+                written.append(str(path))
+                if not as_json:
+                    click.echo(str(path))
+    if as_json:
+        click.echo(json.dumps(written))
+
+
+def _download_uris(client: Any, source: str) -> list[str]:
+    if source.startswith("s3://"):
+        uri = _parse_uri(source, "SOURCE")
+        if not source.endswith("/") and uri.key:
+            return [str(uri)]
+        from darkroom.common.errors import ObjectNotFoundError
+
+        try:
+            found = [str(o.uri) for o in client.store.list_objects(uri)]
+        except ObjectNotFoundError:  # a listing finds no bucket, never no object
+            raise click.ClickException(f"bucket {uri.bucket!r} does not exist") from None
+        if not found:
+            raise click.ClickException(f"nothing under {source}")
+        return found
+    try:
+        record = client.status(source)
+    except JobNotFound:
+        raise click.ClickException(f"no job {source!r} (never submitted, or its status expired)") from None
+    if record.result is None:
+        raise click.ClickException(f"job {source} has no outputs: it is {record.status.value}"
+                                   + (f" [{record.error_code}]" if record.error_code else ""))
+    return list(record.result.uris)
+
+
+def _parse_uri(text: str, what: str) -> Any:
+    from darkroom.common.storage import S3Uri
+
+    try:
+        return S3Uri.parse(text, allow_empty_key=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=what) from None
+
+
 # -- workers ------------------------------------------------------------------
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print each worker's full report as JSON.")
 def workers(as_json: bool) -> None:
-    """List live workers: device, memory, served and resident models, adapters."""
+    """List live workers: device, memory, served and resident models, adapters.
+
+    Exit codes: 0 listed (also when there are none); 69 Redis unreachable (services not running?).
+    """
     from darkroom.common.clients import make_redis
     from darkroom.common.fleet import Fleet
 
@@ -319,10 +500,25 @@ def services() -> None:
 
 @services.command("up")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Default: DARKROOM_STATE_DIR or .darkroom")
-def services_up(state_dir: Path | None) -> None:
-    """Start a private Redis and a SeaweedFS S3 server on 127.0.0.1; print the settings to use."""
+@click.option("--quiet", "-q", is_flag=True, help="Print one line instead of the settings.")
+def services_up(state_dir: Path | None, quiet: bool) -> None:
+    """Start a private Redis and a SeaweedFS S3 server on 127.0.0.1; print the settings to use.
+
+    The settings go to <state dir>/services.env, where every darkroom command run from this
+    folder finds them (from elsewhere, export them: set -a; . <file>; set +a).
+
+    Exit codes: 0 running; 1 a server could not start (its log is named).
+    """
+    from .embedded import EmbeddedServicesError
+
     embedded = _embedded(state_dir)
-    endpoints = embedded.up()
+    try:
+        endpoints = embedded.up()
+    except EmbeddedServicesError as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
+    if quiet:
+        click.echo(f"embedded services are up; settings in {embedded.env_file}")
+        return
     click.echo(f"# embedded services are up; settings written to {embedded.env_file}")
     click.echo(f"# use them from a shell with: set -a; . {embedded.env_file}; set +a")
     for key, value in endpoints.redacted().items():
@@ -331,17 +527,102 @@ def services_up(state_dir: Path | None) -> None:
 
 @services.command("down")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-def services_down(state_dir: Path | None) -> None:
-    """Stop the embedded services (data stays under the state folder)."""
-    _embedded(state_dir).down()
+@click.option("--stop-workers", is_flag=True,
+              help="Also send SIGTERM to workers on this host attached to these services.")
+def services_down(state_dir: Path | None, stop_workers: bool) -> None:
+    """Stop the embedded services (data stays under the state folder).
+
+    Workers still attached to them would retry connecting forever: they are named (and, with
+    --stop-workers, stopped first when they run on this host).
+
+    Exit codes: 0 stopped (or were not running).
+    """
+    embedded = _embedded(state_dir)
+    attached = _attached_workers(embedded)
+    if attached and stop_workers:
+        _stop_local_workers(attached)
+    elif attached:
+        names = ", ".join(w.name for w in attached)
+        click.echo(f"warning: {len(attached)} worker(s) still attached to these services: {names}; they will "
+                   "keep retrying until stopped (Ctrl-C or kill them, or use --stop-workers)", err=True)
+    embedded.down()
     click.echo("embedded services stopped")
+
+
+def _attached_workers(embedded: Any) -> list[Any]:
+    """Live workers reporting to the embedded Redis; [] when it is not running."""
+    from darkroom.common.fleet import Fleet
+
+    endpoints = embedded.endpoints()
+    if endpoints is None or not embedded.status()["redis"]["running"]:
+        return []
+    import redis
+
+    try:
+        client = redis.Redis.from_url(endpoints.redis_url, socket_connect_timeout=2)
+        return list(Fleet(client).workers(fresh=True))
+    except redis.exceptions.RedisError:
+        return []
+
+
+def _stop_local_workers(workers: list[Any]) -> None:
+    import os
+    import signal
+    import socket
+
+    for w in workers:
+        pid, host = w.data.get("pid"), w.data.get("host")
+        here = host == socket.gethostname() or (host is None and socket.gethostname() in w.name)
+        if isinstance(pid, int) and here:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                click.echo(f"stopping worker {w.name} (pid {pid})")
+            except ProcessLookupError:
+                pass
+        else:
+            click.echo(f"warning: worker {w.name} runs elsewhere; stop it there", err=True)
+    deadline = time.monotonic() + 30
+    for w in workers:
+        pid = w.data.get("pid")
+        while isinstance(pid, int) and time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @services.command("status")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-def services_status(state_dir: Path | None) -> None:
-    """Show whether the embedded services are running."""
-    click.echo(json.dumps(_embedded(state_dir).status(), indent=2, default=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def services_status(state_dir: Path | None, as_json: bool) -> None:
+    """Show whether the embedded services are running.
+
+    Exit codes: 0 both running; 1 one or both stopped (or never started).
+    """
+    embedded = _embedded(state_dir)
+    status = embedded.status()
+    if as_json:
+        click.echo(json.dumps(status, indent=2, default=str))
+    else:
+        click.echo(f"embedded services in {Path(embedded.state_dir).absolute()}:")
+        for name, label in (("redis", "Redis"), ("s3", "S3 server")):
+            info = status[name]
+            if info["running"]:
+                click.echo(f"  {label:<9} running  {info['url']}  (pid {info['pid']})")
+            else:
+                click.echo(f"  {label:<9} stopped")
+        if not all(info["running"] for info in status.values()):
+            click.echo("start them with: darkroom services up")
+    sys.exit(0 if all(info["running"] for info in status.values()) else 1)
 
 
 def _embedded(state_dir: Path | None) -> Any:

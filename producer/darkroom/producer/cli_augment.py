@@ -68,6 +68,11 @@ def augment(resume_prefix: str | None, dry_run: bool, window: int, no_retry_fail
 
     Example: darkroom augment --model tiny --source s3://darkroom/photos/ --output s3://darkroom/aug/v1
     --prompt "{stem}, watercolor" --strength 0.4,0.6 --seed 0-3 --export dataset/
+
+    \b
+    Exit codes: 0 every cell succeeded (or --dry-run); 1 some cells failed, or the spec was refused;
+    2 usage error; 69 Redis or S3 unreachable (services not running?); 77 credentials refused;
+    130 stopped with Ctrl-C (run the same command again to resume).
     """
     from .client import Client
 
@@ -292,4 +297,5 @@ class _stopping_on_sigint:
     def _handle(self, signum: int, frame: Any) -> None:
         self.stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        click.echo("\nstopping: no more jobs are submitted (Ctrl-C again to quit at once)", err=True)
+        click.echo("\nstopping: a batch being sent goes out, no job after it (Ctrl-C again to quit at once)",
+                   err=True)

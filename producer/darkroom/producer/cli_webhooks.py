@@ -32,6 +32,8 @@ def dispatcher(concurrency: int | None, name: str | None, log_level: str) -> Non
     """Deliver job webhooks (signed, retried, dead-lettered) until SIGTERM or Ctrl-C.
 
     Needs DARKROOM_WEBHOOK_SECRETS='{"<producer id>": "whsec_..."}'; run as many as you like.
+
+    Exit codes: 0 stopped cleanly; 1 a setting is wrong; 69 Redis unreachable.
     """
     from .dispatcher import Dispatcher, DispatcherSettings
 
@@ -64,7 +66,10 @@ def webhooks() -> None:
 @webhooks.command("list-failed")
 @click.option("--json", "as_json", is_flag=True, help="Print every dead letter with its attempts as JSON.")
 def list_failed(as_json: bool) -> None:
-    """Show webhooks whose retry schedule ran out (the dead-letter store)."""
+    """Show webhooks whose retry schedule ran out (the dead-letter store).
+
+    Exit codes: 0 listed (also when there are none); 69 Redis unreachable.
+    """
     with _dead_letters() as dead:
         entries = dead.entries()
         counts = dead.counts()
@@ -82,7 +87,10 @@ def list_failed(as_json: bool) -> None:
 @click.argument("webhook_ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every failed webhook.")
 def replay(webhook_ids: tuple[str, ...], replay_all: bool) -> None:
-    """Send failed webhooks again (same webhook-id, fresh retry schedule) through the dispatcher."""
+    """Send failed webhooks again (same webhook-id, fresh retry schedule) through the dispatcher.
+
+    Exit codes: 0 queued; 1 an id is not in the dead-letter store; 2 usage error; 69 Redis unreachable.
+    """
     if bool(webhook_ids) == replay_all:
         raise click.UsageError("name webhook ids (see 'darkroom webhooks list-failed') or pass --all, not both")
     with _dead_letters() as dead:
@@ -96,7 +104,10 @@ def replay(webhook_ids: tuple[str, ...], replay_all: bool) -> None:
 
 @webhooks.command()
 def secret() -> None:
-    """Print a new signing secret (whsec_...) for DARKROOM_WEBHOOK_SECRETS and your receiver."""
+    """Print a new signing secret (whsec_...) for DARKROOM_WEBHOOK_SECRETS and your receiver.
+
+    Exit codes: 0 printed.
+    """
     click.echo(generate_secret())
 
 

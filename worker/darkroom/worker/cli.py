@@ -38,10 +38,12 @@ def _quiet_libraries() -> None:
               help="Load registry models at start-up (in order, while they fit the memory budget).")
 @click.option("--preload-model", "preload_models", multiple=True, metavar="ID",
               help="Preload only these models (repeatable); default: registry order while they fit.")
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--log-level", "loglevel", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True)
+@click.option("--loglevel", "legacy_loglevel", hidden=True, default=None, help="Old spelling of --log-level.")
 def worker(models: tuple[str, ...], models_file: Path | None, device: str | None, dtype: str | None,
            gpus: str | None, name: str | None, preload: bool, preload_models: tuple[str, ...],
-           loglevel: str) -> None:
+           loglevel: str, legacy_loglevel: str | None) -> None:
     """Run a worker: keep models resident and consume their queues.
 
     It takes jobs from the hot queues of the models it holds resident first, then from
@@ -52,10 +54,20 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     Examples:
       darkroom worker --model tiny=.darkroom/models/tiny
       darkroom worker --models-file registry.toml --gpus all
+
+    SIGTERM (or Ctrl-C) lets the running jobs finish, then the worker exits.
+
+    \b
+    Exit codes: 0 stopped cleanly; 1 a setting, the registry or a preload failed (the reason is
+    printed); 69 Redis unreachable (services not running?); 75 stopped itself after a fatal
+    error (CUDA out of memory) so that its supervisor restarts it clean.
     """
+    loglevel = (legacy_loglevel or loglevel).lower()
     if gpus is not None:
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
+    from darkroom.common.clients import make_redis
+
     from .app import create_app
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
@@ -68,6 +80,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
+        make_redis(settings).ping()  # settings checked: now fail at once, before loading models, if no services
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     log = logging.getLogger("darkroom.worker")
@@ -97,6 +110,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     celery_worker = app.Worker(
         hostname=ctx.name, pool_cls="threads", concurrency=settings.slots, queues=queues, loglevel=loglevel.upper(),
         without_gossip=True, without_mingle=True, optimization="fair",
+        quiet=loglevel in ("warning", "error"),  # no start-up banner unless info or debug was asked for
     )
     try:
         celery_worker.start()
@@ -140,7 +154,7 @@ def _args_without_gpus(argv: list[str]) -> list[str]:
 
 @click.group()
 def models() -> None:
-    """Model utilities."""
+    """Build the tiny test model; upload model folders to object storage."""
 
 
 @models.command("make-tiny")
@@ -152,11 +166,16 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 
     Built offline from configs (no hub). Its outputs are noise-like: it exists to
     exercise the whole system fast. Point --model at a real diffusers folder for real images.
+
+    Exit codes: 0 written (or already there); 1 DIRECTORY holds something else (see --overwrite).
     """
     _quiet_libraries()
     from .tiny import make_tiny_model
 
-    path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+    try:
+        path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{exc}: choose another folder, or replace it with --overwrite") from None
     click.echo(str(path))
 
 
@@ -166,7 +185,10 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
 def push(source: Path, uri: str) -> None:
     """Upload a model folder (or one .safetensors file) to an s3:// prefix, recording each file's sha256.
 
-    Workers verify every download against that sha256 (see the README's "Cache of remote files").
+    Workers verify every download against that sha256 (see "Cache of remote files" in the models guide).
+
+    \b
+    Exit codes: 0 uploaded; 1 refused (bad URI, missing bucket); 69 S3 unreachable; 77 credentials refused.
     """
     from darkroom.common.clients import make_s3_client
     from darkroom.common.objectstore import ObjectStore
@@ -183,11 +205,15 @@ def push(source: Path, uri: str) -> None:
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Where services, the tiny model and the contact sheet live (default .darkroom).")
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Use this diffusers model folder instead of building the tiny random one.")
+              help="Use this diffusers model folder instead of the tiny trained demo model.")
 @click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
-@click.option("--prompt", default="a watercolor painting of a lighthouse at dusk", show_default=True)
-def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str) -> None:
-    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet."""
+@click.option("--prompt", default=None,
+              help="Default: 'red' for the demo model (it knows colour words), a lighthouse painting with --model-dir.")
+def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str | None) -> None:
+    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet.
+
+    Exit codes: 0 every job succeeded; 1 something failed (the reason is printed); 130 interrupted.
+    """
     _quiet_libraries()
     from .demo import run_demo
 

@@ -1,6 +1,7 @@
-"""``make demo``: the main job end to end on embedded services and a tiny random model.
+"""``make demo``: the main job end to end on embedded services and a tiny trained model.
 
-Starts what is missing (Redis + S3 server, the tiny model, a worker), submits
+Starts what is missing (Redis + S3 server, the demo model of :mod:`.trained`, trained
+once and cached, a worker), submits
 one job per strength on a picture drawn in code, waits, prints the output URIs
 and writes a contact sheet (input beside the outputs, labelled by strength) to
 the output bucket and to a local file. Stops what it started.
@@ -28,9 +29,16 @@ if TYPE_CHECKING:
 __all__ = ["run_demo", "sample_image", "contact_sheet"]
 
 MODEL_ID = "tiny"
+#: The demo model knows colour words ("red", "blue stripes", ...); a real model gets a real prompt.
+DEMO_MODEL_PROMPT = "red"
+REAL_MODEL_PROMPT = "a watercolor painting of a lighthouse at dusk"
+#: The demo model is tiny: strong guidance over-saturates it (real models take the usual 7.5).
+DEMO_MODEL_GUIDANCE = 3.0
+#: It was trained on 64x64 pictures and works best near that size; real models get 256x256.
+DEMO_MODEL_SIZE = 128
 
 
-def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[float], prompt: str) -> int:
+def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[float], prompt: str | None) -> int:
     settings = Settings.load(**({"state_dir": state_dir} if state_dir else {}))
     state = settings.state_dir
     embedded = EmbeddedServices(state)
@@ -41,7 +49,7 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
     settings = Settings.load(state_dir=state, **_connection(endpoints.as_env()))
     worker: WorkerProcess | None = None
     try:
-        model_path = model_dir or _tiny_model(state / "models" / "tiny", step)
+        model_path = model_dir or _demo_model(state / "models" / "demo", step)
         step(f"starting a worker for model {MODEL_ID!r} ({model_path})")
         worker = WorkerProcess(
             f"demo-{uuid.uuid4().hex[:6]}", ["--model", f"{MODEL_ID}={model_path}"],
@@ -49,7 +57,10 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
             redis_url=endpoints.redis_url, log_path=state / "logs" / "demo-worker.log",
         ).start()
         with Client(settings) as client:
-            return _run_jobs(client, settings, strengths, prompt, state, step)
+            guidance = 7.5 if model_dir else DEMO_MODEL_GUIDANCE
+            text = prompt or (REAL_MODEL_PROMPT if model_dir else DEMO_MODEL_PROMPT)
+            source = sample_image(256 if model_dir else DEMO_MODEL_SIZE)
+            return _run_jobs(client, settings, strengths, text, guidance, source, state, step)
     except DarkroomError as exc:
         click.echo(f"demo failed: {exc}", err=True)
         return 1
@@ -62,16 +73,15 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
             embedded.down()
 
 
-def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt: str, state: Path,
-              step: _Steps) -> int:
+def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt: str, guidance: float,
+              source: Image, state: Path, step: _Steps) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    source = sample_image()
     input_uri = client.upload(source, f"s3://darkroom/inputs/demo-{run_id}.png")
     step(f"uploaded a sample picture drawn in code to {input_uri}")
     prefix = f"{settings.default_output_prefix.rstrip('/')}/demo-{run_id}"
     handles = [
         client.submit({"model": MODEL_ID, "image": input_uri, "prompt": prompt, "strength": s,
-                       "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 1234, "output_prefix": prefix})
+                       "num_inference_steps": 20, "guidance_scale": guidance, "seed": 1234, "output_prefix": prefix})
         for s in strengths
     ]
     step(f"submitted {len(handles)} jobs (strengths {', '.join(map(str, strengths))}); waiting")
@@ -89,8 +99,9 @@ def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt
     click.echo(f"contact sheet: {sheet_uri}")
     click.echo(f"contact sheet (local): {local.resolve()}")
     click.echo(
-        "note: the tiny model has RANDOM weights, so outputs look like noise that grows with strength.\n"
-        "      For real pictures run: darkroom demo --model-dir /path/to/stable-diffusion-v1-5 (a diffusers folder)."
+        "note: the demo model is tiny and trained only on flat colours, shapes and stripes: low strength keeps\n"
+        "      the picture, high strength repaints it in the prompt's colour. For real pictures run:\n"
+        "      darkroom demo --model-dir /path/to/stable-diffusion-v1-5 (a diffusers folder)."
     )
     return 0
 
@@ -127,7 +138,8 @@ def contact_sheet(source: Image, outputs: list[tuple[float, Image]], prompt: str
     from PIL import ImageDraw, ImageFont
 
     tiles = [("input", source)] + [(f"strength {s:.2f}", im) for s, im in outputs]
-    w, h = source.size
+    scale = max(1, 256 // max(source.size))  # small pictures are shown at least 256 px wide
+    w, h = source.width * scale, source.height * scale
     pad, label_h, title_h = 8, 22, 26
     sheet = PILImage.new("RGB", (pad + len(tiles) * (w + pad), title_h + h + label_h + pad), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
@@ -140,11 +152,14 @@ def contact_sheet(source: Image, outputs: list[tuple[float, Image]], prompt: str
     return sheet
 
 
-def _tiny_model(path: Path, step: _Steps) -> Path:
-    from .tiny import make_tiny_model
+def _demo_model(path: Path, step: _Steps) -> Path:
+    from .trained import is_demo_model_dir, make_demo_model
 
-    step(f"building the tiny random-weight model in {path}" if not path.exists() else f"using tiny model {path}")
-    return make_tiny_model(path)
+    if is_demo_model_dir(path):
+        step(f"using the trained demo model {path}")
+    else:
+        step(f"training the tiny demo model into {path} (once; it is cached there)")
+    return make_demo_model(path, log=lambda message: click.echo(f"    {message}"))
 
 
 def _running(embedded: EmbeddedServices) -> bool:

@@ -16,7 +16,7 @@ __all__ = ["WorkerSettings"]
 class WorkerSettings(Settings):
     """``DARKROOM_*`` settings of a worker process."""
 
-    models_file: Path | None = Field(None, description="Model registry (TOML); see the README.")
+    models_file: Path | None = Field(None, description="Model registry (TOML); see the models guide (docs/guides/models.md).")
     models: dict[str, str] = Field(default_factory=dict, description='Extra models as JSON: {"id": "source"}.')
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     cpu_threads: int | None = Field(

@@ -148,7 +148,13 @@ class Submitter:
         return False
 
     def _send(self) -> None:
-        """Create (or resubmit) the next batch in one round trip; follow what is still live."""
+        """Create (or resubmit) the next batch in one round trip; follow what is still live.
+
+        ``stop`` is read again here, right before staging: a stop that arrives while a batch is being
+        sent lets that batch finish (and be counted in flight), and no batch starts after it.
+        """
+        if self.stop.is_set():
+            return
         room = self.window - len(self.in_flight)
         batch = [self.waiting.popleft() for _ in range(min(room, self.chunk, len(self.waiting)))]
         pipe = self.redis.pipeline(transaction=False)

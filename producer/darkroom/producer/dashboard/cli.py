@@ -28,6 +28,9 @@ def dashboard(host: str | None, port: int | None, log_level: str) -> None:
     replaying a webhook writes to Redis). Credentials: DARKROOM_DASHBOARD_TOKEN (admin),
     DARKROOM_DASHBOARD_VIEWER_TOKEN (read-only), or DARKROOM_DASHBOARD_USER/_PASSWORD (admin);
     without any it only listens on a loopback address.
+
+    Exit codes: 0 stopped cleanly; 1 a setting is wrong (e.g. a public address without credentials);
+    69 Redis unreachable.
     """
     try:
         import uvicorn

@@ -1,0 +1,100 @@
+"""Expected conditions against real services: refused credentials, a missing bucket, services
+stopped under attached workers. Each ends with one line and a documented exit code, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from darkroom.common.fleet import WORKERS_KEY, worker_key
+
+pytestmark = pytest.mark.integration
+
+DARKROOM = str(Path(sys.executable).with_name("darkroom"))
+
+
+def run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
+    return subprocess.run([DARKROOM, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_wrong_s3_secret_exits_77(services: object, tmp_path: Path) -> None:
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"\x89PNG\r\n")
+    env = {**services.as_env(), "DARKROOM_S3_SECRET_ACCESS_KEY": "not-the-secret"}  # type: ignore[attr-defined]
+    result = run("upload", str(picture), "s3://darkroom/inputs/", cwd=tmp_path, env=env)
+    assert result.returncode == 77
+    assert "refused the credentials" in one_line(result)
+
+
+def test_wrong_redis_password_exits_77(services: object, tmp_path: Path) -> None:
+    env = services.as_env()  # type: ignore[attr-defined]
+    url = env["DARKROOM_REDIS_URL"]
+    assert "@" in url, "the embedded Redis has a password"
+    scheme, rest = url.split("://", 1)
+    wrong = f"{scheme}://:wrong-password@{rest.split('@', 1)[1]}"
+    result = run("status", "some-job", cwd=tmp_path, env={**env, "DARKROOM_REDIS_URL": wrong})
+    assert result.returncode == 77
+    assert "Redis refused the credentials" in one_line(result)
+
+
+def test_download_from_a_missing_bucket_says_so(services: object, tmp_path: Path) -> None:
+    # (SeaweedFS creates a bucket on the first put, so an upload cannot show this here; AWS and MinIO
+    # refuse the put, and upload says the same)
+    result = run("download", "s3://no-such-bucket-here/x/", str(tmp_path / "out"), cwd=tmp_path,
+                 env=services.as_env())  # type: ignore[attr-defined]
+    assert result.returncode == 1
+    assert "bucket 'no-such-bucket-here' does not exist" in one_line(result)
+
+
+def test_upload_then_download_round_trip(services: object, tmp_path: Path) -> None:
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"\x89PNG\r\n-bytes")
+    env = services.as_env()  # type: ignore[attr-defined]
+    up = run("upload", str(picture), "s3://darkroom/cli-test/", "--json", cwd=tmp_path, env=env)
+    assert up.returncode == 0 and json.loads(up.stdout) == ["s3://darkroom/cli-test/a.png"]
+    down = run("download", "s3://darkroom/cli-test/a.png", str(tmp_path / "back"), cwd=tmp_path, env=env)
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "back" / "a.png").read_bytes() == picture.read_bytes()
+    missing = run("download", "no-such-job", str(tmp_path / "back"), cwd=tmp_path, env=env)
+    assert missing.returncode == 1 and "no job 'no-such-job'" in missing.stderr
+
+
+def test_services_down_warns_about_attached_workers(tmp_path: Path) -> None:
+    # Given embedded services started in a folder, and a worker announcing itself to them
+    env: dict[str, str] = {}
+    up = run("services", "up", "--quiet", cwd=tmp_path, env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        import redis
+
+        settings = dict(line.split("=", 1) for line in (tmp_path / ".darkroom" / "services.env").read_text().split()
+                        if "=" in line)
+        client = redis.Redis.from_url(settings["DARKROOM_REDIS_URL"])
+        client.sadd(WORKERS_KEY, "box-1")
+        client.set(worker_key("box-1"), json.dumps({"name": "box-1", "pid": 999999, "time": time.time()}), ex=60)
+        status = run("services", "status", cwd=tmp_path, env=env)
+        assert status.returncode == 0 and "Redis" in status.stdout and "running" in status.stdout
+        # When the services are stopped
+        down = run("services", "down", cwd=tmp_path, env=env)
+    finally:
+        run("services", "down", cwd=tmp_path, env=env)
+    # Then the worker is named, and how to stop it is said
+    assert down.returncode == 0
+    assert "box-1" in one_line(down) and "--stop-workers" in down.stderr
+    stopped = run("services", "status", cwd=tmp_path, env=env)
+    assert stopped.returncode == 1 and "stopped" in stopped.stdout
