@@ -26,9 +26,10 @@ $(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml co
 
 # The dashboard's browser tests drive Debian's chromium (Playwright never downloads a browser here).
 # Quick when it is there; installing it needs root (or sudo).
+# Debian's redis-server (7.x) runs the ACL tests (the embedded Redis from PyPI is 6.2, without key selectors).
 chromium:
-	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+	@{ command -v chromium >/dev/null && command -v redis-server >/dev/null; } || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium redis-server; }
 
 setup: $(STAMP) chromium  ## Create .venv with torch (CPU), the three packages, Redis and SeaweedFS binaries; chromium
 

@@ -38,7 +38,7 @@ def _redis7() -> str | None:
 def redis7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     binary = _redis7()
     if binary is None:
-        pytest.skip("needs redis-server >= 7 on PATH (ACL key selectors): apt-get install redis-server")
+        pytest.fail("needs redis-server >= 7 on PATH (ACL key selectors): `make setup` installs it")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

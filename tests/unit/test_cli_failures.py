@@ -40,7 +40,7 @@ def test_no_services_and_no_settings_here_says_where_it_looked_and_how_to_start(
     # Given a folder with no .darkroom and no DARKROOM_* variables (so the default 127.0.0.1:6379)
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 6379)) == 0:
-            pytest.skip("something listens on 127.0.0.1:6379 on this machine")
+            pytest.fail("something listens on 127.0.0.1:6379 (the default address this test needs unused): stop it")
     # When a command needs Redis
     result = run("status", "some-job", cwd=tmp_path)
     # Then it exits 69 with one line naming the settings it looked for and the way to start services
