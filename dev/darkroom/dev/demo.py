@@ -19,7 +19,7 @@ import click
 from darkroom.common.errors import DarkroomError
 from darkroom.common.settings import Settings
 from darkroom.producer.client import Client
-from darkroom.producer.embedded import EmbeddedServices
+from .embedded import EmbeddedServices
 
 from .process import WorkerProcess
 
