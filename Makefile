@@ -17,11 +17,11 @@ PYTEST_ARGS ?=
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml constraints.txt requirements-dev.txt
+$(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml dev/pyproject.toml constraints.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) install -c constraints.txt -e common -e "producer[local,images,dashboard,augment]" -e worker -r requirements-dev.txt
+	$(PIP) install -c constraints.txt -e common -e "producer[images,dashboard,augment]" -e worker -e dev -r requirements-dev.txt
 	touch $@
 
 # The dashboard's browser tests drive Debian's chromium (Playwright never downloads a browser here).

@@ -46,7 +46,7 @@ def cli_markdown() -> str:
     """``darkroom --help`` and every command's (and sub-command's) ``--help``, as the terminal shows them."""
     import click
 
-    from darkroom.producer.cli import main
+    from darkroom.common.cli import main
 
     sections = []
 

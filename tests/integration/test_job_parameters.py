@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from darkroom.common.schedulers import SCHEDULER_CLASSES, SchedulerName
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 from darkroom.worker.engine import clip_skip_compat
-from darkroom.worker.process import WorkerProcess
 
 from .test_walking_skeleton import fetch_image, upload_input
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from darkroom.common.errors import JobCancelled
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.worker.batcher import BatchPolicy, Engine, Inference, JobCancelled, Request, mark_batch_wide
+from darkroom.worker.batcher import BatchPolicy, Engine, Inference, Request, mark_batch_wide
 from darkroom.worker.engine import WorkItem, batch_key
 
 IMAGE = Image.new("RGB", (64, 64))

@@ -18,7 +18,7 @@ from darkroom.common.broker import ARGSREPR_MAX, task_message
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.queues import TASK_IMG2IMG, broker_list, celery_config, cold_queue
 from darkroom.common.settings import Settings
-from darkroom.producer.embedded import resolve_redis_server
+from darkroom.dev.embedded import resolve_redis_server
 
 # argsrepr (what workers log) is Python's repr, cut at 1024 characters; Celery's saferepr differs only in
 # quoting strings that hold quotes, hence a prompt without any here

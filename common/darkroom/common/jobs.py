@@ -15,7 +15,7 @@ from typing import Annotated, Any, Self
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import FieldError, InvalidJobError, shown
+from .errors import DarkroomError, FieldError, InvalidJobError, shown
 from .events import EventType
 from .redaction import URL_FIELDS, redact_url
 from .safety import SafetyPolicy
@@ -62,7 +62,7 @@ TextValue = Annotated[
 ]
 
 
-class CrossFieldError(ValueError):
+class CrossFieldError(DarkroomError, ValueError):
     """Raised by a job validator when a field is wrong given another field; names the field."""
 
     def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import DarkroomError
 from .jobs import Priority
 
 __all__ = ["REGISTRY_KEY", "KEY_PREFIX", "job_namespace", "policy_key", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
@@ -44,7 +45,7 @@ KEY_PREFIX = "dk_"
 """Signing keys read ``dk_`` + 32 random bytes in URL-safe base64."""
 
 
-class UnknownProducer(KeyError):
+class UnknownProducer(DarkroomError, KeyError):
     """Raised when a producer id is not in the registry."""
 
 

@@ -40,15 +40,11 @@ from .engine import BatchKey, WorkItem
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["BatchPolicy", "Engine", "Inference", "JobCancelled", "Request", "Slot", "mark_batch_wide"]
+__all__ = ["BatchPolicy", "Engine", "Inference", "Request", "Slot", "mark_batch_wide"]
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-
-
-class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
-    """A job was cancelled while queued for, or during, its pipeline call."""
 
 
 @dataclass(eq=False)

@@ -17,12 +17,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
+from darkroom.common.errors import ErrorCode, JobCancelled, JobError, ObjectNotFoundError, StorageError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.storage import S3Uri
 
 from .adapters import AdapterFile, AdapterSet
-from .batcher import Inference, JobCancelled, Request, mark_batch_wide
+from .batcher import Inference, Request, mark_batch_wide
 from .context import WorkerContext
 from .engine import check_call_options, run_batch
 from .features import applied, check_embeddings
@@ -182,6 +182,6 @@ def _fan_out(requests: list[Request]) -> Any:
             except JobCancelled:
                 request.cancelled = True
         if all(r.cancelled for r in requests):
-            raise JobCancelled("every job of the call was cancelled")
+            raise JobCancelled("*", message="every job of the call was cancelled")
 
     return on_step

@@ -23,6 +23,7 @@ import redis
 
 from darkroom.common.errors import (
     ErrorCode,
+    JobCancelled,
     JobError,
     LeaseLost,
     ObjectNotFoundError,
@@ -39,7 +40,7 @@ from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timi
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
-from .batcher import BatchPolicy, Engine, JobCancelled, Request
+from .batcher import BatchPolicy, Engine, Request
 from .context import WorkerContext
 from .engine import WorkItem, batch_key
 from .faults import Fault, parse_fault
