@@ -69,6 +69,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     from darkroom.common.clients import make_redis
 
     from .app import create_app
+    from .cancels import CancelListener
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
     from .routing import FairFeeder
@@ -98,6 +99,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     ctx.refresh_report()
     heartbeat = ctx.heartbeat = Heartbeat(ctx)
     heartbeat.start()
+    cancels = CancelListener(ctx).start()  # signed cancel requests (darkroom.common.cancels)
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
                         interval=settings.fair_share_interval_seconds).start()
     if settings.metrics_port:
@@ -116,6 +118,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         celery_worker.start()
     finally:
         feeder.stop()
+        cancels.stop()
         heartbeat.stop()
     sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
 
