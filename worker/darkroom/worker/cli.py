@@ -67,6 +67,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
     from darkroom.common.clients import make_redis
+    from darkroom.common.placeholders import check_secrets
 
     from .app import create_app
     from .cancels import CancelListener
@@ -78,6 +79,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
+        check_secrets(settings)  # a placeholder password (change-me...) stops the worker here, in one line
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
