@@ -57,8 +57,8 @@ class DashboardSettings(Settings):
         tokens = [s.get_secret_value() for s in (self.dashboard_token, self.dashboard_viewer_token) if s is not None]
         tokens += [s.get_secret_value() for s in self.dashboard_producer_tokens.values()]
         if len(tokens) != len(set(tokens)):
-            raise ValueError("the dashboard tokens (DARKROOM_DASHBOARD_TOKEN, _VIEWER_TOKEN, _PRODUCER_TOKENS) must "
-                             "all differ")
+            raise ValueError("the dashboard tokens (DARKROOM_DASHBOARD_TOKEN, _VIEWER_TOKEN, _PRODUCER_TOKENS) "
+                             "must differ")
         return self
 
     @property
