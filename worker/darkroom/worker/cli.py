@@ -67,8 +67,10 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
     from darkroom.common.clients import make_redis
+    from darkroom.common.placeholders import check_secrets
 
     from .app import create_app
+    from .cancels import CancelListener
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
     from .routing import FairFeeder
@@ -77,6 +79,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
+        check_secrets(settings)  # a placeholder password (change-me...) stops the worker here, in one line
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
@@ -98,6 +101,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     ctx.refresh_report()
     heartbeat = ctx.heartbeat = Heartbeat(ctx)
     heartbeat.start()
+    cancels = CancelListener(ctx).start()  # signed cancel requests (darkroom.common.cancels)
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
                         interval=settings.fair_share_interval_seconds).start()
     if settings.metrics_port:
@@ -116,6 +120,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         celery_worker.start()
     finally:
         feeder.stop()
+        cancels.stop()
         heartbeat.stop()
     sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
 

@@ -26,6 +26,7 @@ from darkroom.common.identity import Gate
 from darkroom.common.jobstore import JobStore
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.quotas import WorkerQuota
 from darkroom.common.tenancy import PolicyCheck
 
 from .device import DeviceInfo, select_device
@@ -82,7 +83,8 @@ class WorkerContext:
         """Verifies who sent each message, and that producer's policy, before anything else (identity)."""
         s = self.settings
         return Gate(self.redis, require=s.require_signed_jobs, max_age_seconds=s.signature_max_age_seconds,
-                    policy_check=PolicyCheck(ReferencePolicy.from_settings(s)))
+                    policy_check=PolicyCheck(ReferencePolicy.from_settings(s)),
+                    quota=WorkerQuota(self.redis, ttl_seconds=s.status_ttl_seconds))
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:

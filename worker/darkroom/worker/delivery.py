@@ -92,6 +92,10 @@ class DeliveryHandler:
         admission = self.ctx.gate.admit(payload, lifecycle)  # who sent it, before any I/O on its behalf
         if admission.refused is not None:
             self.ctx.metrics.refused.labels(code=admission.refused.value).inc()
+            if admission.retry_after is not None:  # a quota: the job is valid, only early; it waits
+                lifecycle.note(str(payload.get("job_id")), "held_back", code=admission.refused.value,
+                               reason=admission.reason, retry_in=round(admission.retry_after, 1))
+                return Decision(Outcome.DEFER, admission.retry_after)
             return Decision(Outcome.SKIP)
         job_id, job, invalid, ignored = message_job(payload)
         if job_id is None:

@@ -57,8 +57,8 @@ class WorkerMetrics:
                                    registry=self.registry)
         self.reconciled = Counter("darkroom_reconciled", "Jobs enqueued again by the reconciler (message lost)",
                                   registry=self.registry)
-        self.refused = Counter("darkroom_jobs_refused", "Jobs and messages refused before running (identity, "
-                               "producer policy), by code", ["code"], registry=self.registry)
+        self.refused = Counter("darkroom_jobs_refused", "Jobs, messages and cancels refused (identity, producer "
+                               "policy; quota_exceeded: deliveries held back for a quota), by code", ["code"], registry=self.registry)
         self.timeouts = Counter("darkroom_job_timeouts", "Jobs that ran past their run-time limit",
                                 registry=self.registry)
 
