@@ -223,10 +223,10 @@ class Nemesis:
 
 def run(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
     from darkroom.common.settings import Settings
-    from darkroom.producer.client import Client
-    from darkroom.dev.embedded import EmbeddedServices
     from darkroom.dev.demo import sample_image
+    from darkroom.dev.embedded import EmbeddedServices
     from darkroom.dev.tiny import make_tiny_model
+    from darkroom.producer.client import Client
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,10 +59,10 @@ def run(args: argparse.Namespace, endpoints: Any, settings: Any, folder: Path, f
 
     from darkroom.common.clients import make_redis
     from darkroom.common.producers import ProducerRegistry
-    from darkroom.producer.client import Client
     from darkroom.dev.demo import sample_image
     from darkroom.dev.process import WorkerProcess
     from darkroom.dev.tiny import make_tiny_model
+    from darkroom.producer.client import Client
 
     rdb = make_redis(settings)
     rdb.flushdb()

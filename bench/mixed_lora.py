@@ -61,8 +61,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from darkroom.producer.client import Client
     from darkroom.dev.tiny import make_tiny_lora, make_tiny_model
+    from darkroom.producer.client import Client
 
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -28,8 +28,8 @@ from darkroom.common.jobs import validate_job
 from darkroom.common.jobstore import JOBS_INDEX_KEY, JobRecord, job_key
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
+from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
 
 from ..conftest import png_bytes
 from .test_dashboard import _free_port
