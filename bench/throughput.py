@@ -74,7 +74,7 @@ def bare_loop(spec: dict[str, Any]) -> dict[str, Any]:
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from darkroom.worker.engine import clip_skip_compat
+    from darkroom.worker.inference.call import clip_skip_compat
 
     dtype = torch.float16 if spec["device"].startswith("cuda") else torch.float32
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,

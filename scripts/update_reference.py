@@ -16,7 +16,7 @@ from typing import Any
 from darkroom.common.reference import error_codes_markdown, job_fields_markdown, metrics_markdown, settings_markdown
 from darkroom.common.settings import Settings
 from darkroom.producer.dashboard.settings import DashboardSettings
-from darkroom.producer.dispatcher import DispatcherSettings
+from darkroom.producer.webhooks.dispatcher import DispatcherSettings
 from darkroom.worker.settings import WorkerSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from darkroom.dev.process import WorkerProcess
-from darkroom.producer.augment.runner import Submitter
+from darkroom.producer.augment.submitter import Submitter
 from darkroom.producer.client import Client
 
 pytestmark = pytest.mark.integration

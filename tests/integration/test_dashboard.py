@@ -33,7 +33,7 @@ from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.producer.deliveries import DEAD_KEY, Attempt, Delivery
+from darkroom.producer.webhooks.deliveries import DEAD_KEY, Attempt, Delivery
 
 ADMIN = "admin-token-for-tests"
 VIEWER = "viewer-token-for-tests"

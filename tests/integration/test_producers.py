@@ -32,7 +32,7 @@ from darkroom.common.storage import S3Uri
 from darkroom.common.webhooks import WebhookVerificationError, generate_secret, verify
 from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.producer.dispatcher import Dispatcher, DispatcherSettings
+from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

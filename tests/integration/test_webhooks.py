@@ -34,8 +34,8 @@ from darkroom.common.webhooks import OutboxEntry, WebhookVerificationError, gene
 from darkroom.dev.demo import sample_image
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.producer.deliveries import DEAD_KEY, RETRIES_KEY, DeadLetters, DeliveryQueue, processing_key
-from darkroom.producer.dispatcher import Dispatcher, DispatcherSettings
+from darkroom.producer.webhooks.deliveries import DEAD_KEY, RETRIES_KEY, DeadLetters, DeliveryQueue, processing_key
+from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
 from ..conftest import png_bytes
 

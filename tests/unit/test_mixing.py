@@ -16,7 +16,7 @@ from darkroom.common.jobs import Img2ImgJob
 from darkroom.dev.tiny import make_tiny_lora
 from darkroom.worker.adapters import BASE, AdapterFile, AdapterManager, AdapterSet
 from darkroom.worker.device import DeviceInfo
-from darkroom.worker.engine import WorkItem, batch_key, run_batch
+from darkroom.worker.inference.call import WorkItem, batch_key, run_batch
 from darkroom.worker.mixing import MixedAdapters, Routing, routed
 from darkroom.worker.pipelines import load_pipeline
 

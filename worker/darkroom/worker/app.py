@@ -22,7 +22,7 @@ from celery.exceptions import Reject, Retry
 from darkroom.common.queues import TASK_IMG2IMG, celery_config
 
 from .context import WorkerContext
-from .delivery import DeliveryHandler, Outcome
+from .delivery import DeliveryHandler, MessageAction
 from .runner import JobRunner
 
 __all__ = ["create_app"]
@@ -52,7 +52,7 @@ def create_app(ctx: WorkerContext) -> Celery:
             if _give_up(handler, payload, exc):
                 return  # dead-lettered: acknowledged, never redelivered
             raise Reject(f"requeued after: {exc}", requeue=True) from exc
-        if decision.outcome is Outcome.RECYCLE:
+        if decision.action is MessageAction.RECYCLE:
             os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown once this task returns
             ctx.exit_code = 75  # EX_TEMPFAIL: restart me
         if decision.countdown:

@@ -40,13 +40,14 @@ from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timi
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
-from .batcher import BatchPolicy, Engine, Request
 from .context import WorkerContext
-from .engine import WorkItem, batch_key
 from .faults import Fault, parse_fault
 from .features import fetch_embeddings, fetch_textual_inversions
 from .images import decode_image, encode_image, encode_latents, fit_to_job
-from .inference import BatchExecutor
+from .inference.batching import BatchPolicy
+from .inference.call import WorkItem, batch_key
+from .inference.engine import Engine, Request
+from .inference.executor import BatchExecutor
 from .latents import LatentCache, pixel_digest
 from .safety import object_metadata, object_tags, public_image
 from .screening import InputFlaggedError

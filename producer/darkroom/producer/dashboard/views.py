@@ -28,7 +28,7 @@ from darkroom.common.redaction import redact_parameters
 from darkroom.common.status import JobStatus
 
 from .._submission import owner
-from ..deliveries import DeadLetters, Delivery
+from ..webhooks.deliveries import DeadLetters, Delivery
 from .auth import Role
 from .media import Picture, input_object, input_visible, picture
 
