@@ -125,3 +125,22 @@ def test_callers_keep_their_familiar_second_bases() -> None:
 
     assert issubclass(JobNotFound, KeyError) and issubclass(IllegalTransition, ValueError)
     assert issubclass(InvalidUri, ValueError)
+
+
+def _key_literals(path: Path) -> list[str]:
+    """String constants that look like Redis key names (``darkroom:...``, no spaces) in one source file."""
+    return [node.value for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.startswith("darkroom:") and not any(c.isspace() for c in node.value)]
+
+
+def test_redis_key_names_live_in_common() -> None:
+    found = {str(p.relative_to(ROOT)): _key_literals(p)
+             for package in ("producer", "worker") for p in PACKAGES[package][0].rglob("*.py")}
+    assert {path: keys for path, keys in found.items() if keys} == {}
+
+
+def test_the_key_check_sees_a_key(tmp_path: Path) -> None:
+    sample = tmp_path / "x.py"
+    sample.write_text('"""Reads darkroom:jobs:open (prose is fine)."""\nKEY = "darkroom:x"\nf = f"darkroom:y:{id}"\n')
+    assert _key_literals(sample) == ["darkroom:x", "darkroom:y:"]

@@ -54,7 +54,7 @@ def create_app(ctx: WorkerContext) -> Celery:
             raise Reject(f"requeued after: {exc}", requeue=True) from exc
         if decision.action is MessageAction.RECYCLE:
             os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown once this task returns
-            ctx.exit_code = 75  # EX_TEMPFAIL: restart me
+            ctx.state.exit_with(75)  # EX_TEMPFAIL: restart me
         if decision.countdown:
             _republish(task, decision.countdown)
 

@@ -99,7 +99,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
             if ctx.models.evictions > evictions:
                 break
     ctx.refresh_report()
-    heartbeat = ctx.heartbeat = Heartbeat(ctx)
+    heartbeat = Heartbeat(ctx)
     heartbeat.start()
     cancels = CancelListener(ctx).start()  # signed cancel requests (darkroom.common.cancels)
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
@@ -122,7 +122,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         feeder.stop()
         cancels.stop()
         heartbeat.stop()
-    sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
+    sys.exit(ctx.state.exit_code or celery_worker.exitcode or 0)
 
 
 def _supervise(gpus: str, name: str | None, loglevel: str) -> None:

@@ -91,7 +91,7 @@ class JobRunner:
                         max_pixels=settings.batch_max_pixels),
             self.executor, slots=settings.slots, after_batch=ctx.after_job,
         )
-        ctx.engine_busy = lambda: self.engine.busy_since
+        ctx.state.watch_engine(lambda: self.engine.busy_since)
         self._local = threading.local()  # per task thread: the delivery's lease
 
     @property
@@ -111,7 +111,7 @@ class JobRunner:
         started = time.perf_counter()
         assert record.job is not None
         job = self.effective(record.job)
-        with self.ctx.running(record.job_id), self.engine.occupied():  # the report names its current jobs
+        with self.ctx.state.running(record.job_id), self.engine.occupied():  # the report names its current jobs
             return self._run_started(record, fence, job, started)
 
     def effective(self, job: Img2ImgJob) -> Img2ImgJob:
@@ -161,7 +161,7 @@ class JobRunner:
                 raise WorkerFatalError(f"out of device memory: {exc}") from exc
             log.exception("job %s failed unexpectedly", job.job_id)
             return lifecycle.fail(fence, record, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        self.ctx.jobs_done += 1
+        self.ctx.state.job_done()
         return lifecycle.succeed(fence, record, result)
 
     # -- stages ----------------------------------------------------------
@@ -401,7 +401,7 @@ class _ProgressReporter:
         if self.fault is not None:
             self.fault.at_step(step, self.fence.attempt)
         now = time.monotonic()
-        self.ctx.progress_at = now
+        self.ctx.state.progressed(now)
         if now > self.stop.deadline:
             self._halt("timeout")
         if step < total and now - self.last < self.ctx.settings.progress_interval_seconds:
