@@ -18,8 +18,8 @@ from botocore.exceptions import ClientError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from darkroom.dev import embedded
 from darkroom.dev.embedded import EmbeddedServices, EmbeddedServicesError, Endpoints
-from darkroom.producer import embedded
 
 pytestmark = pytest.mark.integration
 

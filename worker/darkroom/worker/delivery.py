@@ -55,7 +55,7 @@ class Decision:
 
 def backoff(retry: int, *, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with equal jitter: half of min(cap, base * 2**retry) plus up to as much again."""
-    ceiling = min(cap, base * 2 ** min(retry, 32))
+    ceiling = min(cap, base * 2.0 ** min(retry, 32))
     return ceiling / 2 + random.uniform(0.0, ceiling / 2)
 
 

@@ -59,7 +59,8 @@ def reclaim_abandoned(client: redis.Redis, *, older_than: float, limit: int = 10
     """
     ceiling = time.time() - older_than
     requeued = []
-    for tag in client.zrangebyscore(UNACKED_INDEX, 0, ceiling, start=0, num=limit):
+    tags: list[bytes] = client.zrangebyscore(UNACKED_INDEX, 0, ceiling, start=0, num=limit)  # type: ignore[assignment]
+    for tag in tags:
         job_id = _restore_if_abandoned(client, tag)
         if job_id:
             requeued.append(job_id)
@@ -81,7 +82,7 @@ def _restore_if_abandoned(client: redis.Redis, tag: bytes | str) -> str | None:
             job_id = queued_task_id(raw, unacked=True)
             restore = restored(raw)
             if job_id is None or restore is None or pipe.exists(lease_key(job_id)):
-                pipe.unwatch()  # type: ignore[no-untyped-call]
+                pipe.unwatch()
                 return None
             pipe.multi()
             pipe.zrem(UNACKED_INDEX, tag)
@@ -133,7 +134,7 @@ class Reconciler:
 
     def _stale_open_jobs(self) -> list[str]:
         # the index is scored by Redis's clock; compare with it, not this host's
-        seconds, micros = self.redis.time()  # type: ignore[misc]
+        seconds, micros = self.redis.time()
         ceiling = seconds + micros / 1e6 - self.grace
         found = self.redis.zrangebyscore(OPEN_JOBS_KEY, "-inf", ceiling, start=0, num=self.limit)
         return [f.decode() if isinstance(f, bytes) else str(f) for f in found]
@@ -144,7 +145,7 @@ class Reconciler:
         for key in self.redis.scan_iter(match=QUEUE_LIST_PATTERN, count=1000):
             if self.redis.type(key) not in (b"list", "list"):
                 continue
-            for start in range(0, int(self.redis.llen(key)), 1000):  # type: ignore[arg-type]
+            for start in range(0, int(self.redis.llen(key)), 1000):
                 found |= _named(self.redis.lrange(key, start, start + 999), wanted)
         found |= _named(self.redis.hvals(UNACKED), wanted, unacked=True)
         return found

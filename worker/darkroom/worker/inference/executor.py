@@ -117,7 +117,7 @@ class BatchExecutor:
             total_images = sum(r.images for r in requests)
             for position, (index, request) in enumerate(zip(runnable, requests, strict=True)):
                 if output is None or request.cancelled:
-                    outcomes[index] = JobCancelled(request.job.job_id)
+                    outcomes[index] = JobCancelled(request.job.job_id or "?")
                     continue
                 outcomes[index] = Inference(
                     images=output.images[position],
