@@ -45,8 +45,8 @@ test-unit: setup
 test-integration: setup
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: setup  ## ruff + mypy (strict on common and producer)
-	$(BIN)/ruff check common producer worker tests bench scripts
+lint: setup  ## ruff + mypy (strict on every package)
+	$(BIN)/ruff check common producer worker dev tests bench scripts
 	$(BIN)/mypy
 
 screenshots: setup  ## Regenerate the dashboard guide's screenshots (docs/images/dashboard-*.png)

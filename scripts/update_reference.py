@@ -36,7 +36,9 @@ def worker_metrics() -> list[tuple[str, str, list[str], str]]:
             raise ConnectionError("no Redis while generating docs")
 
     device = SimpleNamespace(free_memory=lambda: None, total_memory=0)
-    ctx = SimpleNamespace(report={}, redis=_NoRedis(), device=device)
+    from darkroom.worker.context import WorkerState
+
+    ctx = SimpleNamespace(name="docs", state=WorkerState(), redis=_NoRedis(), device=device)
     for family in _ReportCollector(ctx).collect():  # type: ignore[arg-type]
         rows.append((family.name, family.type, list(getattr(family, "_labelnames", ())), family.documentation))
     return rows

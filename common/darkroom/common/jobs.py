@@ -9,6 +9,7 @@ refused; every refusal names the field, the value and what is allowed.
 from __future__ import annotations
 
 import re
+import secrets
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
@@ -496,6 +497,13 @@ class Img2ImgJob(BaseModel):
         explicit = self.timesteps or self.sigmas
         steps = len(explicit) if explicit else self.num_inference_steps
         return int(steps * self.strength)
+
+    def seeded(self) -> Img2ImgJob:
+        """This job with a random seed when it names none (the submitter draws it; a worker does for a job that
+        reached it without one). Leaves room for ``seed + i`` per image."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
 
     def seeds(self) -> list[int]:
         """One seed per output image (the list, or ``seed + i``); requires ``seed`` to be set."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from darkroom.common.errors import (
     TransientError,
     WorkerFatalError,
 )
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority
+from darkroom.common.jobs import Img2ImgJob, Priority
 from darkroom.common.jobstore import JobRecord
 from darkroom.common.lifecycle import Fence
 from darkroom.common.redaction import redact_parameters
@@ -116,8 +115,7 @@ class JobRunner:
 
     def effective(self, job: Img2ImgJob) -> Img2ImgJob:
         """The job with what the worker decides when the submitter did not: the seed and the output prefix."""
-        if job.seed is None:
-            job = job.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
+        job = job.seeded()
         if job.output_prefix is None:
             job = job.model_copy(update={"output_prefix": self.ctx.settings.default_output_prefix.rstrip("/")})
         return job
@@ -168,10 +166,8 @@ class JobRunner:
     def _execute(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float, timings: Timings,
                  stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
-        self._check_bucket(job.image, "image")
-        self._check_bucket(job.output_prefix or "", "output_prefix")
+        rules = self.ctx.screening.rules(job)  # first: every s3:// reference inside the bucket/quarantine policy
         ip_scale = self._ip_adapter_scale(job)  # before any download: the model must have an IP-Adapter
-        rules = self.ctx.screening.rules(job)
         with self.engine.preparing() as slot:  # fetch and decode while the engine runs other jobs
             with clock.time("download"):
                 data = self._fetch_input(job)
@@ -256,7 +252,6 @@ class JobRunner:
         """The scale a job with an image prompt runs at (its own, else its model's); None without one."""
         if job.ip_adapter_image is None:
             return None
-        self._check_bucket(job.ip_adapter_image, "ip_adapter_image")
         spec = self.ctx.models.registry.get(job.model)
         if spec.ip_adapter is None:
             with_one = sorted(m.id for m in self.ctx.models.registry if m.ip_adapter is not None)
@@ -360,11 +355,6 @@ class JobRunner:
                                             if_absent=if_absent, if_match=if_match, tags=tags)
         except StorageError as exc:
             raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: {exc}") from None
-
-    def _check_bucket(self, uri: str, field: str) -> None:
-        bucket = S3Uri.parse(uri, allow_empty_key=True).bucket
-        if not self.ctx.settings.bucket_allowed(bucket):
-            raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
 
 
 def _never() -> bool:
