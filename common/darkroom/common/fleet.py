@@ -18,6 +18,7 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .families import Family
 from .queues import cold_queue, hot_queue
 
 __all__ = ["WorkerReport", "CurrentJob", "CacheCounts", "WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
@@ -25,6 +26,7 @@ __all__ = ["WorkerReport", "CurrentJob", "CacheCounts", "WorkerInfo", "Fleet", "
 WORKER_PREFIX = "darkroom:worker:"
 WORKERS_KEY = "darkroom:workers"  # names of workers that announced themselves (no keyspace SCAN needed)
 CATALOG_KEY = "darkroom:models"
+FAMILIES_KEY = "darkroom:models:families"  # model id -> family (sd, sdxl, sd3, flux), when known
 CATALOG_TTL_SECONDS = 7 * 24 * 3600
 REPORT_SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -119,7 +121,7 @@ class Fleet:
         self.redis = client
         self.ttl = ttl
         self._workers: _Cached[list[WorkerInfo]] = _Cached(ttl)
-        self._catalog: _Cached[list[str]] = _Cached(ttl)
+        self._catalog: _Cached[dict[str, Family | None]] = _Cached(ttl)
 
     def workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
         if not fresh and (hit := self._workers.get()) is not None:
@@ -146,18 +148,28 @@ class Fleet:
         pipe.srem(WORKERS_KEY, name)
         pipe.execute()
 
-    def register_models(self, model_ids: list[str]) -> None:
-        """Record that this fleet serves these models (kept when workers scale to zero)."""
+    def register_models(self, model_ids: list[str], families: dict[str, Family] | None = None) -> None:
+        """Record that this fleet serves these models, and their families where known (kept when workers
+        scale to zero)."""
         if model_ids:
             now = time.time()
-            self.redis.hset(CATALOG_KEY, mapping={m: now for m in model_ids})
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(CATALOG_KEY, mapping={m: now for m in model_ids})
+            if families:
+                pipe.hset(FAMILIES_KEY, mapping={m: f.value for m, f in families.items()})
+            pipe.execute()
             self._catalog.clear()
 
-    def catalog(self) -> list[str]:
-        """Models some worker served in the last week; empty if no worker ever started (cached ``ttl``)."""
+    def catalog(self) -> dict[str, Family | None]:
+        """Models some worker served in the last week, with their families (None: not known); empty if no
+        worker ever started (cached ``ttl``)."""
         if (hit := self._catalog.get()) is not None:
             return hit
-        return self._catalog.put(parse_catalog(self.redis.hgetall(CATALOG_KEY)))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(CATALOG_KEY)
+        pipe.hgetall(FAMILIES_KEY)
+        models, families = pipe.execute()
+        return self._catalog.put(with_families(parse_catalog(models), families))
 
     def holders(self, model_id: str) -> list[str]:
         """Names of live workers with ``model_id`` resident."""
@@ -174,7 +186,7 @@ class AsyncFleet:
     def __init__(self, client: redis.asyncio.Redis, *, ttl: float = 1.0) -> None:
         self.redis = client
         self._workers: _Cached[list[WorkerInfo]] = _Cached(ttl)
-        self._catalog: _Cached[list[str]] = _Cached(ttl)
+        self._catalog: _Cached[dict[str, Family | None]] = _Cached(ttl)
 
     async def workers(self) -> list[WorkerInfo]:
         if (hit := self._workers.get()) is not None:
@@ -184,10 +196,12 @@ class AsyncFleet:
         values = await self.redis.mget(keys) if keys else []
         return self._workers.put(parse_workers(keys, values))
 
-    async def catalog(self) -> list[str]:
+    async def catalog(self) -> dict[str, Family | None]:
         if (hit := self._catalog.get()) is not None:
             return hit
-        return self._catalog.put(parse_catalog(await self.redis.hgetall(CATALOG_KEY)))
+        models = await self.redis.hgetall(CATALOG_KEY)
+        families = await self.redis.hgetall(FAMILIES_KEY)
+        return self._catalog.put(with_families(parse_catalog(models), families))
 
     async def queue_for(self, model_id: str) -> str:
         return route(await self.workers(), model_id)
@@ -208,6 +222,18 @@ def parse_catalog(raw: dict[Any, Any]) -> list[str]:
     """Model ids of the catalog hash that some worker registered within ``CATALOG_TTL_SECONDS``."""
     cutoff = time.time() - CATALOG_TTL_SECONDS
     return sorted((k.decode() if isinstance(k, bytes) else str(k)) for k, v in raw.items() if float(v) >= cutoff)
+
+
+def with_families(models: list[str], raw: dict[Any, Any]) -> dict[str, Family | None]:
+    """``models`` with their families from the families hash (unknown or unreadable: None)."""
+    known: dict[str, Family] = {}
+    for key, value in raw.items():
+        try:
+            known[key.decode() if isinstance(key, bytes) else str(key)] = Family(
+                value.decode() if isinstance(value, bytes) else str(value))
+        except ValueError:
+            continue  # a family this version does not know: checked by the worker instead
+    return {m: known.get(m) for m in models}
 
 
 def holders(workers: list[WorkerInfo], model_id: str) -> list[str]:

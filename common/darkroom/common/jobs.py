@@ -288,6 +288,43 @@ class Img2ImgJob(BaseModel):
         False, description="Also store each image's final latents (before the VAE decode) as "
                            "NNN.latents.safetensors beside it.",
     )
+    # -- fields of some model families only (darkroom.common.families: which family takes which) --
+    prompt_2: _Text | None = Field(
+        None, description="SDXL and SD3: the prompt for the second text encoder; Flux: for T5. Default: prompt.",
+    )
+    negative_prompt_2: _Text | None = Field(
+        None, description="SDXL and SD3: the negative prompt for the second text encoder. Default: negative_prompt.",
+    )
+    prompt_3: _Text | None = Field(None, description="SD3: the prompt for the T5 text encoder. Default: prompt.")
+    negative_prompt_3: _Text | None = Field(
+        None, description="SD3: the negative prompt for the T5 text encoder. Default: negative_prompt.",
+    )
+    original_size: tuple[Annotated[int, Ge(1), Le(16384)], Annotated[int, Ge(1), Le(16384)]] | None = Field(
+        None, description="SDXL micro-conditioning: the (height, width) the picture is said to come from. "
+                          "Default: the output size.",
+    )
+    target_size: tuple[Annotated[int, Ge(1), Le(16384)], Annotated[int, Ge(1), Le(16384)]] | None = Field(
+        None, description="SDXL micro-conditioning: the (height, width) aimed at. Default: the output size.",
+    )
+    crops_coords_top_left: tuple[Annotated[int, Ge(0), Le(16384)], Annotated[int, Ge(0), Le(16384)]] | None = Field(
+        None, description="SDXL micro-conditioning: the (top, left) crop said to be taken. Default: (0, 0).",
+    )
+    aesthetic_score: Annotated[float, Ge(0.0), Le(10.0)] | None = Field(
+        None, description="SDXL refiner: the aesthetic score conditioned on. Default: 6.0.",
+    )
+    negative_aesthetic_score: Annotated[float, Ge(0.0), Le(10.0)] | None = Field(
+        None, description="SDXL refiner: the aesthetic score of the negative conditioning. Default: 2.5.",
+    )
+    denoising_start: Annotated[float, Gt(0.0), Lt(1.0)] | None = Field(
+        None, description="SDXL: skip this fraction of the schedule (the refiner's half of an ensemble of expert "
+                          "denoisers); strength is then ignored.",
+    )
+    denoising_end: Annotated[float, Gt(0.0), Lt(1.0)] | None = Field(
+        None, description="SDXL: stop after this fraction of the schedule (the base's half of an ensemble).",
+    )
+    max_sequence_length: Annotated[int, Ge(1), Le(512)] | None = Field(
+        None, description="SD3 and Flux: tokens of the T5 prompt. Default: 256 (SD3), 512 (Flux).",
+    )
     priority: Priority = Field(Priority.INTERACTIVE, description="interactive jobs go before bulk ones.")
     output_prefix: str | None = Field(
         None, description="s3:// prefix for outputs; the producer's default when omitted."

@@ -164,11 +164,14 @@ def _embedded(state_dir: Path | None) -> Any:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model in DIRECTORY.")
-def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
-    """Write a tiny Stable-Diffusion-architecture model with RANDOM weights to DIRECTORY.
+@click.option("--family", type=click.Choice(["sd", "sd2-v", "sdxl", "sdxl-refiner", "sd3", "flux"]), default="sd",
+              show_default=True, help="The model family's architecture (sd2-v: SD 2.x with v-prediction).")
+def make_tiny(directory: Path, seed: int, overwrite: bool, family: str) -> None:
+    """Write a tiny model of a family's architecture with RANDOM weights to DIRECTORY.
 
-    Built offline from configs (no hub). Its outputs are noise-like: it exists to
-    exercise the whole system fast. Point --model at a real diffusers folder for real images.
+    Built offline from configs (no hub), tokenizers included (CLIP; T5 for sd3 and flux). Its
+    outputs are noise-like: it exists to exercise the whole system fast. Point --model at a real
+    diffusers folder for real images.
 
     Exit codes: 0 written (or already there); 1 DIRECTORY holds something else (see --overwrite).
     """
@@ -176,7 +179,7 @@ def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
     from .tiny import make_tiny_model
 
     try:
-        path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
+        path = make_tiny_model(directory, seed=seed, overwrite=overwrite, family=family)
     except FileExistsError as exc:
         raise click.ClickException(f"{exc}: choose another folder, or replace it with --overwrite") from None
     click.echo(str(path))

@@ -19,6 +19,7 @@ functions, so importing this module is cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -204,7 +205,23 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
 def is_tiny_model_dir(directory: Path) -> bool:
     """Whether ``directory`` holds a complete saved pipeline (every component's files)."""
     directory = Path(directory)
-    return all((directory / name).is_file() for name in _REQUIRED_FILES)
+    index = directory / "model_index.json"
+    if not index.is_file():
+        return False
+    if json.loads(index.read_text()).get("_class_name") == "StableDiffusionImg2ImgPipeline":
+        return all((directory / name).is_file() for name in _REQUIRED_FILES)
+    return _components_saved(directory, json.loads(index.read_text()))
+
+
+def _components_saved(directory: Path, index: dict[str, Any]) -> bool:
+    """Every component ``model_index.json`` lists has its folder with a config (models, tokenizers, schedulers)."""
+    configs = ("config.json", "tokenizer_config.json", "scheduler_config.json")
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if not any((directory / name / c).is_file() for c in configs):
+            return False
+    return True
 
 
 def _may_replace(directory: Path) -> bool:
@@ -217,11 +234,17 @@ def _may_replace(directory: Path) -> bool:
     return (directory / "model_index.json").is_file() or not any(directory.iterdir())
 
 
-def _save_to_temp(parent: Path, name: str, seed: int) -> Path:
+def _save_to_temp(parent: Path, name: str, seed: int, family: str = "sd") -> Path:
     """Build and save the pipeline into a fresh temp dir next to the target."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        if family == "sd":
+            pipe = build_tiny_pipeline(seed)
+        else:
+            from .tiny_families import build_tiny_family
+
+            pipe = build_tiny_family(family, seed)
+        pipe.save_pretrained(tmp, safe_serialization=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -242,8 +265,9 @@ def _swap_in(tmp: Path, directory: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def make_tiny_model(directory: Path, seed: int = 0, *, overwrite: bool = False) -> Path:
-    """Save the tiny pipeline (safetensors) into ``directory`` and return ``directory``.
+def make_tiny_model(directory: Path, seed: int = 0, *, overwrite: bool = False, family: str = "sd") -> Path:
+    """Save the tiny pipeline of ``family`` (``sd``; or one of :data:`.tiny_families.FAMILIES`: ``sdxl``,
+    ``sdxl-refiner``, ``sd3``, ``flux``, ``sd2-v``) as safetensors into ``directory``; return ``directory``.
 
     The model is built in a sibling temp dir and renamed into place, so
     ``directory`` never holds a half-written model. If ``directory`` already
@@ -261,7 +285,7 @@ def make_tiny_model(directory: Path, seed: int = 0, *, overwrite: bool = False) 
         if not _may_replace(directory):
             raise FileExistsError(f"{directory} exists and is not a saved pipeline; not replacing it")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _save_to_temp(directory.parent, directory.name, seed)
+    tmp = _save_to_temp(directory.parent, directory.name, seed, family)
     try:
         if directory.exists():
             _swap_in(tmp, directory)

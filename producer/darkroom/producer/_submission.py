@@ -16,6 +16,7 @@ from darkroom.common import fairness
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
 from darkroom.common.errors import ErrorCode, FieldError, InvalidJobError, NotPermitted
+from darkroom.common.families import Family, refused_fields
 from darkroom.common.identity import AUTH_FIELD, Signer
 from darkroom.common.jobs import MESSAGE_SCHEMA_VERSION, Img2ImgJob, Priority, validate_job
 from darkroom.common.jobstore import JobRecord, refused_status, stage_create
@@ -34,7 +35,7 @@ DEFAULT_CHUNK = 500
 """Jobs per Redis round trip in ``submit_many``."""
 
 
-def prepare(job: JobLike, settings: Settings, known_models: Sequence[str],
+def prepare(job: JobLike, settings: Settings, known_models: Sequence[str] | Mapping[str, Family | None],
             policy: ProducerPolicy | None = None) -> Img2ImgJob:
     """Validate a job and fill what the producer decides: id, seed, output prefix and producer id.
 
@@ -58,7 +59,7 @@ def prepare(job: JobLike, settings: Settings, known_models: Sequence[str],
     return job
 
 
-def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequence[str],
+def prepare_many(jobs: Iterable[JobLike], settings: Settings, known_models: Sequence[str] | Mapping[str, Family | None],
                  policy: ProducerPolicy | None = None) -> list[Img2ImgJob]:
     """Prepare every job; raise one InvalidJobError naming each bad job's index and fields (``jobs[3].strength``)."""
     prepared: list[Img2ImgJob] = []
@@ -225,11 +226,15 @@ def _check_producer(job: Img2ImgJob, settings: Settings) -> None:
                                           f"start with {space!r}", f"{space}<id>, or omit job_id")])
 
 
-def _check_model(job: Img2ImgJob, known: Sequence[str]) -> None:
-    """Refuse a model no worker of this fleet has served (once any worker has registered its models)."""
+def _check_model(job: Img2ImgJob, known: Sequence[str] | Mapping[str, Family | None]) -> None:
+    """Refuse a model no worker of this fleet has served (once any worker has registered its models), and a
+    field the model's family does not take (when the catalog knows its family)."""
     if known and job.model not in known:
         raise InvalidJobError([FieldError("model", job.model, "no worker of this fleet serves this model",
                                           "one of " + ", ".join(known))])
+    family = known.get(job.model) if isinstance(known, Mapping) else None
+    if family is not None and (errors := refused_fields(job.model_dump(), family, job.model)):
+        raise InvalidJobError(errors)
 
 
 def _check_callback(url: str, settings: Settings) -> None:

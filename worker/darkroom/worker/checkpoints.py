@@ -38,9 +38,11 @@ def is_single_file(source: str) -> bool:
     return Path(source.rstrip("/")).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def load_single_file(file: Path, config: Path, dtype: Any, components: dict[str, Any] | None = None) -> Any:
-    """``StableDiffusionImg2ImgPipeline.from_single_file`` with every config from the local folder ``config``."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+def load_single_file(file: Path, config: Path, dtype: Any, components: dict[str, Any] | None = None,
+                     pipeline_class: str = "StableDiffusionImg2ImgPipeline") -> Any:
+    """``<pipeline_class>.from_single_file`` (the family's img2img pipeline) with every config from the local
+    folder ``config``."""
+    import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     if not (config / "model_index.json").is_file():
@@ -49,9 +51,11 @@ def load_single_file(file: Path, config: Path, dtype: Any, components: dict[str,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            return StableDiffusionImg2ImgPipeline.from_single_file(
-                str(file), config=str(config), local_files_only=True, torch_dtype=dtype,
-                safety_checker=None, requires_safety_checker=False, **(components or {}),
+            extra = {"safety_checker": None, "requires_safety_checker": False} \
+                if pipeline_class == "StableDiffusionImg2ImgPipeline" else {}
+            return getattr(diffusers, pipeline_class).from_single_file(
+                str(file), config=str(config), local_files_only=True, torch_dtype=dtype, **extra,
+                **(components or {}),
             )
     except (SingleFileComponentError, KeyError, RuntimeError, NotImplementedError) as exc:
         message = getattr(exc, "message", None) or str(exc)

@@ -239,7 +239,8 @@ class Heartbeat:
         self.rescue = Rescue.for_worker(ctx)
 
     def start(self) -> None:
-        Fleet(self.ctx.redis).register_models(self.ctx.models.registry.ids)
+        registry = self.ctx.models.registry
+        Fleet(self.ctx.redis).register_models(registry.ids, registry.families())
         self.beat()
         self._thread.start()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError, ObjectNotFoundError, StorageError
+from darkroom.common.families import Family, family_of_class, img2img_class
 from darkroom.common.storage import S3Uri
 
 from .adapters import AdapterManager
@@ -39,7 +40,7 @@ from .checkpoints import PICKLE_SUFFIXES, load_single_file
 from .device import DeviceInfo, resolve_dtype
 from .filecache import FileCache, sha256_file
 from .ip_adapter import IPAdapterFiles, load_ip_adapter
-from .registry import ModelRegistry, ModelSpec
+from .registry import ModelRegistry, ModelSpec, family_of_folder, family_of_spec
 from .schedulers import SchedulerSwitch
 from .tuning import Tuning
 
@@ -73,6 +74,7 @@ class LoadedModel:
     uses: int = 0
     last_used: float = field(default_factory=time.monotonic)
     weights_sha256: str | None = None  # of every file of the model (content, not paths or dates)
+    family: Family = Family.SD  # of the loaded pipeline (its class)
     schedulers: SchedulerSwitch = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,20 +90,22 @@ def module_bytes(module: Any) -> int:
 def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: bool = False,
                   components: dict[str, Any] | None = None, scheduler: str | None = None,
                   config: Path | None = None, tuning: Tuning | None = None,
-                  ip_adapter: IPAdapterFiles | None = None) -> Any:
-    """Load a diffusers folder (or, with ``config``, a single-file checkpoint) as StableDiffusionImg2ImgPipeline
-    on ``device`` with ``tuning`` applied, and its IP-Adapter if it has one; local files only."""
+                  ip_adapter: IPAdapterFiles | None = None, family: Family | None = None) -> Any:
+    """Load a diffusers folder (or, with ``config``, a single-file checkpoint) as its family's img2img pipeline
+    (``family``, else the one its ``model_index.json`` names; SD when neither says) on ``device`` with ``tuning``
+    applied, and its IP-Adapter if it has one; local files only."""
     import diffusers
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline
 
+    family = family or family_of_folder(config if config is not None else path) or Family.SD
+    cls = getattr(diffusers, img2img_class(family))
     if config is not None:
-        pipe = load_single_file(path, config, getattr(torch, dtype), components)
+        pipe = load_single_file(path, config, getattr(torch, dtype), components, img2img_class(family))
     else:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, path, getattr(torch, dtype), allow_pickle,
-                                    components)
+            pipe = _from_pretrained(cls, path, getattr(torch, dtype), allow_pickle, components,
+                                    sd=family is Family.SD)
     if ip_adapter is not None:  # before tuning: placement and offload then cover the image encoder too
         load_ip_adapter(pipe, ip_adapter, allow_pickle=allow_pickle)
     (tuning or Tuning()).apply(pipe, device)
@@ -114,12 +118,13 @@ def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: b
     return pipe
 
 
-def _from_pretrained(cls: Any, path: Path, dtype: Any, allow_pickle: bool, components: dict[str, Any] | None) -> Any:
+def _from_pretrained(cls: Any, path: Path, dtype: Any, allow_pickle: bool, components: dict[str, Any] | None,
+                     *, sd: bool = True) -> Any:
+    extra = {"safety_checker": None, "requires_safety_checker": False} if sd else {}  # SD 1.x/2.x only
     return cls.from_pretrained(
         str(path),
         torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
+        **extra,
         local_files_only=True,
         use_safetensors=None if allow_pickle else True,
         **(components or {}),
@@ -151,9 +156,21 @@ class PipelineCache:
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
         self._shared: dict[str, weakref.ref[Any]] = {}  # fingerprint -> module
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self._families: dict[str, Family | None] = {}  # model id -> family known before loading
         self.hits = self.misses = self.evictions = 0
 
     # -- queries ---------------------------------------------------------------
+    def family_of(self, model_id: str) -> Family | None:
+        """The model's family: its loaded pipeline's, else what its registry entry or folder says (None:
+        not known until it loads, e.g. a model on s3://)."""
+        entry = self._resident.get(model_id)
+        if entry is not None:
+            return entry.family
+        try:
+            return self._families.setdefault(model_id, family_of_spec(self.registry.get(model_id)))
+        except JobError:
+            return None
+
     def is_resident(self, model_id: str) -> bool:
         return model_id in self._resident
 
@@ -249,7 +266,7 @@ class PipelineCache:
         try:
             pipeline = load_pipeline(path, self.device, dtype, allow_pickle=self.allow_pickle, components=reuse,
                                      scheduler=spec.scheduler, config=config, tuning=self.tuning,
-                                     ip_adapter=ip_adapter)
+                                     ip_adapter=ip_adapter, family=spec.family)
         except (OSError, ValueError) as exc:
             raise JobError(ErrorCode.MODEL_LOAD_FAILED, f"model {spec.id!r} from {spec.source}: {exc}") from exc
         for component, fp in fingerprints.items():
@@ -258,7 +275,8 @@ class PipelineCache:
         log.info("loaded model %s from %s in %.2f s (%d MB, sharing %s)", spec.id, spec.source, seconds,
                  module_bytes_all(pipeline) // 2**20, ", ".join(reuse) or "nothing")
         return LoadedModel(spec, pipeline, AdapterManager(pipeline, max_slots=self.max_adapters), path, seconds,
-                           shared=fingerprints, weights_sha256=self._identity(path))
+                           shared=fingerprints, weights_sha256=self._identity(path),
+                           family=family_of_class(type(pipeline).__name__) or Family.SD)
 
     def _local_path(self, spec: ModelSpec) -> Path:
         if not spec.is_s3:

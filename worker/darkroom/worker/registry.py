@@ -8,6 +8,10 @@ A TOML file (``DARKROOM_MODELS_FILE`` or ``darkroom worker --models-file``)::
     scheduler = "EulerDiscreteScheduler"         # optional default scheduler (a diffusers class)
     adapters = ["house-style", "s3://loras/"]    # optional allowlist: adapter ids or s3:// prefixes
 
+    [models.sdxl]
+    source = "/models/stable-diffusion-xl-base-1.0"
+    family = "sdxl"                              # optional: sd, sdxl, sd3 or flux; default: from model_index.json
+
     [models.dreamy]
     source = "s3://models/dreamy-v2.safetensors" # a single-file checkpoint (local path or s3://)
     config = "/models/sd15-config"               # a diffusers folder (or s3:// prefix) for its configs and tokenizer
@@ -28,6 +32,7 @@ plus ``--model ID=SOURCE`` flags for quick starts. Relative paths are relative t
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
+from darkroom.common.families import Family, family_of_class
 from darkroom.common.jobs import ID_ALLOWED, valid_id
 from darkroom.common.storage import InvalidUri, S3Uri
 
@@ -42,7 +48,7 @@ from .checkpoints import is_single_file
 
 __all__ = ["AdapterSpec", "IPAdapterSpec", "ModelSpec", "ModelRegistry"]
 
-_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters", "config", "ip_adapter"}
+_MODEL_KEYS = {"source", "dtype", "scheduler", "adapters", "config", "ip_adapter", "family"}
 _IP_ADAPTER_KEYS = {"weights", "image_encoder", "scale"}
 MAX_IP_ADAPTER_SCALE = 2.0  # as jobs may ask (darkroom.common.jobs)
 
@@ -68,6 +74,7 @@ class ModelSpec:
     allowed_adapters: tuple[str, ...] | None = None
     config: str | None = None  # single-file checkpoints: the diffusers folder (or s3:// prefix) with their configs
     ip_adapter: IPAdapterSpec | None = None  # loaded with the model; jobs may then send ip_adapter_image
+    family: Family | None = None  # set explicitly, else read from the model's model_index.json (family_of_spec)
 
     @property
     def is_s3(self) -> bool:
@@ -169,6 +176,10 @@ class ModelRegistry:
     def ids(self) -> list[str]:
         return list(self.models)
 
+    def families(self) -> dict[str, Family]:
+        """The family of every model whose family is known before loading (see :func:`family_of_spec`)."""
+        return {spec.id: family for spec in self if (family := family_of_spec(spec)) is not None}
+
     @classmethod
     def build(
         cls, file: Path | None = None, pairs: Iterable[str] = (), extra: Mapping[str, str] | None = None
@@ -213,8 +224,39 @@ def _read_toml(file: Path, registry: ModelRegistry) -> None:
         ip_adapter = _ip_adapter(table["ip_adapter"], file, model_id) if "ip_adapter" in table else None
         registry.add(ModelSpec(
             model_id, _source(table, file, f"models.{model_id}"), table.get("dtype"), table.get("scheduler"),
-            tuple(allowed) if allowed is not None else None, config, ip_adapter,
+            tuple(allowed) if allowed is not None else None, config, ip_adapter, _family(table, file, model_id),
         ))
+
+
+def _family(table: Mapping[str, Any], file: Path, model_id: str) -> Family | None:
+    if "family" not in table:
+        return None
+    try:
+        return Family(str(table["family"]))
+    except ValueError:
+        raise ConfigurationError(f"{file}: [models.{model_id}] family={table['family']!r}; allowed: "
+                                 + ", ".join(f.value for f in Family)) from None
+
+
+def family_of_folder(folder: Path) -> Family | None:
+    """The family named by a diffusers folder's ``model_index.json`` (None: no such file, or a class no
+    family runs)."""
+    try:
+        data = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return family_of_class(str(data.get("_class_name", ""))) if isinstance(data, dict) else None
+
+
+def family_of_spec(spec: ModelSpec) -> Family | None:
+    """A model's family before it loads: explicit, else its local folder's (or single file's config
+    folder's) ``model_index.json``; None for remote sources until loaded."""
+    if spec.family is not None:
+        return spec.family
+    folder = spec.config if spec.is_single_file else spec.source
+    if folder is None or folder.startswith("s3://"):
+        return None
+    return family_of_folder(Path(folder))
 
 
 def _ip_adapter(table: Any, file: Path, model_id: str) -> IPAdapterSpec:

@@ -40,6 +40,7 @@ from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
 from .context import WorkerContext
+from .families import check_family
 from .faults import Fault, parse_fault
 from .features import fetch_embeddings, fetch_textual_inversions
 from .images import decode_image, encode_image, encode_latents, fit_to_job
@@ -167,6 +168,8 @@ class JobRunner:
                  stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
         rules = self.ctx.screening.rules(job)  # first: every s3:// reference inside the bucket/quarantine policy
+        if (family := self.ctx.models.family_of(job.model)) is not None:
+            check_family(job, family)  # before any download (the engine checks again once the model is loaded)
         ip_scale = self._ip_adapter_scale(job)  # before any download: the model must have an IP-Adapter
         with self.engine.preparing() as slot:  # fetch and decode while the engine runs other jobs
             with clock.time("download"):
@@ -193,7 +196,7 @@ class JobRunner:
                     ip_image = decode_image(ip_data, max_pixels=self.ctx.settings.max_image_pixels)
             item = WorkItem(job, image, job.seeds(), digest=pixel_digest(image) if self.latents is not None else None,
                             textual_inversions=inversions, adapters=adapters, ip_adapter_image=ip_image,
-                            ip_adapter_scale=ip_scale, **embeds)
+                            ip_adapter_scale=ip_scale, family=self.ctx.models.family_of(job.model), **embeds)
             fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
             key = batch_key(item, mixed_adapters=self.executor.mixing.allows(job.model))
             request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fence, stop, fault),

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from darkroom.common.errors import ErrorCode, JobError
+from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.schedulers import SchedulerName
 
+from ..families import CALLS, Row, call_for
 from ..ip_adapter import ip_adapter_inputs
 from ..schedulers import accepts_eta, accepts_sigmas, accepts_timesteps
 
@@ -46,6 +48,7 @@ class WorkItem:
     ip_adapter_image: Image | None = None  # the decoded image prompt, fetched with the input
     ip_adapter_scale: float | None = None  # the job's, else the model's; None without an image prompt
     adapters: AdapterSet = ()  # the job's LoRA files (fetched and inspected with the input) and weights
+    family: Family | None = None  # of the job's model, when known before it runs (see PipelineCache.family_of)
 
     @property
     def embeds_shape(self) -> tuple[int, int, bool] | None:
@@ -89,6 +92,7 @@ class BatchKey:
     textual_inversions: tuple[tuple[str, str], ...] = ()  # (token, sha256)
     freeu: tuple[float, float, float, float] | None = None
     ip_adapter_scale: float | None = None  # jobs with an image prompt (any image) share calls at one scale
+    family: tuple[Any, ...] = ()  # what the model family's call needs equal (SDXL's size conditioning...)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,15 @@ def batch_key(item: WorkItem, *, mixed_adapters: bool = False) -> BatchKey:
                     () if mixed_adapters else tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
                     tuple((e.token, e.sha256) for e in item.textual_inversions),
                     None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2),
-                    ip_adapter_scale=item.ip_adapter_scale)
+                    ip_adapter_scale=item.ip_adapter_scale, family=family_batch_key(item.family, job))
+
+
+def family_batch_key(family: Family | None, job: Img2ImgJob) -> tuple[Any, ...]:
+    """The family's part of the batch key; for a model whose family is not known yet, every family's (the
+    strictest: jobs that could differ in any family never share a call)."""
+    if family is not None:
+        return (family.value, *CALLS[family].batch_key(job))
+    return tuple(part for call in CALLS.values() for part in call.batch_key(job))
 
 
 def check_call_options(job: Img2ImgJob, pipeline: Any) -> None:
@@ -185,7 +197,8 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     if len(keys) != 1:
         raise ValueError(f"items are not batch-compatible: {sorted(map(str, keys))}")
     first = items[0].job
-    prompts: list[str] = []
+    family = call_for(pipeline)
+    rows: list[Row] = []
     negatives: list[str] = []
     images: list[Image] = []
     digests: list[str | None] = []
@@ -193,18 +206,19 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     for item in items:
         job_negatives = item.job.negative_prompts() or [""] * len(item.seeds)
         for prompt, negative, seed in zip(item.job.prompts(), job_negatives, item.seeds, strict=True):
-            prompts.append(prompt)
+            rows.append(Row(item.job, prompt, negative))
             negatives.append(negative)
             images.append(item.image)
             digests.append(item.digest)
             generators.append(torch.Generator("cpu").manual_seed(seed))
     want_latents = any(item.job.output_latents for item in items)
-    text: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    text = family.text(rows)
     if items[0].prompt_embeds is not None:
         text = _embeddings(pipeline, items, negatives)
+    cached = latents is not None and family.latent_cache
     output = pipeline(
         **text,
-        image=images if latents is None else latents.initial_latents(pipeline, images, digests, generators),
+        image=latents.initial_latents(pipeline, images, digests, generators) if cached and latents else images,
         strength=first.strength,
         num_inference_steps=first.num_inference_steps,
         guidance_scale=first.guidance_scale,
@@ -214,6 +228,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
         callback_on_step_end=_step_hook(on_step) if on_step else None,
         **_call_options(first, pipeline.scheduler),
         **ip_adapter_inputs(pipeline, items, first.guidance_scale),
+        **family.options(first, items[0].image.size),
     )
     final_latents = None
     pictures = output.images

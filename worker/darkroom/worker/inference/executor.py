@@ -23,6 +23,7 @@ from darkroom.common.storage import S3Uri
 
 from ..adapters import AdapterFile, AdapterSet
 from ..context import WorkerContext
+from ..families import check_family
 from ..features import applied, check_embeddings
 from ..latents import LatentCache
 from ..mixing import CallPlan, MixedAdapters, Routing, describe, routed, split
@@ -89,6 +90,7 @@ class BatchExecutor:
         runnable: list[int] = []
         for index, request in enumerate(batch):
             try:
+                check_family(request.job, loaded.family)
                 check_call_options(request.job, loaded.pipeline)
                 check_embeddings(request.item, loaded.pipeline)
             except JobError as exc:

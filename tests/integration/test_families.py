@@ -1,0 +1,168 @@
+"""Every model family through real workers: SDXL (base and refiner), SD3 and Flux beside SD 1.x.
+
+Each job's PNG equals a direct call of the family's own diffusers img2img pipeline on the same tiny model,
+parameters and seed; a family-specific field changes the output; batched jobs stay within one uint8 step
+of their single runs; a field the model's family does not take is refused at submit, naming the family.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from darkroom.common.errors import InvalidJobError
+from darkroom.common.families import Family, img2img_class
+from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import make_tiny_model
+from darkroom.producer.client import Client
+
+from ..conftest import png_bytes
+from .conftest import spawn_worker
+from .test_walking_skeleton import fetch_image
+
+pytestmark = pytest.mark.integration
+
+# model id -> (tiny family, the family it runs as, family-specific fields of its test job)
+MODELS: dict[str, tuple[str, Family, dict[str, Any]]] = {
+    "xl": ("sdxl", Family.SDXL, {"prompt_2": "blue stripes", "original_size": (128, 128),
+                                 "crops_coords_top_left": (4, 8), "negative_prompt_2": "green"}),
+    "xl-refiner": ("sdxl-refiner", Family.SDXL, {"aesthetic_score": 7.5, "negative_aesthetic_score": 2.0}),
+    "sd3": ("sd3", Family.SD3, {"prompt_3": "a watercolor sea", "max_sequence_length": 32}),
+    "flux": ("flux", Family.FLUX, {"prompt_2": "a red sun", "max_sequence_length": 32}),
+}
+COMMON = {"strength": 0.7, "num_inference_steps": 6, "guidance_scale": 5.0}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {model: make_tiny_model(root / model, family=tiny) for model, (tiny, _, _) in MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def family_worker(services: object, settings: Settings, tiny_model: Path,
+                  family_models: dict[str, Path]) -> Iterator[WorkerProcess]:
+    """One worker serving a tiny model of every family (and SD 1.x), batching up to 4 images."""
+    args = ["--model", f"tiny={tiny_model}"]
+    for model, folder in family_models.items():
+        args += ["--model", f"{model}={folder}"]
+    process = spawn_worker(services, settings, f"families-{uuid.uuid4().hex[:6]}", *args, "--no-preload",
+                           DARKROOM_BATCH_MAX_IMAGES="4", DARKROOM_BATCH_MAX_WAIT_MS="1500",
+                           DARKROOM_SAFETY_CHECKER="none").start(timeout=180)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+_direct: dict[str, Any] = {}
+
+
+def direct_pipeline(folder: Path, family: Family) -> Any:
+    """The family's own diffusers img2img pipeline on the model folder, loaded as a diffusers user would."""
+    import diffusers
+
+    if str(folder) not in _direct:
+        pipe = getattr(diffusers, img2img_class(family)).from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        _direct[str(folder)] = pipe
+    return _direct[str(folder)]
+
+
+def direct_call(folder: Path, family: Family, image: Image.Image, seed: int, **params: Any) -> np.ndarray:
+    import torch
+
+    if family in (Family.SD3, Family.FLUX):
+        params = {"width": image.width, "height": image.height, **params}
+    out = direct_pipeline(folder, family)(image=image, generator=torch.Generator("cpu").manual_seed(seed), **params)
+    return np.asarray(out.images[0])
+
+
+def upload(client: Client, seed: int) -> tuple[str, Image.Image]:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return client.upload(png_bytes(image), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png"), image
+
+
+def job_params(model: str) -> dict[str, Any]:
+    _, family, extra = MODELS[model]
+    params: dict[str, Any] = {**COMMON, "prompt": "a red cat", **extra}
+    if family is not Family.FLUX:  # Flux is guidance-distilled: no negative prompt
+        params["negative_prompt"] = "blurry"
+    return params
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_family_job_equals_its_diffusers_pipeline_pixel_for_pixel(
+    client: Client, family_worker: WorkerProcess, family_models: dict[str, Path], model: str,
+) -> None:
+    # Given a job for a tiny model of the family, with the family's own fields set
+    _, family, _ = MODELS[model]
+    uri, image = upload(client, 1)
+    params = job_params(model)
+    # When a worker runs it
+    result = client.submit({"model": model, "image": uri, "seed": 11, **params}).wait(timeout=300)
+    # Then the output equals the family's diffusers pipeline called directly with the same values
+    expected = direct_call(family_models[model], family, image, 11, **params)
+    assert np.array_equal(fetch_image(client, result.uris[0]), expected)
+
+
+@pytest.mark.parametrize(("model", "field", "value"), [
+    ("xl", "prompt_2", "yellow sky"), ("xl", "original_size", (512, 512)), ("xl-refiner", "aesthetic_score", 1.0),
+    ("sd3", "prompt_3", "a dog"), ("flux", "prompt_2", "green sea"),
+])
+def test_a_family_specific_field_changes_the_output(
+    client: Client, family_worker: WorkerProcess, model: str, field: str, value: Any,
+) -> None:
+    uri, _ = upload(client, 2)
+    base = {"model": model, "image": uri, "seed": 5, **job_params(model)}
+    first, second = (client.submit(job).wait(timeout=300) for job in (base, {**base, field: value}))
+    assert not np.array_equal(fetch_image(client, first.uris[0]), fetch_image(client, second.uris[0]))
+
+
+@pytest.mark.parametrize("model", ["xl", "sd3", "flux"])
+def test_batched_family_jobs_stay_within_one_step_of_their_single_runs(
+    client: Client, family_worker: WorkerProcess, family_models: dict[str, Path], model: str,
+) -> None:
+    # Given three compatible jobs with their own images, prompts and seeds
+    _, family, _ = MODELS[model]
+    inputs = [upload(client, 10 + i) for i in range(3)]
+    params = job_params(model)
+    jobs = [{"model": model, "image": uri, "seed": 30 + i, **params, "prompt": f"variant {i}"}
+            for i, (uri, _) in enumerate(inputs)]
+    # When they are submitted together
+    results = [h.wait(timeout=300) for h in client.submit_many(jobs)]
+    # Then they shared a call, and each equals its job run alone within one uint8 step
+    assert max(r.parameters["batch"]["jobs"] for r in results) > 1
+    for job, (_, image), result in zip(jobs, inputs, results, strict=True):
+        single = {k: v for k, v in job.items() if k not in ("model", "image", "seed")}
+        expected = direct_call(family_models[model], family, image, job["seed"], **single)
+        produced = fetch_image(client, result.uris[0])
+        assert np.abs(produced.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(("model", "field", "value"), [
+    ("flux", "negative_prompt", "blurry"), ("flux", "original_size", (64, 64)), ("sd3", "aesthetic_score", 5.0),
+    ("tiny", "prompt_2", "x"), ("xl", "prompt_3", "x"), ("xl", "clip_skip", 1),
+])
+def test_a_field_the_family_does_not_take_is_refused_at_submit(
+    client: Client, family_worker: WorkerProcess, model: str, field: str, value: Any,
+) -> None:
+    family = {**{m: f for m, (_, f, _) in MODELS.items()}, "tiny": Family.SD}[model]
+    with pytest.raises(InvalidJobError) as refused:
+        client.submit({"model": model, "image": "s3://darkroom/inputs/x.png", "prompt": "p", field: value})
+    message = str(refused.value)
+    assert field in message and f"is a {family.value} model" in message
+
+
+def test_the_catalog_knows_each_models_family(client: Client, family_worker: WorkerProcess) -> None:
+    catalog = client.fleet.catalog()
+    assert {m: catalog[m] for m in [*MODELS, "tiny"]} == {
+        "xl": Family.SDXL, "xl-refiner": Family.SDXL, "sd3": Family.SD3, "flux": Family.FLUX, "tiny": Family.SD}

@@ -1,0 +1,46 @@
+"""What every family module provides (:class:`FamilyCall`), and the per-image row a batch is made of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from darkroom.common.families import Family
+from darkroom.common.jobs import Img2ImgJob
+
+__all__ = ["FamilyCall", "Row", "per_row"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One output image of a batched call: its job, prompt and negative prompt ("" when none)."""
+
+    job: Img2ImgJob
+    prompt: str
+    negative: str
+
+
+def per_row(rows: list[Row], field: str, fallback: list[str]) -> list[str]:
+    """A per-image list of the jobs' ``field`` (a text), each falling back to that row's ``fallback``."""
+    return [getattr(row.job, field) or default for row, default in zip(rows, fallback, strict=True)]
+
+
+class FamilyCall:
+    """The family's part of a pipeline call. Subclasses override what their pipeline takes."""
+
+    family: Family = Family.SD
+    latent_cache = False  # whether the worker's VAE-latent cache (SD's VAE scaling) applies
+
+    def text(self, rows: list[Row]) -> dict[str, Any]:
+        """The call's text arguments, one entry per image row."""
+        negatives = [row.negative for row in rows]
+        return {"prompt": [row.prompt for row in rows], "negative_prompt": negatives if any(negatives) else None}
+
+    def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
+        """Family-specific arguments shared by the whole call (from the batch's first job; the batch key
+        makes them equal); ``size`` is the input's (width, height)."""
+        return {}
+
+    def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
+        """What, beyond the common batch key, jobs must share to run in one call."""
+        return ()
