@@ -92,7 +92,7 @@ def upload(client: Client, seed: int) -> tuple[str, Image.Image]:
 
 
 def job_params(model: str) -> dict[str, Any]:
-    _, family, extra = MODELS[model]
+    _, family, extra = MODELS.get(model, ("sd", Family.SD, {}))
     params: dict[str, Any] = {**COMMON, "prompt": "a red cat", **extra}
     if family is not Family.FLUX:  # Flux is guidance-distilled: no negative prompt
         params["negative_prompt"] = "blurry"
@@ -166,3 +166,30 @@ def test_the_catalog_knows_each_models_family(client: Client, family_worker: Wor
     catalog = client.fleet.catalog()
     assert {m: catalog[m] for m in [*MODELS, "tiny"]} == {
         "xl": Family.SDXL, "xl-refiner": Family.SDXL, "sd3": Family.SD3, "flux": Family.FLUX, "tiny": Family.SD}
+
+
+def test_models_of_every_family_share_one_memory_budget(
+    client: Client, services: object, settings: Settings, tiny_model: Path, family_models: dict[str, Path],
+) -> None:
+    # Given a worker whose budget holds the SD model alone, SDXL with Flux, or SD3 with Flux (not SDXL with SD3)
+    args = ["--model", f"tiny={tiny_model}"]
+    for model in ("xl", "sd3", "flux"):
+        args += ["--model", f"{model}={family_models[model]}"]
+    worker = spawn_worker(services, settings, f"budget-{uuid.uuid4().hex[:6]}", *args, "--no-preload",
+                          DARKROOM_MODEL_MEMORY_BUDGET_BYTES="8500000", DARKROOM_SAFETY_CHECKER="none",
+                          DARKROOM_BATCH_MAX_WAIT_MS="0").start(timeout=180)
+    try:
+        uri, _ = upload(client, 3)
+        # When jobs of every family arrive interleaved, one at a time
+        for model in ("xl", "sd3", "flux", "xl", "tiny", "flux"):
+            result = client.submit({"model": model, "image": uri, "seed": 1, **job_params(model)}).wait(timeout=300)
+            assert result.uris
+            # Then after each, the resident weights stay within the budget
+            (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
+            assert 0 < report.resident_bytes <= report.memory_budget == 8_500_000
+            assert model in report.resident_models
+        # And models of other families were evicted to make room
+        (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
+        assert report.cache.evictions >= 3
+    finally:
+        worker.stop()

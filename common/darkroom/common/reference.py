@@ -12,6 +12,7 @@ from enum import Enum
 from pydantic import BaseModel
 
 from .errors import ErrorCode
+from .families import FAMILY_FIELDS, Family
 from .jobs import Img2ImgJob, allowed_range
 from .settings import Settings
 
@@ -86,10 +87,12 @@ def _default(model: type[BaseModel], name: str) -> str:
 
 
 def job_fields_markdown() -> str:
-    rows = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| field | default | allowed | families | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, info in Img2ImgJob.model_fields.items():
         allowed = allowed_range(Img2ImgJob, name) or ""
-        rows.append(f"| `{name}` | {_default(Img2ImgJob, name)} | {allowed} | {info.description or ''} |")
+        families = FAMILY_FIELDS.get(name)
+        taken = "all" if families is None else ", ".join(f.value for f in Family if f in families)
+        rows.append(f"| `{name}` | {_default(Img2ImgJob, name)} | {allowed} | {taken} | {info.description or ''} |")
     return "\n".join(rows)
 
 
