@@ -193,3 +193,58 @@ def test_models_of_every_family_share_one_memory_budget(
         assert report.cache.evictions >= 3
     finally:
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def family_loras(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two random LoRAs per family model (the denoiser's attention layers), as local files."""
+    from darkroom.dev.tiny import make_tiny_lora
+
+    root = tmp_path_factory.mktemp("family-loras")
+    return {model: [make_tiny_lora(family_models[model], root / f"{model}-{i}.safetensors", seed=i) for i in (1, 2)]
+            for model in ("xl", "sd3", "flux")}
+
+
+def direct_with_lora(folder: Path, family: Family, lora: Path, weight: float, image: Image.Image, seed: int,
+                     **params: Any) -> np.ndarray:
+    pipe = direct_pipeline(folder, family)
+    pipe.load_lora_weights(str(lora), adapter_name="direct")
+    pipe.set_adapters(["direct"], [weight])
+    try:
+        return direct_call(folder, family, image, seed, **params)
+    finally:
+        pipe.delete_adapters("direct")
+
+
+@pytest.mark.parametrize("model", ["xl", "sd3", "flux"])
+def test_loras_on_every_family_equal_diffusers_and_run_one_call_per_set(
+    client: Client, services: object, settings: Settings, family_models: dict[str, Path],
+    family_loras: dict[str, list[Path]], model: str,
+) -> None:
+    # Given a worker that may read the LoRA files (local adapters by id) and batches
+    _, family, _ = MODELS[model]
+    ids = [f"{model}-lora-{i}" for i in (1, 2)]
+    registry = settings.state_dir / f"registry-{model}-{uuid.uuid4().hex[:6]}.toml"
+    registry.write_text(f'[models.{model}]\nsource = "{family_models[model]}"\n' + "".join(
+        f'[adapters.{i}]\nsource = "{p}"\n' for i, p in zip(ids, family_loras[model], strict=True)))
+    worker = spawn_worker(services, settings, f"lora-{model}-{uuid.uuid4().hex[:6]}", "--models-file",
+                          str(registry), "--no-preload", DARKROOM_BATCH_MAX_IMAGES="4",
+                          DARKROOM_BATCH_MAX_WAIT_MS="1500", DARKROOM_SAFETY_CHECKER="none").start(timeout=180)
+    try:
+        uri, image = upload(client, 4)
+        params = job_params(model)
+        jobs = [{"model": model, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[0], "weight": 0.8}]},
+                {"model": model, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[1], "weight": 1.0}]}]
+        # When two jobs with different LoRAs arrive together
+        first, second = (h.wait(timeout=300) for h in client.submit_many(jobs))
+        # Then each equals diffusers with that LoRA loaded and set at the job's weight
+        for result, lora, weight in ((first, family_loras[model][0], 0.8), (second, family_loras[model][1], 1.0)):
+            expected = direct_with_lora(family_models[model], family, lora, weight, image, 9, **params)
+            assert np.array_equal(fetch_image(client, result.uris[0]), expected)
+        # And they ran as separate calls (one job each), the result saying why
+        for result in (first, second):
+            assert result.parameters["adapter_routing"] == "single"
+            assert f"{family.value} models run one call per adapter set" in result.parameters["adapter_routing_reason"]
+        assert not np.array_equal(fetch_image(client, first.uris[0]), fetch_image(client, second.uris[0]))
+    finally:
+        worker.stop()

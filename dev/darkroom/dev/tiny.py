@@ -343,25 +343,31 @@ def make_tiny_lora(
     scale: float = 1.0,
     dora: bool = False,
 ) -> Path:
-    """Write a LoRA with random weights for the tiny model (UNet and/or text encoder) as ``path`` (.safetensors).
+    """Write a LoRA with random weights for a tiny model (its denoiser and/or text encoder) as ``path``
+    (.safetensors). Any family: the denoiser is the UNet (SD, SDXL) or the transformer (SD3, Flux).
 
     Random A *and* B (peft's ``init_lora_weights=False``), so it visibly changes outputs. ``dora``: a
     weight-decomposed LoRA (DoRA, with magnitude vectors).
     """
+    import diffusers
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
+    from darkroom.common.families import Family, img2img_class
+
     if not (unet or text_encoder):
-        raise ValueError("a LoRA needs the UNet, the text encoder or both")
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
-                                                          requires_safety_checker=False)
-    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+        raise ValueError("a LoRA needs the denoiser, the text encoder or both")
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    family = next((f for f in Family if img2img_class(f) == index["_class_name"]), Family.SD)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family is Family.SD else {}
+    pipe = getattr(diffusers, img2img_class(family)).from_pretrained(str(model_dir), **extra)
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    targets = {denoiser: ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
     layers: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for component, wanted in (("unet", unet), ("text_encoder", text_encoder)):
+        for component, wanted in ((denoiser, unet), ("text_encoder", text_encoder)):
             if not wanted:
                 continue
             module = getattr(pipe, component)
@@ -372,9 +378,7 @@ def make_tiny_lora(
             layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionImg2ImgPipeline.save_lora_weights(
-        str(path.parent), weight_name=path.name, safe_serialization=True, **layers
-    )
+    type(pipe).save_lora_weights(str(path.parent), weight_name=path.name, safe_serialization=True, **layers)
     return path
 
 

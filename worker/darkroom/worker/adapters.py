@@ -230,7 +230,7 @@ class AdapterManager:
         if self._layer_cache is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            modules = [getattr(self.pipeline, name, None) for name in ("unet", "text_encoder")]
+            modules = [getattr(self.pipeline, name, None) for name in LORA_COMPONENTS]
             self._layer_cache = [m for c in modules if c is not None for m in c.modules()
                                  if isinstance(m, BaseTunerLayer)]
         return self._layer_cache
@@ -356,11 +356,15 @@ def stack_adapters(pipeline: Any, sources: Sequence[tuple[str, float]], name: st
                 layer.lora_B[name].weight.div_(_unit_scale(layer, name))
 
 
+# Where any family's LoRA layers live: the denoiser (SD/SDXL UNet, SD3/Flux transformer), the text encoders.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
 def lora_layers(pipeline: Any) -> Iterator[tuple[str, Any]]:
-    """Every peft LoRA layer of the pipeline's UNet and text encoder, with its name (``unet.down_blocks...``)."""
+    """Every peft LoRA layer of the pipeline's denoiser and text encoders, with its name (``unet.down_blocks...``)."""
     from peft.tuners.lora import LoraLayer
 
-    for component in ("unet", "text_encoder"):
+    for component in LORA_COMPONENTS:
         module = getattr(pipeline, component, None)
         for path, layer in (module.named_modules() if module is not None else ()):
             if isinstance(layer, LoraLayer):

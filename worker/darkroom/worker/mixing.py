@@ -32,7 +32,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from darkroom.common.families import Family
+
 from .adapters import AdapterManager, AdapterSet, lora_layers, set_key
+from .families import family_of_pipeline
 
 __all__ = ["CallPlan", "MixedAdapters", "Routing", "describe", "routed", "split"]
 
@@ -100,6 +103,10 @@ class MixedAdapters:
         if not self.enabled:
             return "mixed-adapter batching is off (DARKROOM_MIXED_ADAPTERS=false)"
         reason = self._refused.get(model)
+        family = family_of_pipeline(pipeline)
+        if reason is None and family is not Family.SD:
+            reason = (f"per-sample adapter routing is built for SD 1.x/2.x UNets; {family.value} models run one "
+                      "call per adapter set")
         if reason is None and _compiled(getattr(pipeline, "unet", None)):
             reason = "the UNet is compiled (torch.compile does not see routing hooks added after compiling)"
         if reason is None and adapters.fused:
