@@ -1,4 +1,4 @@
-"""Worker pipeline settings (issue 7): each one that can apply on a CPU gives exactly what diffusers gives with
+"""Worker pipeline settings: each one that can apply on a CPU gives exactly what diffusers gives with
 the same setting; each one that cannot apply here stops the worker at start-up, saying which, why and what to do."""
 
 from __future__ import annotations
