@@ -18,8 +18,8 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.dev.tiny import make_tiny_lora
 from darkroom.producer import Client, JobFailed
 
-from ..conftest import png_bytes
-from .conftest import plain_pipeline, spawn_worker
+from ..helpers import png_bytes
+from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 from darkroom.worker.filecache import ChecksumMismatch, FileCache, push_files
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
 pytestmark = pytest.mark.integration
 
