@@ -101,7 +101,8 @@ def test_a_duplicate_delivery_of_a_running_job_is_deferred_not_run_twice(client:
         return sum(scrape(p).get(("darkroom_deliveries_total", (("outcome", outcome),)), 0.0) for p in ports)
 
     # the deferred copy came back after the job ended and was dropped (a skip): it has had its chance to run
-    wait_until(lambda: deliveries("skip") >= 1, 60, "the deferred copy to come back and be skipped")
+    wait_until(lambda: deliveries("skip") >= 1 and deliveries("run") >= 1, 60,
+               "the deferred copy to come back and be skipped")
     assert deliveries("defer") >= 1 and deliveries("run") == 1
     history = events(client, handle)
     assert history.count("started") == 1 and "deferred" in history and result.attempt == 1

@@ -30,7 +30,7 @@ from ..helpers import png_bytes
 from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS: dict[str, Any] = {"prompt": "a lighthouse at dusk", "strength": 0.7, "num_inference_steps": 4,
                           "guidance_scale": 6.0, "seed": 3}

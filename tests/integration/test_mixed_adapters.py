@@ -22,7 +22,7 @@ from ..helpers import png_bytes
 from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "tiny-mixing"  # served by this module's worker only: the session's worker must not take its jobs
 COMMON: dict[str, Any] = {"model": MODEL, "strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}

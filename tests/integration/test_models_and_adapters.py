@@ -25,7 +25,7 @@ from darkroom.worker.pipelines import load_pipeline
 from ..helpers import png_bytes
 from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS = {"prompt": "a red boat", "strength": 0.7, "num_inference_steps": 10, "guidance_scale": 7.0, "seed": 3}
 

@@ -38,7 +38,7 @@ from ..helpers import png_bytes
 from .helpers import celery_sender, spawn_worker, wait_webhooks_settled
 from .test_webhooks import Receiver, has, types
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 JOB = {"prompt": "a kite", "strength": 0.5, "num_inference_steps": 4, "seed": 1}
 HOOK_SECRETS = {"team-a": generate_secret(), "team-b": generate_secret()}

@@ -22,7 +22,7 @@ from darkroom.worker.filecache import ChecksumMismatch, FileCache, push_files
 from ..helpers import png_bytes
 from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _fetch_in_child(settings_json: str, root: str, uri: str, out: Any) -> None:

@@ -29,7 +29,7 @@ from darkroom.worker.safety import blur, object_metadata
 from ..helpers import png_bytes
 from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS = {"prompt": "a harbour at dusk", "strength": 0.6, "num_inference_steps": 5, "seed": 11}
 OUTPUTS = "s3://darkroom/safety-tests"

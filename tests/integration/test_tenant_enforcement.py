@@ -25,7 +25,7 @@ from .test_producers import JOB, _list, client_for, image, new_id, send_signed, 
 
 tenancy = test_producers.tenancy  # its module fixture: two registered producers, a worker, a dispatcher
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LONG = {**JOB, "prompt": "long", "strength": 1.0, "num_inference_steps": 900}
 
