@@ -74,7 +74,7 @@ def cli_markdown() -> str:
 
 
 def module_summaries(package_dir: Path, package: str) -> list[tuple[str, str]]:
-    """(dotted name, first line of its docstring) for every module under ``package_dir``, subpackages included.
+    """(dotted name, :func:`summary` of its docstring) for every module under ``package_dir``, subpackages included.
 
     Read with :mod:`ast`, so nothing is imported (no torch here). A module without a docstring stops the run.
     """
@@ -85,8 +85,17 @@ def module_summaries(package_dir: Path, package: str) -> list[tuple[str, str]]:
         doc = ast.get_docstring(ast.parse(path.read_text(), str(path)))
         if not doc or not doc.strip():
             raise SystemExit(f"{path.relative_to(ROOT)} has no module docstring; its first line says what it holds")
-        rows.append((name, doc.strip().splitlines()[0].strip()))
+        rows.append((name, summary(doc)))
     return sorted(rows)
+
+
+def summary(doc: str) -> str:
+    """The docstring's first line, or, where its first sentence runs on, that sentence joined into one line."""
+    first = doc.strip().splitlines()[0].strip()
+    if first.endswith("."):
+        return first
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n", 1)[0].splitlines())
+    return re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
 
 
 def modules_markdown() -> str:

@@ -45,7 +45,7 @@ def test_where_things_live_lists_every_module_with_a_one_line_summary() -> None:
             rows = generator.module_summaries(package_dir, f"darkroom.{package_dir.name}")
             assert len(rows) == len(list(package_dir.rglob("*.py")))
             for name, summary in rows:
-                assert summary.endswith("."), f"{name}: the docstring's first line is not a whole sentence: {summary}"
+                assert summary.endswith("."), f"{name}: its docstring does not open with a whole sentence: {summary}"
     page = (ROOT / "docs" / "reference" / "modules.md").read_text()
     assert "darkroom.worker.inference.engine" in page  # subpackages included
     assert "reference/modules.md" in (ROOT / "mkdocs.yml").read_text()
