@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium screenshots demo test test-unit test-integration lint docs services-up services-down clean help
+.PHONY: setup chromium screenshots demo test test-fast test-unit test-integration lint docs services-up services-down clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,6 +38,9 @@ demo: $(STAMP)  ## Services + tiny model + worker + jobs at several strengths + 
 
 test: setup  ## All tests (unit + integration on real Redis, S3 server and worker processes)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## The edit-run loop: every test not marked slow (chaos, floods, browsers, training), a few minutes
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""Augmentation enqueue benchmark (issue 9): jobs/s that one process expands from a grid and submits.
+"""Augmentation enqueue benchmark: jobs/s that one process expands from a grid and submits.
 
     .venv/bin/python bench/augment_enqueue.py [--sources 125] [--prompts 4] [--strengths 4] [--seeds 5] [--repeat 3]
 

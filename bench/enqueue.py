@@ -1,4 +1,4 @@
-"""Enqueue benchmark (issue 4): jobs/s that ``Client.submit_many`` enqueues from one process.
+"""Enqueue benchmark: jobs/s that ``Client.submit_many`` enqueues from one process.
 
     .venv/bin/python bench/enqueue.py [--jobs 20000] [--single 2000] [--celery 500] [--chunk 500]
 
@@ -48,7 +48,7 @@ def queued_messages(client: Client, model: str) -> int:
 
 
 def celery_loop(client: Client, jobs: list[dict[str, Any]]) -> None:
-    """The submit path before issue 4: record the job, then Celery's send_task, one job at a time."""
+    """The naive submit path (what ``submit_many`` replaces): record the job, then Celery's send_task, one job at a time."""
     from celery import Celery
 
     app = Celery("darkroom-bench", set_as_current=False)
@@ -95,7 +95,7 @@ def main() -> None:
         ("loop of submit", f"{single[1]:8,.0f} jobs/s   ({single[0]})"),
     ]
     if celery is not None:
-        rows.append(("record + send_task loop", f"{celery[1]:8,.0f} jobs/s   ({celery[0]}; the path before issue 4)"))
+        rows.append(("record + send_task loop", f"{celery[1]:8,.0f} jobs/s   ({celery[0]}; the naive path)"))
     rows.append(("submit_many / submit", f"{many[1] / single[1]:.1f}x"))
     if celery is not None:
         rows.append(("submit_many / send_task", f"{many[1] / celery[1]:.1f}x"))

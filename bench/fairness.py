@@ -1,4 +1,4 @@
-"""Fair share benchmark (issue 18): two producers flood one model with bulk jobs at 3:1 volume.
+"""Fair share benchmark: two producers flood one model with bulk jobs at 3:1 volume.
 
     .venv/bin/python bench/fairness.py [--jobs-a 45] [--jobs-b 15] [--batch 4] [--weights 1:1] [--no-baseline]
 

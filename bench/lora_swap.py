@@ -1,4 +1,4 @@
-"""LoRA hot-swap benchmark (issue 3): switching among resident adapters vs a job vs loading from disk.
+"""LoRA hot-swap benchmark: switching among resident adapters vs a job vs loading from disk.
 
     .venv/bin/python bench/lora_swap.py [--adapters 10] [--switches 1000] [--size 64]
 

@@ -1,4 +1,4 @@
-"""Mixed-adapter batching benchmark (issue 11): the same LoRA jobs three ways, side by side in one run.
+"""Mixed-adapter batching benchmark: the same LoRA jobs three ways, side by side in one run.
 
     .venv/bin/python bench/mixed_lora.py [--jobs 40] [--adapters 10] [--size 64] [--steps 20] [--strength 0.75]
 

@@ -1,4 +1,4 @@
-"""Resident-model benchmark (issue 3): a resident hit vs a cold load, and memory after evictions.
+"""Resident-model benchmark: a resident hit vs a cold load, and memory after evictions.
 
     .venv/bin/python bench/model_switch.py [--cycles 10]
 

@@ -1,4 +1,4 @@
-"""Throughput benchmark (issue 8): the same N img2img jobs four ways, measured side by side in one run.
+"""Throughput benchmark: the same N img2img jobs four ways, measured side by side in one run.
 
     .venv/bin/python bench/throughput.py [--jobs 48] [--steps 20] [--strength 0.75] [--size 64] [--batch 8]
     .venv/bin/python bench/throughput.py --device cuda --full-size      # SD 1.5 shapes, 512x512 fp16, on a GPU

@@ -7,8 +7,10 @@ Each table sits between ``<!-- name:start -->`` and ``<!-- name:end -->`` in a p
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,7 +21,10 @@ from darkroom.producer.dashboard.settings import DashboardSettings
 from darkroom.producer.webhooks.dispatcher import DispatcherSettings
 from darkroom.worker.settings import WorkerSettings
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "reference"
+# The distributions, in the order the page lists them: folder of the pyproject.toml, then its package folder
+DISTRIBUTIONS = ["common", "producer", "worker", "dev"]
 
 
 def worker_metrics() -> list[tuple[str, str, list[str], str]]:
@@ -68,6 +73,50 @@ def cli_markdown() -> str:
     return "\n\n".join(sections)
 
 
+def module_summaries(package_dir: Path, package: str) -> list[tuple[str, str]]:
+    """(dotted name, :func:`summary` of its docstring) for every module under ``package_dir``, subpackages included.
+
+    Read with :mod:`ast`, so nothing is imported (no torch here). A module without a docstring stops the run.
+    """
+    rows = []
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir).with_suffix("").parts
+        name = ".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])
+        doc = ast.get_docstring(ast.parse(path.read_text(), str(path)))
+        if not doc or not doc.strip():
+            raise SystemExit(f"{path.relative_to(ROOT)} has no module docstring; its first line says what it holds")
+        rows.append((name, summary(doc)))
+    return sorted(rows)
+
+
+def summary(doc: str) -> str:
+    """The docstring's first line, or, where its first sentence runs on, that sentence joined into one line."""
+    first = doc.strip().splitlines()[0].strip()
+    if first.endswith("."):
+        return first
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n", 1)[0].splitlines())
+    return re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
+
+
+def modules_markdown() -> str:
+    """Every module of each distribution, one line each, under the distribution's name and role."""
+    sections = []
+    for folder in DISTRIBUTIONS:
+        project = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]
+        package_dirs = sorted(p for p in (ROOT / folder / "darkroom").iterdir() if (p / "__init__.py").exists())
+        rows = [row for d in package_dirs for row in module_summaries(d, f"darkroom.{d.name}")]
+        table = "\n".join(f"| `{name}` | {_cell(summary)} |" for name, summary in rows)
+        sections.append(f"## {project['name']}\n\n{project['description']}\n\n"
+                        f"| module | what it holds |\n| --- | --- |\n{table}")
+    return "\n\n".join(sections)
+
+
+def _cell(text: str) -> str:
+    """reStructuredText roles and literals read as Markdown code, and no stray table pipes."""
+    text = re.sub(r":(?:mod|class|func|meth|data|attr):`~?([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`").replace("|", "\\|")
+
+
 def blocks() -> dict[str, tuple[str, str]]:
     """Block name -> (page, generated markdown)."""
     return {
@@ -79,6 +128,7 @@ def blocks() -> dict[str, tuple[str, str]]:
         "error-codes": ("error-codes.md", error_codes_markdown()),
         "metrics": ("metrics.md", metrics_markdown(worker_metrics())),
         "cli": ("cli.md", cli_markdown()),
+        "modules": ("modules.md", modules_markdown()),
     }
 
 

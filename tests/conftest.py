@@ -3,7 +3,6 @@ server and `darkroom worker` subprocesses. A service that cannot start fails the
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,6 @@ from darkroom.common.settings import Settings
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def png_bytes(image: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.aio import AsyncClient
 from darkroom.producer.client import Client
 
-from .conftest import start_worker
+from .helpers import start_worker
 from .test_sdk import QUICK, SLOW, TerminalListener
 
 pytestmark = pytest.mark.integration

@@ -32,10 +32,10 @@ from darkroom.producer.augment import Augmentation, AugmentSpec, SpecConflict, r
 from darkroom.producer.augment.sheet import contact_sheet
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DARKROOM = str(Path(sys.executable).with_name("darkroom"))
 MODEL = "tiny-augment"  # served by this module's worker only (no safety checker: the fastest jobs)

@@ -13,7 +13,7 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.augment.submitter import Submitter
 from darkroom.producer.client import Client
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_ctrl_c_during_a_send_lets_no_later_job_out(client: Client, worker: WorkerProcess) -> None:

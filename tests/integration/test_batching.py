@@ -16,8 +16,8 @@ from darkroom.common.settings import Settings
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer import Client, JobFailed
 
-from ..conftest import png_bytes
-from .conftest import plain_pipeline, spawn_worker
+from ..helpers import png_bytes
+from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
 pytestmark = pytest.mark.integration

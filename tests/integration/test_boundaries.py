@@ -6,7 +6,6 @@ proxies no quarantined input (real Redis, S3 server, `darkroom worker` and `dark
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,9 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.dev.tiny import make_tiny_lora
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import celery_sender, spawn_worker, wait_for_record
 from .test_dashboard import ADMIN, VIEWER, DashboardProcess, _http, dashboard  # noqa: F401 - a fixture
-from .test_failures import celery_sender
 
 pytestmark = pytest.mark.integration
 
@@ -114,10 +112,7 @@ def test_the_worker_refuses_a_key_object_stores_read_differently(client: Client,
     payload = {**job.model_dump(mode="json"), "image": victim.replace("s3://darkroom/", "s3://darkroom//")}
     celery_sender(client).send_task(TASK_IMG2IMG, args=[payload], task_id=job.job_id,
                                     queue=client.fleet.queue_for(bounded["model"]))
-    deadline = time.monotonic() + 120
-    while client.jobs.get(job.job_id or "") is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_record(client, job.job_id or "")
     with pytest.raises(JobFailed) as failure:
         client.wait(job.job_id or "", timeout=120)
     assert failure.value.code == ErrorCode.INVALID_JOB

@@ -19,8 +19,8 @@ from darkroom.dev.demo import sample_image
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import start_worker
+from ..helpers import png_bytes
+from .helpers import start_worker
 
 pytestmark = pytest.mark.integration
 

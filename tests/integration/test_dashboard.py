@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,10 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 from darkroom.producer.webhooks.deliveries import DEAD_KEY, Attempt, Delivery
 
+from .helpers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real browser (chromium) per page
+
 ADMIN = "admin-token-for-tests"
 VIEWER = "viewer-token-for-tests"
 GALLERY_CLIP = {"x": 0, "y": 0, "width": 1280, "height": 520}  # noise pictures compress badly: keep PNGs small
@@ -48,16 +51,10 @@ class DashboardProcess:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def dashboard(services: object, settings: Settings) -> Iterator[DashboardProcess]:
     """`darkroom dashboard` on a free port with an admin and a viewer token."""
-    port = _free_port()
+    port = free_port()
     log = settings.state_dir / "logs" / f"dashboard-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir),  # type: ignore[attr-defined]

@@ -31,11 +31,11 @@ from darkroom.common.status import JobStatus
 from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .test_dashboard import _free_port
+from ..helpers import png_bytes
+from .helpers import free_port
 from .test_producers import own_database
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = "admin-token-producers"
 TEAM_A = "team-a-viewer-token"
@@ -47,7 +47,7 @@ def board(services: Any, settings: Settings) -> Iterator[dict[str, Any]]:
     url = own_database(settings.redis_url.get_secret_value(), 8)
     rdb = make_redis(settings.model_copy(update={"redis_url": SecretStr(url)}))
     rdb.flushdb()
-    port = _free_port()
+    port = free_port()
     log = settings.state_dir / "logs" / f"dashboard-producers-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **services.as_env(), "DARKROOM_STATE_DIR": str(settings.state_dir),

@@ -72,6 +72,7 @@ def test_python_example_runs(example: Example, services: object, settings: Setti
         assert word not in result.stdout, f"{example}: the job did not succeed:\n{result.stdout}"
 
 
+@pytest.mark.slow  # services, a model and a worker of its own per block
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind == "shell"], ids=str)
 def test_shell_example_runs_from_a_fresh_folder(example: Example, tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()

@@ -1,4 +1,4 @@
-"""Issue 6 on real services: leases, takeover after a kill, transient retries, worker-fatal recycling,
+"""Failure handling on real services: leases, takeover after a kill, transient retries, worker-fatal recycling,
 dead letters, deferred duplicates, warm shutdown and JSON-only messages.
 
 Workers here run with fault injection on (``[[fault:...]]`` in a prompt, see darkroom.worker.faults),
@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from typing import Any
 
 import pytest
 
@@ -18,20 +17,12 @@ from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
-from darkroom.dev.demo import sample_image
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client, JobHandle
 
-from ..conftest import png_bytes
-from .conftest import Pool
+from .helpers import Pool, celery_sender, events, free_port, scrape, submit, wait_until
 
-pytestmark = pytest.mark.integration
-
-def submit(client: Client, pool: Pool, prompt: str = "a boat", steps: int = 8, **extra: Any) -> JobHandle:
-    uri = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png")
-    client.fleet.register_models([pool.model])  # known to the fleet even before its first worker starts
-    return client.submit({"model": pool.model, "image": uri, "prompt": prompt, "strength": 1.0,
-                          "num_inference_steps": steps, "seed": 5, **extra})
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def objects(client: Client, handle: JobHandle) -> list[str]:
@@ -39,21 +30,6 @@ def objects(client: Client, handle: JobHandle) -> list[str]:
     root = S3Uri.parse(job.output_prefix or "", allow_empty_key=True).join(handle.job_id)
     listing = client.store.client.list_objects_v2(Bucket=root.bucket, Prefix=root.key + "/")
     return sorted(o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", []))
-
-
-def events(client: Client, handle: JobHandle) -> list[str]:
-    return [e["event"] for e in client.jobs.history(handle.job_id)]
-
-
-def celery_sender(client: Client, **conf: Any) -> Any:
-    """A plain Celery producer on the same broker (what another, older or foreign, producer would use)."""
-    from celery import Celery
-
-    from darkroom.common.queues import celery_config
-
-    app = Celery("other-producer", set_as_current=False)
-    app.conf.update({**celery_config(client.settings), **conf})
-    return app
 
 
 def wait_dead(worker: WorkerProcess, timeout: float = 60) -> int:
@@ -110,18 +86,24 @@ def test_a_job_that_keeps_killing_workers_goes_to_the_dead_letter_queue(client: 
 
 
 def test_a_duplicate_delivery_of_a_running_job_is_deferred_not_run_twice(client: Client, pool: Pool) -> None:
-    pool.start(), pool.start()
+    ports = [free_port(), free_port()]
+    for port in ports:
+        pool.start(DARKROOM_METRICS_PORT=str(port))
     handle = submit(client, pool, "a long boat", steps=60)
-    deadline = time.monotonic() + 60
-    while client.status(handle.job_id).status is not JobStatus.STARTED:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: client.status(handle.job_id).status is JobStatus.STARTED, 60, "the job to start")
     # the broker redelivers the message while the first run goes on (as after a visibility timeout)
     payload = client.status(handle.job_id).job.model_dump(mode="json")
     celery_sender(client).send_task(TASK_IMG2IMG, args=[payload], task_id=handle.job_id,
                                     queue=client.fleet.queue_for(pool.model))
     result = handle.wait(timeout=120)
-    time.sleep(3)  # let the deferred copy come back and see the job finished
+
+    def deliveries(outcome: str) -> float:
+        return sum(scrape(p).get(("darkroom_deliveries_total", (("outcome", outcome),)), 0.0) for p in ports)
+
+    # the deferred copy came back after the job ended and was dropped (a skip): it has had its chance to run
+    wait_until(lambda: deliveries("skip") >= 1 and deliveries("run") >= 1, 60,
+               "the deferred copy to come back and be skipped")
+    assert deliveries("defer") >= 1 and deliveries("run") == 1
     history = events(client, handle)
     assert history.count("started") == 1 and "deferred" in history and result.attempt == 1
     assert objects(client, handle) == ["000.png", "000.thumb.webp", "result.json"]
@@ -130,10 +112,7 @@ def test_a_duplicate_delivery_of_a_running_job_is_deferred_not_run_twice(client:
 def test_sigterm_lets_the_running_job_finish(client: Client, pool: Pool) -> None:
     worker = pool.start()
     handle = submit(client, pool, "a long boat", steps=40)
-    deadline = time.monotonic() + 60
-    while client.status(handle.job_id).status is not JobStatus.STARTED:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: client.status(handle.job_id).status is JobStatus.STARTED, 60, "the job to start")
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGTERM)
     assert handle.wait(timeout=120).worker == worker.name

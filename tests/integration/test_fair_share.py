@@ -20,10 +20,10 @@ from darkroom.common.settings import Settings
 from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 JOB = {"prompt": "a kite", "strength": 0.5, "num_inference_steps": 4, "seed": 1}
 

@@ -23,11 +23,11 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.dev.tiny import make_tiny_model
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 from .test_walking_skeleton import fetch_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # model id -> (tiny family, the family it runs as, family-specific fields of its test job)
 MODELS: dict[str, tuple[str, Family, dict[str, Any]]] = {

@@ -4,7 +4,6 @@ saying what to do, and the same worker serves the next job (real Redis, S3 serve
 from __future__ import annotations
 
 import io
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +20,8 @@ from darkroom.dev.demo import sample_image
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
-from .test_failures import celery_sender
+from ..helpers import png_bytes
+from .helpers import celery_sender, spawn_worker, wait_for_record
 
 pytestmark = pytest.mark.integration
 
@@ -97,10 +95,7 @@ def test_a_foreign_producers_invalid_message_fails_as_invalid_job(
     payload = {**job.model_dump(mode="json"), "strength": 1.5, "colour": "red"}  # bypasses submit-time checks
     celery_sender(client).send_task(TASK_IMG2IMG, args=[payload], task_id=job.job_id,
                                     queue=client.fleet.queue_for(model))
-    deadline = time.monotonic() + 120  # no record yet: the worker makes a failed one from the message
-    while client.jobs.get(job.job_id or "") is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_record(client, job.job_id or "")  # no record yet: the worker makes a failed one from the message
     with pytest.raises(JobFailed) as failure:
         client.wait(job.job_id or "", timeout=120)
     assert failure.value.code == ErrorCode.INVALID_JOB

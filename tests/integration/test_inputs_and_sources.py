@@ -1,4 +1,4 @@
-"""Issue 7 through real workers: resize policies, single-file checkpoints (local and s3://) and worker pipeline
+"""Inputs and model sources through real workers: resize policies, single-file checkpoints (local and s3://) and worker pipeline
 settings, each compared pixel for pixel with a direct diffusers call; settings that cannot apply stop the worker."""
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from darkroom.producer.client import Client
 from darkroom.worker.checkpoints import copy_config_folder
 from darkroom.worker.filecache import push_files
 
-from ..conftest import png_bytes
-from .conftest import plain_pipeline, spawn_worker
+from ..helpers import png_bytes
+from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS: dict[str, Any] = {"prompt": "a lighthouse at dusk", "strength": 0.7, "num_inference_steps": 4,
                           "guidance_scale": 6.0, "seed": 3}

@@ -20,11 +20,11 @@ from darkroom.dev.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 from darkroom.producer import Client, JobFailed
 from darkroom.worker.filecache import push_files
 
-from ..conftest import png_bytes
-from .conftest import plain_pipeline, spawn_worker
+from ..helpers import png_bytes
+from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image, upload_input
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS: dict[str, Any] = {"strength": 0.75, "num_inference_steps": 4, "guidance_scale": 6.0, "seed": 33,
                           "prompt": "a lighthouse at dusk"}

@@ -1,7 +1,7 @@
 """The fenced lifecycle on real services: zombies, stale cancels, reruns, counters, tolerant records,
 lost messages, durable Redis and messages from producers other than the SDK.
 
-Workers serve a model id of their own (see test_failures.Pool), with fault injection and short leases.
+Workers serve a model id of their own (see helpers.Pool), with fault injection and short leases.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,10 @@ from darkroom.dev.demo import sample_image
 from darkroom.dev.embedded import EmbeddedServices
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import Pool
-from .test_failures import celery_sender, events, submit
+from ..helpers import png_bytes
+from .helpers import Pool, celery_sender, events, submit, wait_for_record, wait_until
 
-pytestmark = pytest.mark.integration
-
-
-def wait_for(condition: Any, timeout: float = 60, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {message}"
-        time.sleep(0.05)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def published_images_match(client: Client, job_id: str) -> dict[str, Any]:
@@ -56,13 +47,13 @@ def test_a_paused_worker_resumes_after_a_takeover_and_publishes_nothing(client: 
     # given worker A running a long job
     zombie = pool.start()
     handle = submit(client, pool, "a long boat", steps=400)
-    wait_for(lambda: client.jobs.progress(handle.job_id) is not None, message="the job's first step")
+    wait_until(lambda: client.jobs.progress(handle.job_id) is not None, what="the job's first step")
     assert zombie.proc is not None
     # when A is paused for well over its lease (2 s) and B takes the job over
     zombie.proc.send_signal(signal.SIGSTOP)
     try:
         rescuer = pool.start()
-        wait_for(lambda: client.status(handle.job_id).attempt == 2, timeout=60, message="the takeover")
+        wait_until(lambda: client.status(handle.job_id).attempt == 2, timeout=60, what="the takeover")
     finally:
         zombie.proc.send_signal(signal.SIGCONT)  # A wakes up mid-job, its fence stale
     result = handle.wait(timeout=180)
@@ -72,7 +63,7 @@ def test_a_paused_worker_resumes_after_a_takeover_and_publishes_nothing(client: 
     assert published["attempt"] == 2
     history = events(client, handle)
     assert history.count("finished") == 1 and history.count("started") == 2
-    wait_for(lambda: "writes nothing" in zombie.tail(400), timeout=60, message="A to notice its stale fence")
+    wait_until(lambda: "writes nothing" in zombie.tail(400), timeout=60, what="A to notice its stale fence")
     prefix = S3Uri.parse(result.result_uri).key.rsplit("/", 1)[0]
     listing = client.store.client.list_objects_v2(Bucket="darkroom", Prefix=prefix + "/")
     runs = {k["Key"][len(prefix) + 1:].split("/")[0] for k in listing.get("Contents", [])} - {"result.json"}
@@ -96,9 +87,9 @@ def test_cancelling_an_ended_job_changes_nothing_and_a_reused_id_runs(client: Cl
 def test_a_running_job_stopped_by_a_cancel_flag_ends_cancelled(client: Client, pool: Pool) -> None:
     pool.start()
     handle = submit(client, pool, "a long boat", steps=400)
-    wait_for(lambda: client.jobs.progress(handle.job_id) is not None, message="the first step")
+    wait_until(lambda: client.jobs.progress(handle.job_id) is not None, what="the first step")
     client.jobs.redis.set(cancel_key(handle.job_id), "1")  # as an older version's cancel left it
-    wait_for(lambda: client.status(handle.job_id).status.is_terminal, timeout=60, message="the cancel")
+    wait_until(lambda: client.status(handle.job_id).status.is_terminal, timeout=60, what="the cancel")
     assert client.status(handle.job_id).status is JobStatus.CANCELLED
 
 
@@ -140,7 +131,7 @@ def test_records_and_messages_of_newer_and_older_producers_run(client: Client, p
     newer = f"newer-{uuid.uuid4().hex[:8]}"
     sender.send_task(TASK_IMG2IMG, args=[{**fields, "job_id": newer, "schema_version": 99, "sharpen": 0.3}],
                      task_id=newer, queue=queue)
-    wait_for(lambda: client.jobs.get(newer) is not None, message="the worker to record the job")
+    wait_for_record(client, newer, 60)
     assert client.wait(newer, timeout=120).job_id == newer
     stored = f"stored-{uuid.uuid4().hex[:8]}"
     record = client.status(base.job_id).model_dump(mode="json")
@@ -170,7 +161,7 @@ def test_an_unreadable_record_goes_to_the_dead_letter_store_without_looping(clie
     payload = client.status(base.job_id).job.model_dump(mode="json")  # type: ignore[union-attr]
     celery_sender(client).send_task(TASK_IMG2IMG, args=[{**payload, "job_id": job_id}], task_id=job_id,
                                     queue=client.fleet.queue_for(pool.model))
-    wait_for(lambda: client.jobs.redis.hexists(DEAD_LETTERS_KEY, job_id), message="the dead letter")
+    wait_until(lambda: client.jobs.redis.hexists(DEAD_LETTERS_KEY, job_id), what="the dead letter")
     assert json.loads(client.jobs.redis.get(job_key(job_id)))["status"] == "paused-by-v9"  # never rewritten
     base.wait(timeout=120)
     assert worker.alive()
@@ -196,13 +187,13 @@ def test_a_plain_celery_message_that_fails_validation_is_a_failed_job(client: Cl
     job_id = f"plain-{uuid.uuid4().hex[:8]}"
     sender.send_task(TASK_IMG2IMG, args=[{"job_id": job_id, "model": pool.model, "image": "s3://darkroom/x.png",
                                           "prompt": "a boat", "strength": 7}], task_id=job_id, queue=queue)
-    wait_for(lambda: client.jobs.get(job_id) is not None, message="the failed record")
+    wait_for_record(client, job_id, 60)
     with pytest.raises(JobFailed) as failure:
         client.wait(job_id, timeout=30)
     assert failure.value.code == ErrorCode.INVALID_JOB and "strength" in str(failure.value)
     before = len(client.jobs.dead_letters())
     sender.send_task(TASK_IMG2IMG, args=[["not", "a", "job"]], task_id=uuid.uuid4().hex, queue=queue)
-    wait_for(lambda: len(client.jobs.dead_letters()) > before, message="the dead letter")
+    wait_until(lambda: len(client.jobs.dead_letters()) > before, what="the dead letter")
     raw = [d for d in client.jobs.dead_letters().values() if "not" in str(d.get("raw"))]
     assert raw and "JSON object" in raw[0]["reason"]
 

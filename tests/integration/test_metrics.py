@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 import uuid
@@ -10,29 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from darkroom.common.errors import JobFailed
 from darkroom.common.settings import Settings
 from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import free_port, scrape, spawn_worker
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_metrics_count_the_jobs_that_ran(client: Client, services: Any, settings: Settings, tiny_model: Path) -> None:

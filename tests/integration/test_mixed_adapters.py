@@ -18,11 +18,11 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.dev.tiny import make_tiny_lora
 from darkroom.producer import Client, JobFailed
 
-from ..conftest import png_bytes
-from .conftest import plain_pipeline, spawn_worker
+from ..helpers import png_bytes
+from .helpers import plain_pipeline, spawn_worker
 from .test_walking_skeleton import fetch_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "tiny-mixing"  # served by this module's worker only: the session's worker must not take its jobs
 COMMON: dict[str, Any] = {"model": MODEL, "strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}

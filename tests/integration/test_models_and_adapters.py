@@ -1,4 +1,4 @@
-"""Issue 3 on real services: model-affinity routing, priorities and LoRA adapters from S3."""
+"""Models and adapters on real services: model-affinity routing, priorities and LoRA adapters from S3."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from darkroom.producer.client import Client
 from darkroom.worker.device import DeviceInfo
 from darkroom.worker.pipelines import load_pipeline
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS = {"prompt": "a red boat", "strength": 0.7, "num_inference_steps": 10, "guidance_scale": 7.0, "seed": 3}
 

@@ -20,7 +20,7 @@ from darkroom.common.settings import Settings
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer import Client, JobFailed
 
-from .conftest import plain_pipeline, start_worker
+from .helpers import plain_pipeline, start_worker
 from .test_walking_skeleton import fetch_image, upload_input
 
 pytestmark = pytest.mark.integration

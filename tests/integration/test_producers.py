@@ -34,12 +34,11 @@ from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
-from .test_failures import celery_sender
+from ..helpers import png_bytes
+from .helpers import celery_sender, spawn_worker, wait_webhooks_settled
 from .test_webhooks import Receiver, has, types
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 JOB = {"prompt": "a kite", "strength": 0.5, "num_inference_steps": 4, "seed": 1}
 HOOK_SECRETS = {"team-a": generate_secret(), "team-b": generate_secret()}
@@ -428,7 +427,7 @@ def test_outbox_entries_written_past_the_lifecycle_get_nothing_signed_but_what_t
         tenancy["redis"].lpush(OUTBOX_KEY, entry.model_dump_json())
     # Then team-b's receiver gets the record's true result (not the fake), and nothing goes anywhere else
     got = receiver.wait_for(b_url, lambda r: len(r) > before)
-    time.sleep(1.0)
+    wait_webhooks_settled(tenancy["redis"], b_url, spoof)
     (resent,) = receiver.requests(b_url)[before:]
     assert [o["uri"] for o in json.loads(resent.body)["data"]["result"]["outputs"]] == result.uris
     verify(HOOK_SECRETS["team-b"], resent.headers, resent.body)

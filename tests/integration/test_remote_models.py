@@ -19,10 +19,10 @@ from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 from darkroom.worker.filecache import ChecksumMismatch, FileCache, push_files
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _fetch_in_child(settings_json: str, root: str, uri: str, out: Any) -> None:

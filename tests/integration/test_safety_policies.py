@@ -1,4 +1,4 @@
-"""Issue 5 on real services: the REAL open_nsfw classifier scores every output of a real worker process;
+"""Safety policies on real services: the REAL open_nsfw classifier scores every output of a real worker process;
 policies store, blur or withhold images in a real S3 server; the precheck stops a job before denoising."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client, JobHandle
 from darkroom.worker.safety import blur, object_metadata
 
-from ..conftest import png_bytes
-from .conftest import spawn_worker
+from ..helpers import png_bytes
+from .helpers import spawn_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARAMS = {"prompt": "a harbour at dusk", "strength": 0.6, "num_inference_steps": 5, "seed": 11}
 OUTPUTS = "s3://darkroom/safety-tests"

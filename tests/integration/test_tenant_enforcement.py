@@ -6,7 +6,6 @@ Runs on the same registry fixture as test_producers (its own Redis database)."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -21,25 +20,18 @@ from darkroom.common.status import JobStatus
 from darkroom.producer.client import Client
 
 from . import test_producers
+from .helpers import wait_until
 from .test_producers import JOB, _list, client_for, image, new_id, send_signed, signature
 
 tenancy = test_producers.tenancy  # its module fixture: two registered producers, a worker, a dispatcher
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LONG = {**JOB, "prompt": "long", "strength": 1.0, "num_inference_steps": 900}
 
 
 def history(client: Client, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(e) for e in client.jobs.redis.lrange(history_key(job_id), 0, -1)]
-
-
-def until(condition: Any, timeout: float = 90.0, what: str = "the condition") -> None:
-    """Wait on an observable change (a record or history entry), polling Redis."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def signed_fields(client: Client, **extra: Any) -> dict[str, Any]:
@@ -60,12 +52,12 @@ def test_a_job_past_the_in_flight_quota_written_past_the_sdk_waits_until_one_end
     with client_for(tenancy, entry.id) as client:
         first_fields = signed_fields(client, **LONG)
         first = send_signed(client, first_fields, signature(tenancy, entry.id, first_fields))
-        until(lambda: running(client, first), what="the first job to start")
+        wait_until(lambda: running(client, first), 90, "the first job to start")
         # When a second one arrives while the first runs
         second_fields = signed_fields(client, **JOB)
         second = send_signed(client, second_fields, signature(tenancy, entry.id, second_fields))
         # Then the worker holds it back with quota_exceeded, and it stays queued (not failed)
-        until(lambda: any(e["event"] == "held_back" for e in history(client, second)), what="the hold-back note")
+        wait_until(lambda: any(e["event"] == "held_back" for e in history(client, second)), 90, "the hold-back note")
         note = next(e for e in history(client, second) if e["event"] == "held_back")
         assert note["code"] == "quota_exceeded" and "its most in flight (1)" in note["reason"]
         assert client.status(second).status is JobStatus.QUEUED and client.status(second).attempt == 0
@@ -106,7 +98,7 @@ def ask(client: Client, request: CancelRequest | dict[str, Any]) -> CancelAnswer
 def test_only_a_cancel_signed_by_the_jobs_producer_stops_it(tenancy: dict[str, Any]) -> None:
     with client_for(tenancy, "team-b") as b, client_for(tenancy, "team-a") as a, client_for(tenancy, None) as anon:
         handle = b.submit({"model": "tiny", "image": image(b), **LONG, "output_prefix": "s3://darkroom/outputs"})
-        until(lambda: running(b, handle.job_id), what="team-b's job to start")
+        wait_until(lambda: running(b, handle.job_id), 90, "team-b's job to start")
         submission = b.status(handle.job_id).submission
         key_a = tenancy["keys"]["team-a"]
         # When team-a signs a cancel of team-b's job, or signs one as team-b with its own key, or sends one unsigned
@@ -132,7 +124,7 @@ def test_only_a_cancel_signed_by_the_jobs_producer_stops_it(tenancy: dict[str, A
         assert running(b, handle.job_id)
         # When team-b cancels it (signed, through the SDK), it stops and publishes nothing
         assert b.cancel(handle.job_id).status is JobStatus.CANCELLED
-        until(lambda: b.jobs.redis.get(f"darkroom:lease:{handle.job_id}") is None, what="the attempt to stop")
+        wait_until(lambda: b.jobs.redis.get(f"darkroom:lease:{handle.job_id}") is None, 90, "the attempt to stop")
         assert _list(b, handle.job_id) == []
         # and a replay of that request for a later submission of the same id changes nothing (tied to a submission)
         stale = sign_cancel(Signer("team-b", *tenancy["keys"]["team-b"]), handle.job_id, "another-submission")

@@ -18,7 +18,7 @@ from darkroom.dev.demo import sample_image
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
-from ..conftest import png_bytes
+from ..helpers import png_bytes
 
 pytestmark = pytest.mark.integration
 

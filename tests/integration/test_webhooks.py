@@ -37,7 +37,8 @@ from darkroom.producer.client import Client
 from darkroom.producer.webhooks.deliveries import DEAD_KEY, RETRIES_KEY, DeadLetters, DeliveryQueue, processing_key
 from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
-from ..conftest import png_bytes
+from ..helpers import png_bytes
+from .helpers import wait_webhooks_settled
 
 pytestmark = pytest.mark.integration
 
@@ -256,7 +257,7 @@ def test_terminal_event_arrives_on_the_fourth_try_after_three_500s(
     assert all(gap >= 0.15 for gap in gaps), gaps
     # ...and nothing is left to retry or dead-lettered
     webhook_id = got[0].headers["webhook-id"]
-    time.sleep(0.3)
+    wait_webhooks_settled(rdb, url)
     assert len(receiver.requests(url)) == 4
     assert not rdb.hexists(DEAD_KEY, webhook_id)
     assert not any(webhook_id in m.decode() for m in rdb.zrange(RETRIES_KEY, 0, -1))
@@ -307,7 +308,7 @@ def test_an_exhausted_schedule_dead_letters_and_replay_resends(
 
 
 def test_webhook_events_choose_what_is_sent(
-    hooks_client: Client, worker: WorkerProcess, receiver: Receiver, dispatcher: object
+    hooks_client: Client, worker: WorkerProcess, receiver: Receiver, dispatcher: object, rdb: redis.Redis
 ) -> None:
     url = receiver.url()
     handle = hooks_client.submit(
@@ -315,12 +316,12 @@ def test_webhook_events_choose_what_is_sent(
     )
     handle.wait(timeout=60)
     receiver.wait_for(url, has("job.started", "job.succeeded"))
-    time.sleep(0.3)
+    wait_webhooks_settled(rdb, url)
     assert sorted(types(receiver.requests(url))) == ["job.started", "job.succeeded"]
 
 
 def test_progress_is_throttled_and_a_jobs_producer_field_chooses_no_secret(
-    hooks_client: Client, receiver: Receiver, dispatcher: object
+    hooks_client: Client, receiver: Receiver, dispatcher: object, rdb: redis.Redis
 ) -> None:
     # Given a job naming another producer, in a fleet with no producer registry (one producer; no worker needed:
     # the status store drives webhooks)
@@ -337,7 +338,7 @@ def test_progress_is_throttled_and_a_jobs_producer_field_chooses_no_secret(
         lifecycle.report_progress(started.fence, started.record, step, 5)
     lifecycle.cancel(job.job_id)
     got = receiver.wait_for(url, has("job.cancelled"))
-    time.sleep(0.3)
+    wait_webhooks_settled(rdb, url)
     # Then one progress event got through, and everything is signed as the deployment's producer, never as the
     # one the job named (with a registry, as the producer a worker verified: tests/integration/test_producers.py)
     assert sorted(types(receiver.requests(url))) == ["job.cancelled", "job.progress", "job.queued", "job.started"]

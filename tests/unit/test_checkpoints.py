@@ -1,4 +1,4 @@
-"""Single-file checkpoints (issue 7): the tiny model written in the original LDM layout loads, offline, through
+"""Single-file checkpoints: the tiny model written in the original LDM layout loads, offline, through
 diffusers' from_single_file to exactly the folder model; pickle files need DARKROOM_ALLOW_PICKLE_WEIGHTS; a
 registry entry says what is missing."""
 

@@ -1,4 +1,4 @@
-"""Per-job img2img parameters (issue 7): refusals name field, value and rule; the scheduler table matches diffusers."""
+"""Per-job img2img parameters: refusals name field, value and rule; the scheduler table matches diffusers."""
 
 from __future__ import annotations
 

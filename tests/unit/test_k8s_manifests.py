@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -136,7 +134,7 @@ def test_every_object_is_valid_for_kubernetes_and_keda(rendered: list[Obj]) -> N
     assert len(idents) == len(set(idents)), "duplicate objects"
 
 
-def test_workers_have_a_gpu_heartbeat_probes_and_a_grace_period_over_the_longest_job(rendered: list[Obj]) -> None:
+def test_workers_have_a_gpu_health_probes_and_a_grace_period_over_the_longest_job(rendered: list[Obj]) -> None:
     workers = [o for o in rendered if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("darkroom-worker-")]
     assert workers
     config = next(o for o in rendered if _ident(o) == ("ConfigMap", "darkroom-config"))["data"]
@@ -147,8 +145,7 @@ def test_workers_have_a_gpu_heartbeat_probes_and_a_grace_period_over_the_longest
         env = {e["name"]: e for e in container["env"]}
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         assert env["DARKROOM_WORKER_NAME"]["value"] == "$(POD_NAME)"
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["exec"]["command"][1] == "/etc/darkroom/probe/heartbeat.py"
+        assert_http_health_probes(container)
         grace = pod["terminationGracePeriodSeconds"]
         assert 600 <= grace < int(config["DARKROOM_VISIBILITY_TIMEOUT_SECONDS"])
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
@@ -212,14 +209,42 @@ def test_a_broken_manifest_is_rejected(breakage: str) -> None:
         validate(broken)
 
 
-def test_the_heartbeat_probe_passes_liveness_but_fails_readiness_when_redis_is_unreachable(tmp_path: Path) -> None:
-    objects = render(K8S / "base")
-    script = tmp_path / "heartbeat.py"
-    script.write_text(next(o for o in objects if _ident(o) == ("ConfigMap", "darkroom-probe"))["data"]["heartbeat.py"])
-    env = {"DARKROOM_REDIS_URL": "redis://127.0.0.1:1/0", "DARKROOM_WORKER_NAME": "w"}
-    live = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=20)
-    ready = subprocess.run([sys.executable, str(script), "--strict"], env=env, capture_output=True, text=True, timeout=20)
-    assert (live.returncode, ready.returncode) == (0, 2), live.stdout + live.stderr + ready.stderr
+def assert_http_health_probes(container: Obj) -> None:
+    """Startup and liveness GET /healthz, readiness GET /readyz, on the port the worker's health server listens on
+    (DARKROOM_METRICS_PORT, else its default), which the container exposes, bound to every address."""
+    from darkroom.worker.settings import WorkerSettings
+
+    fields = WorkerSettings.model_fields
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    listens = int(env.get("DARKROOM_METRICS_PORT") or fields["metrics_port"].default)
+    assert listens > 0, "DARKROOM_METRICS_PORT=0 turns the health server off"
+    assert (env.get("DARKROOM_METRICS_HOST") or fields["metrics_host"].default) == "0.0.0.0", \
+        "the health server must listen on the pod's address for the kubelet to reach it"
+    exposed = {p.get("name", p["containerPort"]): p["containerPort"] for p in container.get("ports", [])}
+    assert listens in exposed.values(), f"the container does not expose port {listens}: {exposed}"
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert set(container[probe]) & {"exec", "tcpSocket", "grpc"} == set(), f"{probe} must be an HTTP probe"
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, probe
+        port = exposed.get(get["port"], get["port"])  # a named port or a number
+        assert port == listens, f"{probe} probes port {get['port']}, the worker listens on {listens}"
+
+
+def test_the_probes_are_http_on_the_workers_health_paths_and_port() -> None:
+    for directory in KUSTOMIZATIONS:
+        for obj in render(directory):
+            if obj["kind"] == "Deployment" and obj["metadata"]["name"].startswith("darkroom-worker-"):
+                (container,) = obj["spec"]["template"]["spec"]["containers"]
+                assert_http_health_probes(container)
+    # and a probe on another port or path is caught
+    base = render(K8S / "base")
+    deployment = next(o for o in base if _ident(o) == ("Deployment", "darkroom-worker-sd15"))
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for probe, change in (("livenessProbe", {"port": 8080}), ("readinessProbe", {"path": "/healthz"})):
+        broken = copy.deepcopy(container)
+        broken[probe]["httpGet"].update(change)
+        with pytest.raises(AssertionError):
+            assert_http_health_probes(broken)
 
 
 def test_grafana_dashboard_is_json_with_a_panel_per_metric() -> None:

@@ -29,13 +29,26 @@ def _generator() -> ModuleType:
 
 
 @pytest.mark.parametrize("name", ["job-fields", "settings", "worker-settings", "dispatcher-settings",
-                                  "dashboard-settings", "error-codes", "metrics", "cli"])
+                                  "dashboard-settings", "error-codes", "metrics", "cli", "modules"])
 def test_reference_page_matches_the_code(name: str) -> None:
     page, body = _generator().blocks()[name]
     text = (ROOT / "docs" / "reference" / page).read_text()
     match = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
     assert match, f"docs/reference/{page} has no {name} block"
     assert match.group(1) == body, "stale: regenerate with make docs"
+
+
+def test_where_things_live_lists_every_module_with_a_one_line_summary() -> None:
+    generator = _generator()
+    for folder in generator.DISTRIBUTIONS:
+        for package_dir in (p for p in (ROOT / folder / "darkroom").iterdir() if (p / "__init__.py").exists()):
+            rows = generator.module_summaries(package_dir, f"darkroom.{package_dir.name}")
+            assert len(rows) == len(list(package_dir.rglob("*.py")))
+            for name, summary in rows:
+                assert summary.endswith("."), f"{name}: its docstring does not open with a whole sentence: {summary}"
+    page = (ROOT / "docs" / "reference" / "modules.md").read_text()
+    assert "darkroom.worker.inference.engine" in page  # subpackages included
+    assert "reference/modules.md" in (ROOT / "mkdocs.yml").read_text()
 
 
 def test_every_error_code_is_explained() -> None:

@@ -1,4 +1,4 @@
-"""Resize policies (issue 7): the working size each mode picks, what each mode does to the pixels,
+"""Resize policies: the working size each mode picks, what each mode does to the pixels,
 and refusals at submit that name field, value and rule. Default jobs keep diffusers' behaviour."""
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ import pytest
 from darkroom.dev.demo import DEMO_MODEL_GUIDANCE, DEMO_MODEL_SIZE, sample_image
 from darkroom.dev.trained import COLOURS, build_pooling_vae, make_demo_model, scene_batch
 
+pytestmark = pytest.mark.slow  # trains the demo model
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

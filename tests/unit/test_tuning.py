@@ -1,4 +1,4 @@
-"""Worker pipeline settings (issue 7): each one that can apply on a CPU gives exactly what diffusers gives with
+"""Worker pipeline settings: each one that can apply on a CPU gives exactly what diffusers gives with
 the same setting; each one that cannot apply here stops the worker at start-up, saying which, why and what to do."""
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def default_pipe(tiny_model: Path) -> Any:
     return load_pipeline(tiny_model, CPU, "float32", tuning=Tuning())
 
 
+@pytest.mark.slow  # a pipeline run per setting, twice
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_each_cpu_setting_equals_diffusers_with_that_setting(name: str, tiny_model: Path, default_pipe: Any) -> None:
     tuning, setup, size, count, tolerance = SETTINGS[name]
@@ -129,6 +130,7 @@ def test_float16_on_a_cpu_is_refused_for_the_worker_and_for_a_registry_model(tin
     assert select_device("cpu", "bf16").dtype == "bfloat16"  # slow without AVX-512, but it runs
 
 
+@pytest.mark.slow  # a subprocess that imports torch and tries to compile
 def test_compile_without_a_working_compiler_is_refused() -> None:
     # in a fresh process: torch caches what it finds out about its compiler
     probe = ("from darkroom.worker.device import DeviceInfo\nfrom darkroom.worker.tuning import Tuning\n"

@@ -1,4 +1,4 @@
-"""Lifecycle events, published on Redis channels and (later) sent as webhooks."""
+"""Lifecycle events: published on Redis channels, and sent as webhooks to the jobs that ask for them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Commands of the development tools: ``services`` (embedded Redis + S3 server), ``demo`` and
-``models make-tiny``. Found by the ``darkroom`` host through entry points (see :mod:`darkroom.common.cli`)."""
+"""Commands of the development tools: ``services``, ``demo`` and ``models make-tiny``.
+
+``services`` runs the embedded Redis + S3 server. Found by the ``darkroom`` host through entry points (see :mod:`darkroom.common.cli`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""How the SDK cancels: directly through the lifecycle (one producer, nothing signed), or, for a signed job,
-as a signed request that a worker verifies and obeys only for the job's own producer
+"""How the SDK cancels a job: through the lifecycle, or as a signed request.
+
+Directly through the lifecycle (one producer, nothing signed), or, for a signed job, as a signed request that a worker verifies and obeys only for the job's own producer
 (:mod:`darkroom.common.cancels`)."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The producer's ``darkroom`` commands: ``submit``, ``status``, ``wait``, ``cancel``, ``watch``,
-``workers``, ``upload`` and ``download``.
+"""The producer's ``darkroom`` commands: submit, follow and cancel jobs; list workers; move files.
+
+``submit``, ``status``, ``wait``, ``cancel``, ``watch``, ``workers``, ``upload`` and ``download``.
 
 The ``darkroom`` host (:mod:`darkroom.common.cli`) finds them through the ``darkroom.commands``
 entry points; it also turns expected conditions (services not running, credentials refused, a

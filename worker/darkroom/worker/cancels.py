@@ -1,5 +1,6 @@
-"""The worker's cancel desk: a daemon thread that answers signed cancel requests (see
-:mod:`darkroom.common.cancels`). Any worker serves any request; it only does Redis I/O."""
+"""The worker's cancel desk: a daemon thread that answers signed cancel requests.
+
+See :mod:`darkroom.common.cancels`. Any worker serves any request; it only does Redis I/O."""
 
 from __future__ import annotations
 

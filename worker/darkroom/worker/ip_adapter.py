@@ -16,8 +16,8 @@ model.
 
 **Per-sample images.** diffusers broadcasts one image prompt to the whole batch: its
 ``prepare_ip_adapter_image_embeds`` repeats whatever embeddings it gets ``batch size`` times (a list
-of images is read as one image per IP-Adapter, or as several images for every sample; diffusers issue
-#9813). So a pipeline loaded here takes ``ip_adapter_image_embeds`` as already one row per sample
+of images is read as one image per IP-Adapter, or as several images for every sample; see
+https://github.com/huggingface/diffusers/issues/9813). So a pipeline loaded here takes ``ip_adapter_image_embeds`` as already one row per sample
 (negatives first under classifier-free guidance): for one sample that is diffusers' own reading, and
 for a batch each job keeps its own image prompt.
 """

@@ -1,5 +1,6 @@
-"""How a worker's pipelines run: attention kernel, VAE slicing/tiling, fused QKV, channels-last, torch.compile,
-CPU offload. Chosen once per worker (``DARKROOM_*`` settings), checked against the device at start-up,
+"""How a worker's pipelines run: attention kernel, slicing, fused QKV, channels-last, compile, offload.
+
+Attention kernel, VAE slicing/tiling, fused QKV, channels-last, torch.compile, CPU offload. Chosen once per worker (``DARKROOM_*`` settings), checked against the device at start-up,
 applied to every pipeline as it loads, and reported in the worker's heartbeat.
 
 A setting that cannot work here (xFormers not installed, offload without CUDA, no working compiler for
