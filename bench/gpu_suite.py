@@ -739,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (inductor; eager with --dry-run: inductor takes minutes on a CPU)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the model is built (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on a CPU device (default 1)")
     parser.add_argument("--inject-failure", default="", help=argparse.SUPPRESS)  # tests: sections that raise
     args = parser.parse_args(argv)
     if args.list:
@@ -765,10 +766,10 @@ def main(argv: list[str] | None = None) -> int:
                         compile_backend=args.compile_backend or ("eager" if dry else "inductor"),
                         budget_s=args.budget_s, workdir=workdir,
                         inject_failure=tuple(filter(None, args.inject_failure.split(","))))
-        if not device.startswith("cuda"):
+        if not device.startswith("cuda"):  # one thread: on a shared CPU two stall each other (bench/README.md)
             import torch
 
-            torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+            torch.set_num_threads(args.threads)
         suite = Suite(config, args.out or default_out())
         suite.run(wanted)
     print(table(suite.report["table"]))
