@@ -217,10 +217,10 @@ def section_environment(suite: Suite) -> dict[str, Any]:
         out["fp16_on_cpu"] = f"refused: {exc}"
     if torch.cuda.is_available():
         out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        out["sdpa"] = {"flash": torch.backends.cuda.flash_sdp_enabled(),
-                       "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                       "math": torch.backends.cuda.math_sdp_enabled(),
-                       "cudnn": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)()}
+        backends: Any = torch.backends.cuda
+        out["sdpa"] = {"flash": backends.flash_sdp_enabled(), "mem_efficient": backends.mem_efficient_sdp_enabled(),
+                       "math": backends.math_sdp_enabled(),
+                       "cudnn": getattr(backends, "cudnn_sdp_enabled", lambda: None)()}
         out["torch_cuda"] = torch.version.cuda
     expected = "float16" if auto.device.startswith("cuda") else "float32"
     if auto.dtype != expected:
@@ -233,7 +233,7 @@ def section_build(suite: Suite) -> dict[str, Any]:
     from _models import make_full_size_model, make_random_loras
     from PIL import Image
 
-    from darkroom.worker.tiny import make_tiny_model
+    from darkroom.dev.tiny import make_tiny_model
 
     c = suite.config
     t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def _bare_pipeline(suite: Suite, *, compile_unet: bool = False) -> Any:
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from darkroom.worker.engine import clip_skip_compat
+    from darkroom.worker.inference.call import clip_skip_compat
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(suite.model_path), torch_dtype=getattr(torch, suite.config.dtype),
                                                           safety_checker=None, requires_safety_checker=False)
@@ -339,8 +339,9 @@ class InProcessDarkroom:
     """The worker's engine and executor over a ``PipelineCache``, fed by threads like a worker's task slots."""
 
     def __init__(self, suite: Suite, models: Any, *, batch: int, mixed: bool = True) -> None:
-        from darkroom.worker.batcher import BatchPolicy, Engine
-        from darkroom.worker.inference import BatchExecutor
+        from darkroom.worker.inference.batching import BatchPolicy
+        from darkroom.worker.inference.engine import Engine
+        from darkroom.worker.inference.executor import BatchExecutor
         from darkroom.worker.latents import LatentCache
         from darkroom.worker.settings import WorkerSettings
 
@@ -366,8 +367,8 @@ class InProcessDarkroom:
 
     def run(self, jobs: list[Any]) -> tuple[float, list[Any]]:
         """Submit every job from its own slot thread at once; the seconds until the last result, and results."""
-        from darkroom.worker.batcher import Request
-        from darkroom.worker.engine import WorkItem, batch_key
+        from darkroom.worker.inference.call import WorkItem, batch_key
+        from darkroom.worker.inference.engine import Request
         from darkroom.worker.latents import pixel_digest
 
         def one(index_job: tuple[int, Any]) -> Any:
@@ -624,7 +625,7 @@ def _peak_memory(device: str) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated())
-    return _common.peak_rss_bytes()
+    return int(_common.peak_rss_bytes())
 
 
 def _allocated(device: str) -> int:
@@ -632,7 +633,7 @@ def _allocated(device: str) -> int:
         import torch
 
         return int(torch.cuda.memory_allocated())
-    return _common.rss_bytes()
+    return int(_common.rss_bytes())
 
 
 def _free(device: str) -> None:

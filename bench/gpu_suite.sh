@@ -34,14 +34,14 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
   echo "no carried wheels in $WHEELS: using $PY's own packages (bash bench/gpu_suite.sh fetch, then carry them)"
 fi
-export PYTHONPATH="$SITE:$ROOT/common:$ROOT/producer:$ROOT/worker${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE:$ROOT/common:$ROOT/producer:$ROOT/worker:$ROOT/dev${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error
 
 missing=$("$PY" - <<'EOF'
 import importlib
 missing = []
 for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "PIL", "numpy",
-             "pydantic", "pydantic_settings", "redis", "boto3"):
+             "pydantic", "pydantic_settings", "redis"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - report every missing piece at once

@@ -182,7 +182,8 @@ def run_bare(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]], 
                                 "threads": args.threads}))
     out = subprocess.run([sys.executable, str(BENCH_DIR / "throughput.py"), "--bare-spec", str(spec)],
                          check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run_naive(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]], endpoints: Any,
@@ -235,10 +236,10 @@ def run_darkroom(args: argparse.Namespace, client: Any, endpoints: Any, model: P
                            redis_url=env["DARKROOM_REDIS_URL"], log_path=tmp / f"{name}.log").start(timeout=600)
 
     def submit(batch_jobs: list[dict[str, Any]]) -> list[Any]:
-        return client.submit_many([{"model": "bench", "image": j["uri"], "prompt": j["prompt"], "seed": j["seed"],
+        return list(client.submit_many([{"model": "bench", "image": j["uri"], "prompt": j["prompt"], "seed": j["seed"],
                                     "strength": j["strength"], "num_inference_steps": j["steps"],
                                     "guidance_scale": j["guidance"], "output_prefix": "s3://darkroom/bench-out"}
-                                   for j in batch_jobs])
+                                   for j in batch_jobs]))
 
     try:
         for handle in submit(jobs[: max(1, batch)]):  # warm-up: first calls at this batch size
