@@ -63,3 +63,43 @@ def make_model(path: Path, *, full_size: bool, device: str) -> Path:
     from darkroom.dev.tiny import make_tiny_model
 
     return make_tiny_model(path)
+
+
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+
+
+def make_random_loras(model_dir: Path, folder: Path, count: int, *, rank: int = 4, text_encoder_every: int = 3,
+                      seed: int = 100) -> list[Path]:
+    """Write ``count`` LoRAs with random weights for the model in ``model_dir`` (any size: the tiny one or SD 1.5
+    shapes) as ``folder/lora{i}.safetensors``; every ``text_encoder_every``-th also adapts the text encoder.
+
+    The UNet and text encoder are loaded once (CPU) to learn the LoRA layers' shapes; each file then gets its
+    own random A and B (small, so fp16 stays finite), which is all a benchmark needs.
+    """
+    import math
+
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for component, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        module = cls.from_pretrained(str(model_dir / component))
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[component]), module)
+        shapes[component] = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(module).items()}
+        del module
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    paths = []
+    for index in range(count):
+        layers = {}
+        for component in ("unet", "text_encoder") if index % text_encoder_every == 0 else ("unet",):
+            state = {key: torch.randn(shape, generator=generator) / math.sqrt(shape[1]) * (0.3 if "lora_B" in key else 1)
+                     for key, shape in shapes[component].items()}
+            layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        StableDiffusionImg2ImgPipeline.save_lora_weights(str(folder), weight_name=f"lora{index}.safetensors",
+                                                         safe_serialization=True, **layers)
+        paths.append(folder / f"lora{index}.safetensors")
+    return paths

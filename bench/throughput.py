@@ -1,6 +1,6 @@
-"""Throughput benchmark: the same N img2img jobs four ways, measured side by side in one run.
+"""Throughput benchmark: the same N img2img jobs five ways, measured side by side in one run.
 
-    .venv/bin/python bench/throughput.py [--jobs 48] [--steps 20] [--strength 0.75] [--size 64] [--batch 8]
+    .venv/bin/python bench/throughput.py [--jobs 48] [--steps 20] [--strength 0.75] [--size 64] [--batch 8] [--rounds 3]
     .venv/bin/python bench/throughput.py --device cuda --full-size      # SD 1.5 shapes, 512x512 fp16, on a GPU
 
 Starts its own Redis and S3 server in a temporary folder, builds the model (the tiny one, or with
@@ -12,12 +12,17 @@ Starts its own Redis and S3 server in a temporary folder, builds the model (the 
   task (bench/_naive_celery.py);
 - (c) Darkroom with batching off (DARKROOM_BATCH_MAX_IMAGES=1): a real worker process, jobs submitted
   with submit_many and waited for until each is ``succeeded`` (outputs stored and committed);
-- (d) Darkroom with batching on (DARKROOM_BATCH_MAX_IMAGES=--batch).
+- (d) Darkroom with batching on (DARKROOM_BATCH_MAX_IMAGES=--batch);
+- (e) a bare diffusers loop like (a), but over batches of --batch jobs (one call per batch, one generator
+  per image): the in-process limit of what (d) can reach at that batch size.
 
 Every variant is warmed up first (pipeline loaded, first call made) and timed from the first submit
-to the last result. Prints images/s, the ratios c/a, d/a and a/b, and each variant's peak RSS.
-Targets on a 2-core CPU machine (tiny model, 64x64): c/a >= 0.98, d/a >= 2.5. Darkroom runs without
-its safety checker (the bare loop has none); --safety turns it on for (c) and (d).
+to the last result. ``--rounds N`` runs the variants N times, interleaved (a, b, c, d, e, then again),
+so a change in the machine's load hits every variant alike; each ratio is taken within a round and
+printed as the median with its spread (min-max) over the rounds. Prints images/s, the ratios c/a, d/e,
+d/a, e/a and a/b, and each variant's peak RSS. Targets on an idle machine: c/a >= 0.98, d/e >= 0.95
+(issue 21), d/a >= 2.5 (tiny model, 64x64, 2-core CPU). Darkroom runs without its safety checker (the
+bare loops have none); --safety turns it on for (c) and (d).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +43,8 @@ import _common  # quiets libraries before they load; shared helpers
 from _common import table
 
 BENCH_DIR = Path(__file__).resolve().parent
-TARGETS = {"c/a": 0.98, "d/a": 2.5}
+TARGETS = {"c/a": 0.98, "d/e": 0.95, "d/a": 2.5}
+RATIOS = {"c/a": ("c", "a"), "d/e": ("d", "e"), "d/a": ("d", "a"), "e/a": ("e", "a"), "a/b": ("a", "b")}
 
 
 def main() -> None:
@@ -53,29 +60,38 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--full-size", action="store_true", help="SD 1.5 architecture, random weights, fp16")
     parser.add_argument("--skip", default="", help="variants to skip, e.g. b")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of every variant (DARKROOM_CPU_THREADS of the workers; default: all "
+                             "cores); 1 keeps a CPU shared with other work from stalling torch's thread pool")
     parser.add_argument("--safety", action="store_true", help="run Darkroom's default safety checker in (c), (d)")
     parser.add_argument("--json", action="store_true", help="also print the measurements as JSON")
     parser.add_argument("--bare-spec", type=Path, help=argparse.SUPPRESS)  # internal: run (a) in this process
     args = parser.parse_args()
     args.size = args.size or (512 if args.full_size else 64)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
     if args.bare_spec:
         print(json.dumps(bare_loop(json.loads(args.bare_spec.read_text()))))
         return
     report = run(args)
     print(table(report["rows"]))
     if args.json:
-        print(json.dumps(report["measured"]))
+        print(json.dumps({"measured": report["measured"], "ratios": report["ratios"]}))
 
 
-# -- (a) ----------------------------------------------------------------------------------------------
+# -- (a), (e) -----------------------------------------------------------------------------------------
 def bare_loop(spec: dict[str, Any]) -> dict[str, Any]:
-    """diffusers alone: one pipeline, inputs already decoded in memory, one call per job."""
+    """diffusers alone: one pipeline, inputs already decoded in memory, one call per ``spec["batch"]`` jobs
+    (1 for (a); (e) passes lists of prompts, images and one generator per image, as Darkroom's engine does)."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
     from darkroom.worker.inference.call import clip_skip_compat
 
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     dtype = torch.float16 if spec["device"].startswith("cuda") else torch.float32
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
                                                           requires_safety_checker=False).to(spec["device"])
@@ -83,15 +99,24 @@ def bare_loop(spec: dict[str, Any]) -> dict[str, Any]:
     clip_skip_compat(pipe.text_encoder)
     images = {path: Image.open(path).convert("RGB") for path in {job["path"] for job in spec["jobs"]}}
 
-    def call(job: dict[str, Any]) -> Any:
-        return pipe(prompt=job["prompt"], image=images[job["path"]], strength=job["strength"],
-                    num_inference_steps=job["steps"], guidance_scale=job["guidance"],
-                    generator=torch.Generator("cpu").manual_seed(job["seed"])).images[0]
+    def call(jobs: list[dict[str, Any]]) -> Any:
+        first = jobs[0]
+        if len(jobs) == 1:  # (a): exactly one plain call per job
+            return pipe(prompt=first["prompt"], image=images[first["path"]], strength=first["strength"],
+                        num_inference_steps=first["steps"], guidance_scale=first["guidance"],
+                        generator=torch.Generator("cpu").manual_seed(first["seed"])).images
+        return pipe(prompt=[j["prompt"] for j in jobs], image=[images[j["path"]] for j in jobs],
+                    strength=first["strength"], num_inference_steps=first["steps"], guidance_scale=first["guidance"],
+                    generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
+                    num_images_per_prompt=1).images
 
-    call(spec["jobs"][0])  # warm-up
+    batch = int(spec.get("batch", 1))
+    jobs = spec["jobs"]
+    chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
+    call(chunks[0])  # warm-up (this batch size)
     started = time.perf_counter()
-    for job in spec["jobs"]:
-        call(job)
+    for chunk in chunks:
+        call(chunk)
     _sync(spec["device"])
     return {"seconds": time.perf_counter() - started, "peak_rss": _common.peak_rss_bytes()}
 
@@ -109,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from darkroom.producer.client import Client
 
-    measured: dict[str, dict[str, float]] = {}
+    measured: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with _common.embedded_services(tmp) as (endpoints, settings):
@@ -117,17 +142,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = make_model(tmp / "model", full_size=args.full_size, device=args.device)
             with Client(settings) as client:
                 jobs = make_jobs(client, args, tmp / "inputs")
-                if "a" not in args.skip:
-                    measured["a"] = run_bare(args, model, jobs, tmp)
-                    report_line("a", measured["a"], len(jobs))
-                if "b" not in args.skip:
-                    measured["b"] = run_naive(args, model, jobs, endpoints, tmp)
-                    report_line("b", measured["b"], len(jobs))
-                for label, batch in (("c", 1), ("d", args.batch)):
-                    if label not in args.skip:
-                        measured[label] = run_darkroom(args, client, endpoints, model, jobs, batch, tmp)
-                        report_line(label, measured[label], len(jobs))
-    return {"rows": rows(args, measured, len(jobs)), "measured": measured}
+                for round_ in range(args.rounds):
+                    for label in (v for v in "abcde" if v not in args.skip):
+                        if label in ("a", "e"):
+                            result = run_bare(args, model, jobs, tmp, batch=1 if label == "a" else args.batch)
+                        elif label == "b":
+                            result = run_naive(args, model, jobs, endpoints, tmp)
+                        else:
+                            result = run_darkroom(args, client, endpoints, model, jobs,
+                                                  1 if label == "c" else args.batch, tmp)
+                        measured.setdefault(label, []).append(result)
+                        report_line(label, result, len(jobs), round_)
+    return {"rows": rows(args, measured, len(jobs)), "measured": measured,
+            "ratios": {name: ratio_spread(measured, top, bottom) for name, (top, bottom) in RATIOS.items()
+                       if top in measured and bottom in measured}}
 
 
 def make_jobs(client: Any, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
@@ -147,12 +175,15 @@ def make_jobs(client: Any, args: argparse.Namespace, folder: Path) -> list[dict[
              "steps": args.steps, "guidance": args.guidance} for i in range(args.jobs)]
 
 
-def run_bare(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]], tmp: Path) -> dict[str, float]:
+def run_bare(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]], tmp: Path,
+             batch: int = 1) -> dict[str, float]:
     spec = tmp / "bare.json"
-    spec.write_text(json.dumps({"model": str(model), "device": args.device, "jobs": jobs}))
+    spec.write_text(json.dumps({"model": str(model), "device": args.device, "jobs": jobs, "batch": batch,
+                                "threads": args.threads}))
     out = subprocess.run([sys.executable, str(BENCH_DIR / "throughput.py"), "--bare-spec", str(spec)],
                          check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run_naive(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]], endpoints: Any,
@@ -198,15 +229,17 @@ def run_darkroom(args: argparse.Namespace, client: Any, endpoints: Any, model: P
            "DARKROOM_BATCH_MAX_IMAGES": str(batch), "DARKROOM_METRICS_PORT": "0", "DARKROOM_DEVICE": args.device}
     if not args.safety:
         env["DARKROOM_SAFETY_CHECKER"] = "none"
+    if args.threads:
+        env["DARKROOM_CPU_THREADS"] = str(args.threads)
     name = f"bench-{batch}-{uuid.uuid4().hex[:6]}"
     worker = WorkerProcess(name, ["--model", f"bench={model}", "--loglevel", "WARNING"], env=env,
                            redis_url=env["DARKROOM_REDIS_URL"], log_path=tmp / f"{name}.log").start(timeout=600)
 
     def submit(batch_jobs: list[dict[str, Any]]) -> list[Any]:
-        return client.submit_many([{"model": "bench", "image": j["uri"], "prompt": j["prompt"], "seed": j["seed"],
+        return list(client.submit_many([{"model": "bench", "image": j["uri"], "prompt": j["prompt"], "seed": j["seed"],
                                     "strength": j["strength"], "num_inference_steps": j["steps"],
                                     "guidance_scale": j["guidance"], "output_prefix": "s3://darkroom/bench-out"}
-                                   for j in batch_jobs])
+                                   for j in batch_jobs]))
 
     try:
         for handle in submit(jobs[: max(1, batch)]):  # warm-up: first calls at this batch size
@@ -225,28 +258,43 @@ def run_darkroom(args: argparse.Namespace, client: Any, endpoints: Any, model: P
 
 # -- output -------------------------------------------------------------------------------------------
 NAMES = {"a": "(a) bare diffusers loop", "b": "(b) naive Celery task", "c": "(c) Darkroom, batching off",
-         "d": "(d) Darkroom, batching on"}
+         "d": "(d) Darkroom, batching on", "e": "(e) bare diffusers loop, batches"}
 
 
-def report_line(label: str, result: dict[str, float], jobs: int) -> None:
-    print(f"{NAMES[label]}: {jobs / result['seconds']:.2f} images/s", file=sys.stderr)
+def report_line(label: str, result: dict[str, float], jobs: int, round_: int = 0) -> None:
+    print(f"round {round_ + 1}: {NAMES[label]}: {jobs / result['seconds']:.2f} images/s", file=sys.stderr)
 
 
-def rows(args: argparse.Namespace, measured: dict[str, dict[str, float]], jobs: int) -> list[tuple[str, str]]:
-    rate = {k: jobs / v["seconds"] for k, v in measured.items()}
+def ratio_spread(measured: dict[str, list[dict[str, float]]], top: str, bottom: str) -> dict[str, Any]:
+    """``top`` ÷ ``bottom`` images/s within each round: median, min, max and every value."""
+    values = [b["seconds"] / t["seconds"] for t, b in zip(measured[top], measured[bottom], strict=False)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def rows(args: argparse.Namespace, measured: dict[str, list[dict[str, float]]], jobs: int) -> list[tuple[str, str]]:
     out = [("jobs", f"{jobs} x {args.size}x{args.size}, {int(args.steps * args.strength)} denoising steps, "
-                    f"{'SD 1.5 shapes' if args.full_size else 'tiny model'} on {args.device}"
-                    f"{', ' + str(args.sources) + ' sources' if args.sources else ''}")]
-    for label, value in measured.items():
+                    f"{'SD 1.5 shapes' if args.full_size else 'tiny model'} on {args.device}, batch {args.batch}, "
+                    f"{args.rounds} round(s) interleaved{f', {args.threads} torch thread(s)' if args.threads else ''}{', ' + str(args.sources) + ' sources' if args.sources else ''}")]
+    for label, results in measured.items():
+        rates = [jobs / r["seconds"] for r in results]
+        value = results[-1]
         extra = ""
         if "mean_batch" in value:
-            extra = (f", mean batch {value['mean_batch']:.1f}; per job: inference {value['mean_inference']:.3f} s, "
-                     f"batch wait {value['mean_batch_wait']:.3f} s, download+decode "
+            extra = (f"; last round: mean batch {value['mean_batch']:.1f}, per job: inference "
+                     f"{value['mean_inference']:.3f} s, batch wait {value['mean_batch_wait']:.3f} s, download+decode "
                      f"{value['mean_download'] + value['mean_decode']:.3f} s, encode+upload "
                      f"{value['mean_encode'] + value['mean_upload']:.3f} s")
-        out.append((NAMES[label], f"{rate[label]:7.2f} images/s  ({value['seconds']:.2f} s, peak RSS "
-                                  f"{value['peak_rss'] / 2**20:,.0f} MiB{extra})"))
-    out += _common.ratio_rows(rate, {"c/a": ("c", "a"), "d/a": ("d", "a"), "a/b": ("a", "b")}, TARGETS)
+        spread = f" ({min(rates):.2f}-{max(rates):.2f})" if len(rates) > 1 else ""
+        out.append((NAMES[label], f"{statistics.median(rates):7.2f} images/s{spread}, peak RSS "
+                                  f"{max(r['peak_rss'] for r in results) / 2**20:,.0f} MiB{extra}"))
+    for name, (top, bottom) in RATIOS.items():
+        if top in measured and bottom in measured:
+            ratio = ratio_spread(measured, top, bottom)
+            target = TARGETS.get(name)
+            verdict = "" if target is None else (f"   target >= {target}: "
+                                                 f"{'met' if ratio['median'] >= target else 'NOT met'} (median)")
+            range_ = f" (min-max {ratio['min']:.3f}-{ratio['max']:.3f})" if len(measured[top]) > 1 else ""
+            out.append((name, f"{ratio['median']:.3f}{range_}{verdict}"))
     return out
 
 
