@@ -68,7 +68,7 @@ class WorkerProcess:
 
         ha = {k.removeprefix("DARKROOM_").lower(): v for k, v in self.env.items()
               if k.startswith(("DARKROOM_REDIS_SENTINEL", "DARKROOM_REDIS_MASTER_NAME"))}
-        return make_redis(Settings(redis_url=self.redis_url, **ha))
+        return make_redis(Settings.model_validate({"redis_url": self.redis_url, **ha}))
 
     @property
     def pid(self) -> int:
