@@ -8,6 +8,7 @@ embedded services' env file (``<state_dir>/services.env``, written by
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -109,6 +110,8 @@ class Settings(BaseSettings):
     @field_validator("redis_sentinels", mode="before")
     @classmethod
     def _split_sentinels(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)  # a JSON list works too
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
