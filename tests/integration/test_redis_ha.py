@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -105,6 +106,20 @@ def test_the_sentinels_watch_a_primary_with_an_in_sync_replica(ha: tuple[HAServi
     assert sorted(topology["nodes"].values()) == ["master", "slave"]
     assert len(endpoints.sentinels) == 3 and all(services.status()[f"sentinel-{i}"]["running"] for i in (1, 2, 3))
     assert "***" in repr(endpoints) and endpoints.sentinel_password not in repr(endpoints)
+
+
+def test_services_status_shows_the_topology_and_the_current_primary(ha: tuple[HAServices, HAEndpoints]) -> None:
+    from click.testing import CliRunner
+
+    from darkroom.producer.cli import services as services_cli
+
+    services, _ = ha
+    result = CliRunner().invoke(services_cli, ["status", "--state-dir", str(services.state_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"primary       {services.primary()}  (master name 'darkroom'" in result.output
+    for name in ("Redis", "S3 server", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"):
+        assert re.search(rf"^  {name} +running ", result.output, re.M), (name, result.output)
+    assert ha[1].sentinel_password not in result.output and ha[1].redis_url.split("@")[0] not in result.output
 
 
 def test_acknowledged_jobs_survive_a_failover_and_the_worker_keeps_serving(
