@@ -186,3 +186,26 @@ def test_the_async_sdk_follows_the_primary(ha: tuple[HAServices, HAEndpoints], h
 
     primary = services.primary()
     assert primary is not None and asyncio.run(flow()) == int(primary.rsplit(":", 1)[1])  # whom the Sentinels name
+
+
+def test_down_then_up_keeps_the_node_that_is_primary_and_its_data(ha: tuple[HAServices, HAEndpoints],
+                                                                   ha_settings: Settings) -> None:
+    """After the failover above the replica node is primary: a restart of everything must keep it so (the
+    other node has older data) and keep what was written."""
+    from darkroom.common.clients import make_redis
+
+    services, _ = ha
+    before = services.primary()
+    client = make_redis(ha_settings)
+    client.set("ha:probe", b"kept")
+    assert client.wait(1, 1000) == 1
+    client.close()
+    services.down()
+    assert not any(info["running"] for info in services.status().values())
+    services.up(timeout=120)
+    assert services.primary() == before
+    client = make_redis(ha_settings)
+    try:
+        assert client.get("ha:probe") == b"kept"
+    finally:
+        client.close()

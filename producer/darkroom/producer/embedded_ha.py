@@ -78,6 +78,7 @@ class _HAState:
     sentinel_ports: list[int] = field(default_factory=list)
     replica_proc: _Proc | None = None
     sentinel_procs: list[_Proc | None] = field(default_factory=list)
+    primary_node: str = "redis"  # which data node was primary when last seen: "redis" or "replica"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _HAState:
@@ -88,6 +89,7 @@ class _HAState:
             sentinel_ports=[int(p) for p in data.get("sentinel_ports") or []],
             replica_proc=_Proc(**data["replica_proc"]) if data.get("replica_proc") else None,
             sentinel_procs=[_Proc(**p) if p else None for p in data.get("sentinel_procs") or []],
+            primary_node="replica" if data.get("primary_node") == "replica" else "redis",
         )
 
     def sentinel_addresses(self) -> tuple[str, ...]:
@@ -134,6 +136,7 @@ class HAServices(EmbeddedServices):
                 if not self._answers(proc, port, ha.sentinel_password):
                     self._launch_sentinel(state, ha, index)
             self._await_topology(state, ha, deadline)
+            self._remember_primary(state, ha)
             endpoints = HAEndpoints(**vars(base), sentinels=ha.sentinel_addresses(), master_name=ha.master_name,
                                     sentinel_password=ha.sentinel_password)
             _write_private(self.env_file, "".join(f"{k}={v}\n" for k, v in endpoints.as_env().items()))
@@ -144,6 +147,9 @@ class HAServices(EmbeddedServices):
         if self.ha_file.exists():
             with self._locked():
                 ha = self._load_ha()
+                state = self._load_state()
+                if state is not None:
+                    self._remember_primary(state, ha)  # the next up() starts the same node as primary
                 self._stop([p for p in (*ha.sentinel_procs, ha.replica_proc) if p is not None], timeout)
                 ha.sentinel_procs, ha.replica_proc = [], None
                 self._save_ha(ha)
@@ -184,6 +190,21 @@ class HAServices(EmbeddedServices):
                 return f"{address[0]}:{address[1]}"
         return None
 
+    def _current_primary(self, state: _State, ha: _HAState) -> str:
+        """``host:port`` of the primary: what the Sentinels say, else the node that was primary when last seen
+        (after ``down``, or a failover, that may be the replica node: it holds the newest data)."""
+        found = self.primary(ha)
+        if found is not None:
+            return found
+        port = ha.replica_port if ha.primary_node == "replica" and ha.replica_port else state.redis_port
+        return f"{_HOST}:{port}"
+
+    def _remember_primary(self, state: _State, ha: _HAState) -> None:
+        found = self.primary(ha)
+        if found is not None:
+            ha.primary_node = "replica" if found == f"{_HOST}:{ha.replica_port}" else "redis"
+            self._save_ha(ha)
+
     # -- state -------------------------------------------------------------------------------
 
     def _load_ha(self) -> _HAState:
@@ -212,7 +233,7 @@ class HAServices(EmbeddedServices):
     def _redis_conf(self, state: _State, data_dir: Path) -> str:
         """The primary's configuration; once a failover made another node primary, it restarts as its replica."""
         conf = super()._redis_conf(state, data_dir) + f"masterauth {state.redis_password}\n"
-        current = self.primary() if self.ha_file.exists() else None
+        current = self._current_primary(state, self._load_ha()) if self.ha_file.exists() else None
         if current is not None and current != f"{_HOST}:{state.redis_port}":
             conf += "replicaof {} {}\n".format(*current.rsplit(":", 1))
         return conf
@@ -227,7 +248,7 @@ class HAServices(EmbeddedServices):
         replica_state = _State(**{**asdict(state), "redis_port": ha.replica_port, "redis_proc": None,
                                   "weed_proc": None})
         conf = EmbeddedServices._redis_conf(self, replica_state, data_dir) + f"masterauth {state.redis_password}\n"
-        current = self.primary(ha) or f"{_HOST}:{state.redis_port}"
+        current = self._current_primary(state, ha)
         if current != f"{_HOST}:{ha.replica_port}":
             conf += "replicaof {} {}\n".format(*current.rsplit(":", 1))
         _write_private(data_dir / "redis.conf", conf)
@@ -261,7 +282,7 @@ class HAServices(EmbeddedServices):
         self._save_ha(ha)
 
     def _sentinel_conf(self, state: _State, ha: _HAState, index: int, folder: Path) -> str:
-        host, port = (self.primary(ha) or f"{_HOST}:{state.redis_port}").rsplit(":", 1)
+        host, port = self._current_primary(state, ha).rsplit(":", 1)
         name = ha.master_name
         lines = [
             f"port {ha.sentinel_ports[index]}",
