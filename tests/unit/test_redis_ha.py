@@ -165,3 +165,19 @@ def test_ha_endpoints_add_the_sentinels_and_redact_their_password(tmp_path: Path
     assert isinstance(services_for(tmp_path, ha=True), HAServices)
     (tmp_path / "ha.json").write_text("{}")
     assert isinstance(services_for(tmp_path), HAServices)  # a folder brought up with --ha stays HA
+
+
+def test_a_wrong_password_is_not_turned_into_a_retryable_error() -> None:
+    with pytest.raises(redis.exceptions.AuthenticationError), _durable.redis_unavailable("submit the jobs"):
+        raise redis.exceptions.AuthenticationError("invalid username-password pair")
+
+
+def test_the_cli_explains_redis_unavailable_by_what_redis_said() -> None:
+    from darkroom.producer.cli_errors import ExitCode, explain
+
+    wrapped = RedisUnavailable("Redis is unavailable or failing over")
+    wrapped.__cause__ = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    failure = explain(wrapped)
+    assert failure is not None and failure.exit_code == ExitCode.UNAVAILABLE and "cannot reach Redis" in failure.message
+    lonely = explain(NotReplicated("0 of the 1 replica(s)", [], [], wanted=1, confirmed=0))
+    assert lonely is not None and lonely.exit_code == ExitCode.FAILED

@@ -33,6 +33,7 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,
 )
 """What redis-py raises while Redis is away or failing over."""
+_WRONG_CREDENTIALS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError)
 
 
 def add_wait(pipe: Any, replicas: int, timeout_ms: int) -> None:
@@ -66,6 +67,8 @@ def redis_unavailable(action: str, jobs: Sequence[Img2ImgJob] = ()) -> Iterator[
     """Turn redis-py's connection errors inside the block into the SDK's retryable RedisUnavailable."""
     try:
         yield
+    except _WRONG_CREDENTIALS:
+        raise  # a wrong password is not a failover: retrying will not help
     except REDIS_DOWN as exc:
         ids = [job.job_id or "" for job in jobs]
         again = " Submitting the same jobs again (exc.jobs, same job_id) is safe." if jobs else ""
