@@ -17,11 +17,11 @@ PYTEST_ARGS ?=
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml constraints.txt requirements-dev.txt
+$(STAMP): common/pyproject.toml producer/pyproject.toml worker/pyproject.toml dev/pyproject.toml constraints.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PIP) install -c constraints.txt -e common -e "producer[local,images,dashboard,augment]" -e worker -r requirements-dev.txt
+	$(PIP) install -c constraints.txt -e common -e "producer[images,dashboard,augment]" -e worker -e dev -r requirements-dev.txt
 	touch $@
 
 # The dashboard's browser tests drive Debian's chromium (Playwright never downloads a browser here).
@@ -45,8 +45,8 @@ test-unit: setup
 test-integration: setup
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: setup  ## ruff + mypy (strict on common and producer)
-	$(BIN)/ruff check common producer worker tests bench scripts
+lint: setup  ## ruff + mypy (strict on every package)
+	$(BIN)/ruff check common producer worker dev tests bench scripts
 	$(BIN)/mypy
 
 screenshots: setup  ## Regenerate the dashboard guide's screenshots (docs/images/dashboard-*.png)

@@ -62,7 +62,7 @@ def settings_for(endpoints: Any, state_dir: Path) -> Any:
 @contextlib.contextmanager
 def embedded_services(folder: Path) -> Iterator[tuple[Any, Any]]:
     """Start a private Redis and S3 server under ``folder``; yield (endpoints, settings); stop them after."""
-    from darkroom.producer.embedded import EmbeddedServices
+    from darkroom.dev.embedded import EmbeddedServices
 
     print("starting embedded Redis and S3 ...", file=sys.stderr)
     services = EmbeddedServices(folder / "services")

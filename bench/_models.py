@@ -36,7 +36,7 @@ def make_full_size_model(path: Path, *, dtype: str = "float16", device: str = "c
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from darkroom.worker.tiny import _build_tokenizer
+    from darkroom.dev.tiny import _build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = _build_tokenizer()
@@ -60,6 +60,6 @@ def make_full_size_model(path: Path, *, dtype: str = "float16", device: str = "c
 def make_model(path: Path, *, full_size: bool, device: str) -> Path:
     if full_size:
         return make_full_size_model(path, device=device)
-    from darkroom.worker.tiny import make_tiny_model
+    from darkroom.dev.tiny import make_tiny_model
 
     return make_tiny_model(path)

@@ -261,16 +261,16 @@ class Nemesis:
 
 def run(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
     from darkroom.common.settings import Settings
+    from darkroom.dev.demo import sample_image
+    from darkroom.dev.embedded import EmbeddedServices
+    from darkroom.dev.tiny import make_tiny_model
     from darkroom.producer.client import Client
-    from darkroom.producer.embedded import EmbeddedServices
-    from darkroom.worker.demo import sample_image
-    from darkroom.worker.tiny import make_tiny_model
 
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         state = args.keep or Path(tmp)
         if args.ha:
-            from darkroom.producer.embedded_ha import HAServices
+            from darkroom.dev.embedded_ha import HAServices
 
             services: Any = HAServices(state / "services", appendonly=True, down_after_ms=1000,
                                        failover_timeout_ms=3000)
@@ -397,7 +397,7 @@ class _Fleet:
     """Worker processes that can be killed and replaced."""
 
     def __init__(self, size: int, model: Path, env: dict[str, str], state: Path) -> None:
-        from darkroom.worker.process import WorkerProcess
+        from darkroom.dev.process import WorkerProcess
 
         self._make = lambda n: WorkerProcess(f"chaos-{n}", ["--model", f"tiny={model}"], env=env,
                                              redis_url=env["DARKROOM_REDIS_URL"],

@@ -83,7 +83,7 @@ def measure(client: Client, label: str, count: int, run: Callable[[list[dict[str
 def run_ha(args: argparse.Namespace) -> None:
     """submit_many and submit through Sentinel, with and without WAIT for one replica, in one topology."""
     from darkroom.common.settings import Settings
-    from darkroom.producer.embedded_ha import HAServices
+    from darkroom.dev.embedded_ha import HAServices
 
     with tempfile.TemporaryDirectory() as tmp:
         services = HAServices(Path(tmp) / "services")

@@ -59,10 +59,10 @@ def run(args: argparse.Namespace, endpoints: Any, settings: Any, folder: Path, f
 
     from darkroom.common.clients import make_redis
     from darkroom.common.producers import ProducerRegistry
+    from darkroom.dev.demo import sample_image
+    from darkroom.dev.process import WorkerProcess
+    from darkroom.dev.tiny import make_tiny_model
     from darkroom.producer.client import Client
-    from darkroom.worker.demo import sample_image
-    from darkroom.worker.process import WorkerProcess
-    from darkroom.worker.tiny import make_tiny_model
 
     rdb = make_redis(settings)
     rdb.flushdb()

@@ -31,11 +31,11 @@ def main() -> None:
 
     import torch
 
+    from darkroom.dev.demo import sample_image
+    from darkroom.dev.tiny import make_tiny_lora, make_tiny_model
     from darkroom.worker.adapters import AdapterFile, AdapterManager
-    from darkroom.worker.demo import sample_image
     from darkroom.worker.device import DeviceInfo
     from darkroom.worker.pipelines import load_pipeline
-    from darkroom.worker.tiny import make_tiny_lora, make_tiny_model
 
     cpu = DeviceInfo("cpu", "float32", "cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,8 +61,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from darkroom.dev.tiny import make_tiny_lora, make_tiny_model
     from darkroom.producer.client import Client
-    from darkroom.worker.tiny import make_tiny_lora, make_tiny_model
 
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -111,7 +111,7 @@ def make_jobs(client: Any, args: argparse.Namespace, loras: list[str]) -> list[d
 
 def run_variant(args: argparse.Namespace, client: Any, endpoints: Any, model: Path, jobs: list[dict[str, Any]],
                 warmup: list[dict[str, Any]], extra: dict[str, str], tmp: Path) -> dict[str, Any]:
-    from darkroom.worker.process import WorkerProcess
+    from darkroom.dev.process import WorkerProcess
 
     name = f"bench-mixed-{uuid.uuid4().hex[:6]}"
     env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(tmp / name), "DARKROOM_METRICS_PORT": "0",

@@ -27,12 +27,12 @@ def main() -> None:
 
     import torch
 
-    from darkroom.worker.demo import sample_image
+    from darkroom.dev.demo import sample_image
+    from darkroom.dev.tiny import make_tiny_model
     from darkroom.worker.device import DeviceInfo
     from darkroom.worker.filecache import FileCache
     from darkroom.worker.pipelines import PipelineCache, module_bytes_all
     from darkroom.worker.registry import ModelRegistry
-    from darkroom.worker.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

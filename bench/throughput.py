@@ -74,7 +74,7 @@ def bare_loop(spec: dict[str, Any]) -> dict[str, Any]:
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from darkroom.worker.engine import clip_skip_compat
+    from darkroom.worker.inference.call import clip_skip_compat
 
     dtype = torch.float16 if spec["device"].startswith("cuda") else torch.float32
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
@@ -192,7 +192,7 @@ def run_naive(args: argparse.Namespace, model: Path, jobs: list[dict[str, Any]],
 
 def run_darkroom(args: argparse.Namespace, client: Any, endpoints: Any, model: Path, jobs: list[dict[str, Any]],
                  batch: int, tmp: Path) -> dict[str, float]:
-    from darkroom.worker.process import WorkerProcess
+    from darkroom.dev.process import WorkerProcess
 
     env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(tmp / f"worker-{batch}"),
            "DARKROOM_BATCH_MAX_IMAGES": str(batch), "DARKROOM_METRICS_PORT": "0", "DARKROOM_DEVICE": args.device}

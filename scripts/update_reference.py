@@ -16,7 +16,7 @@ from typing import Any
 from darkroom.common.reference import error_codes_markdown, job_fields_markdown, metrics_markdown, settings_markdown
 from darkroom.common.settings import Settings
 from darkroom.producer.dashboard.settings import DashboardSettings
-from darkroom.producer.dispatcher import DispatcherSettings
+from darkroom.producer.webhooks.dispatcher import DispatcherSettings
 from darkroom.worker.settings import WorkerSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"
@@ -36,7 +36,9 @@ def worker_metrics() -> list[tuple[str, str, list[str], str]]:
             raise ConnectionError("no Redis while generating docs")
 
     device = SimpleNamespace(free_memory=lambda: None, total_memory=0)
-    ctx = SimpleNamespace(report={}, redis=_NoRedis(), device=device)
+    from darkroom.worker.context import WorkerState
+
+    ctx = SimpleNamespace(name="docs", state=WorkerState(), redis=_NoRedis(), device=device)
     for family in _ReportCollector(ctx).collect():  # type: ignore[arg-type]
         rows.append((family.name, family.type, list(getattr(family, "_labelnames", ())), family.documentation))
     return rows
@@ -46,7 +48,7 @@ def cli_markdown() -> str:
     """``darkroom --help`` and every command's (and sub-command's) ``--help``, as the terminal shows them."""
     import click
 
-    from darkroom.producer.cli import main
+    from darkroom.common.cli import main
 
     sections = []
 

@@ -26,7 +26,7 @@ def png_bytes(image: object) -> bytes:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A private Redis + S3 server for the whole session (real processes on 127.0.0.1)."""
-    from darkroom.producer.embedded import EmbeddedServices
+    from darkroom.dev.embedded import EmbeddedServices
 
     embedded = EmbeddedServices(tmp_path_factory.mktemp("services"))
     endpoints = embedded.up(timeout=60)
@@ -51,6 +51,6 @@ def settings(services: object, tmp_path_factory: pytest.TempPathFactory) -> Sett
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from darkroom.worker.tiny import make_tiny_model
+    from darkroom.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

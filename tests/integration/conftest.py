@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.worker.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

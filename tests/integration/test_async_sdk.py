@@ -14,10 +14,10 @@ from darkroom.common.errors import ErrorCode, InvalidJobError, JobCancelled, Job
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.aio import AsyncClient
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from .conftest import start_worker
 from .test_sdk import QUICK, SLOW, TerminalListener

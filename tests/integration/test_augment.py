@@ -19,18 +19,18 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, augment_run_key
+from darkroom.common.cli import main
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.jobstore import cancel_key, job_key
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.augment import Augmentation, AugmentSpec, SpecConflict, read_metadata
 from darkroom.producer.augment.sheet import contact_sheet
-from darkroom.producer.cli import main
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from darkroom.producer.augment.runner import Submitter
+from darkroom.dev.process import WorkerProcess
+from darkroom.producer.augment.submitter import Submitter
 from darkroom.producer.client import Client
-from darkroom.worker.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

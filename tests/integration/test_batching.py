@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer import Client, JobFailed
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 from .conftest import plain_pipeline, spawn_worker

@@ -18,10 +18,10 @@ from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.jobs import validate_job
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import make_tiny_lora
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
-from darkroom.worker.tiny import make_tiny_lora
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

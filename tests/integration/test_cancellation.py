@@ -15,9 +15,9 @@ from darkroom.common.events import EventType, JobEvent
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 from .conftest import start_worker

@@ -31,9 +31,9 @@ from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, augment_run_key
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.producer.deliveries import DEAD_KEY, Attempt, Delivery
-from darkroom.worker.process import WorkerProcess
+from darkroom.producer.webhooks.deliveries import DEAD_KEY, Attempt, Delivery
 
 ADMIN = "admin-token-for-tests"
 VIEWER = "viewer-token-for-tests"

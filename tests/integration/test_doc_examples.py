@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from darkroom.common.settings import Settings
-from darkroom.worker.process import WorkerProcess
+from darkroom.dev.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from botocore.exceptions import ClientError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from darkroom.producer import embedded
-from darkroom.producer.embedded import EmbeddedServices, EmbeddedServicesError, Endpoints
+from darkroom.dev import embedded
+from darkroom.dev.embedded import EmbeddedServices, EmbeddedServicesError, Endpoints
 
 pytestmark = pytest.mark.integration
 

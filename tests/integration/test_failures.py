@@ -18,9 +18,9 @@ from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client, JobHandle
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 from .conftest import Pool

@@ -17,8 +17,8 @@ from darkroom.common.fairness import FAIR_PRIORITY, Feeder, backlog, held_queue,
 from darkroom.common.fleet import Fleet
 from darkroom.common.queues import broker_list, cold_queue
 from darkroom.common.settings import Settings
+from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

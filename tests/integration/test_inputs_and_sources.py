@@ -19,12 +19,12 @@ from PIL import Image
 
 from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.settings import Settings
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import make_tiny_single_file
 from darkroom.producer.client import Client
 from darkroom.worker.checkpoints import copy_config_folder
-from darkroom.worker.demo import sample_image
 from darkroom.worker.filecache import push_files
-from darkroom.worker.process import WorkerProcess
-from darkroom.worker.tiny import make_tiny_single_file
 
 from ..conftest import png_bytes
 from .conftest import plain_pipeline, spawn_worker
@@ -148,7 +148,7 @@ def test_worker_settings_equal_diffusers_with_the_same_settings(client: Client, 
 
 
 def test_the_settings_are_in_the_workers_report(settings: Settings, sources_worker: WorkerProcess) -> None:
-    from darkroom.producer.cli import main
+    from darkroom.common.cli import main
 
     env = {"DARKROOM_STATE_DIR": str(settings.state_dir), "DARKROOM_REDIS_URL": settings.redis_url.get_secret_value()}
     listing = CliRunner().invoke(main, ["workers"], env=env)

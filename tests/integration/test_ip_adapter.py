@@ -15,10 +15,10 @@ from PIL import Image
 
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 from darkroom.producer import Client, JobFailed
 from darkroom.worker.filecache import push_files
-from darkroom.worker.process import WorkerProcess
-from darkroom.worker.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 
 from ..conftest import png_bytes
 from .conftest import plain_pipeline, spawn_worker

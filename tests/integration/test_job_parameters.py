@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from darkroom.common.schedulers import SCHEDULER_CLASSES, SchedulerName
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.worker.engine import clip_skip_compat
-from darkroom.worker.process import WorkerProcess
+from darkroom.worker.inference.call import clip_skip_compat
 
 from .test_walking_skeleton import fetch_image, upload_input
 
@@ -32,7 +32,7 @@ def direct(tiny_model: Path) -> Iterator[Any]:
                                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.default_scheduler = pipe.scheduler
-    clip_skip_compat(pipe.text_encoder)  # diffusers 0.42's clip_skip path on transformers 5 (see engine.py)
+    clip_skip_compat(pipe.text_encoder)  # diffusers 0.42's clip_skip path on transformers 5 (see darkroom.worker.inference.call)
     yield pipe
 
 

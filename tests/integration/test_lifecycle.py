@@ -22,9 +22,9 @@ from darkroom.common.jobstore import DEAD_LETTERS_KEY, JobStore, cancel_key, job
 from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.embedded import EmbeddedServices
 from darkroom.producer.client import Client
-from darkroom.producer.embedded import EmbeddedServices
-from darkroom.worker.demo import sample_image
 
 from ..conftest import png_bytes
 from .conftest import Pool

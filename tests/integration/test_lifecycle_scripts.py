@@ -18,7 +18,7 @@ from darkroom.common.lifecycle import Fence, Lifecycle, StartReply, lease_key
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import OUTBOX_KEY
-from darkroom.producer.deliveries import DEAD_INDEX_KEY, DEAD_KEY, Delivery, DeliveryQueue
+from darkroom.producer.webhooks.deliveries import DEAD_INDEX_KEY, DEAD_KEY, Delivery, DeliveryQueue
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from darkroom.common.errors import JobFailed
 from darkroom.common.settings import Settings
+from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

@@ -14,9 +14,9 @@ from PIL import Image
 
 from darkroom.common.errors import ErrorCode
 from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import make_tiny_lora
 from darkroom.producer import Client, JobFailed
-from darkroom.worker.process import WorkerProcess
-from darkroom.worker.tiny import make_tiny_lora
 
 from ..conftest import png_bytes
 from .conftest import plain_pipeline, spawn_worker

@@ -15,12 +15,12 @@ from PIL import Image
 
 from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.settings import Settings
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
+from darkroom.dev.tiny import make_tiny_lora, make_tiny_model
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
 from darkroom.worker.device import DeviceInfo
 from darkroom.worker.pipelines import load_pipeline
-from darkroom.worker.process import WorkerProcess
-from darkroom.worker.tiny import make_tiny_lora, make_tiny_model
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from darkroom.common.settings import Settings
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer import Client, JobFailed
-from darkroom.worker.process import WorkerProcess
 
 from .conftest import plain_pipeline, start_worker
 from .test_walking_skeleton import fetch_image, upload_input

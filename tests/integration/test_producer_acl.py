@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from darkroom.common.cancels import CancelDesk
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.producers import ProducerRegistry, acl_lines, policy_key
 from darkroom.common.queues import cold_queue
@@ -77,7 +79,12 @@ def test_the_acl_user_submits_follows_and_cancels_but_cannot_read_keys_or_take_j
     with Client(settings) as client:
         handle = client.submit({"model": "tiny", "image": "s3://darkroom/in/x.png", "prompt": "p", "priority": "bulk"})
         assert client.status(handle.job_id).status.value == "queued"
+        # (a signed cancel is a request a worker answers: this test's worker side is a cancel desk on the admin user)
+        desk = CancelDesk(admin, Lifecycle(admin), registry.get, max_age_seconds=600)
+        answering = threading.Thread(target=desk.serve_once, kwargs={"timeout": 10})
+        answering.start()
         assert client.cancel(handle.job_id).status.value == "cancelled"
+        answering.join(10)
         assert list(client.watch([handle.job_id], timeout=5))[-1].status.value == "cancelled"
     # Then the registry (every producer's keys), other producers' records and taking a job off a queue are out of
     # its reach

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 
 from darkroom.common.broker import task_message
+from darkroom.common.cli import main
 from darkroom.common.clients import make_redis
 from darkroom.common.errors import ErrorCode, InvalidJobError, JobFailed
 from darkroom.common.identity import AUTH_FIELD, sign_job
@@ -29,10 +30,9 @@ from darkroom.common.queues import TASK_IMG2IMG
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
 from darkroom.common.webhooks import WebhookVerificationError, generate_secret, verify
-from darkroom.producer.cli import main
+from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.producer.dispatcher import Dispatcher, DispatcherSettings
-from darkroom.worker.demo import sample_image
+from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
 from ..conftest import png_bytes
 from .conftest import spawn_worker

@@ -25,11 +25,11 @@ from darkroom.common.errors import NotReplicated, RedisUnavailable
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.embedded_ha import HAEndpoints, HAServices
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.aio import AsyncClient
 from darkroom.producer.client import Client, JobHandle
-from darkroom.producer.embedded_ha import HAEndpoints, HAServices
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 
@@ -111,7 +111,7 @@ def test_the_sentinels_watch_a_primary_with_an_in_sync_replica(ha: tuple[HAServi
 def test_services_status_shows_the_topology_and_the_current_primary(ha: tuple[HAServices, HAEndpoints]) -> None:
     from click.testing import CliRunner
 
-    from darkroom.producer.cli import services as services_cli
+    from darkroom.dev.cli import services as services_cli
 
     services, _ = ha
     result = CliRunner().invoke(services_cli, ["status", "--state-dir", str(services.state_dir)])

@@ -15,8 +15,8 @@ from darkroom.common.clients import make_s3_client
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
 from darkroom.worker.filecache import ChecksumMismatch, FileCache, push_files
 
 from ..conftest import png_bytes

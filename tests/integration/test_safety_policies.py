@@ -21,9 +21,9 @@ from darkroom.common.safety import SafetyAction, SafetyVerdict
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client, JobHandle
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 from darkroom.worker.safety import blur, object_metadata
 
 from ..conftest import png_bytes

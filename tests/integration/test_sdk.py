@@ -18,14 +18,14 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from darkroom.common.cli import main
 from darkroom.common.errors import ErrorCode, InvalidJobError, JobFailed
 from darkroom.common.events import EventType, JobEvent, event_channel
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
-from darkroom.producer.cli import main
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 

@@ -14,9 +14,9 @@ from PIL import Image
 from darkroom.common.errors import ErrorCode, JobFailed
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.status import JobStatus
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
 
 from ..conftest import png_bytes
 

@@ -22,6 +22,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from darkroom.common.cli import main
 from darkroom.common.clients import make_redis
 from darkroom.common.errors import InvalidJobError
 from darkroom.common.events import EventType, JobEvent
@@ -30,12 +31,11 @@ from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import OutboxEntry, WebhookVerificationError, generate_secret, verify
-from darkroom.producer.cli import main
+from darkroom.dev.demo import sample_image
+from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
-from darkroom.producer.deliveries import DEAD_KEY, RETRIES_KEY, DeadLetters, DeliveryQueue, processing_key
-from darkroom.producer.dispatcher import Dispatcher, DispatcherSettings
-from darkroom.worker.demo import sample_image
-from darkroom.worker.process import WorkerProcess
+from darkroom.producer.webhooks.deliveries import DEAD_KEY, RETRIES_KEY, DeadLetters, DeliveryQueue, processing_key
+from darkroom.producer.webhooks.dispatcher import Dispatcher, DispatcherSettings
 
 from ..conftest import png_bytes
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from darkroom.dev.demo import sample_image
+from darkroom.dev.tiny import make_tiny_lora
 from darkroom.worker.adapters import AdapterFile, AdapterManager
-from darkroom.worker.demo import sample_image
 from darkroom.worker.device import DeviceInfo
 from darkroom.worker.pipelines import load_pipeline
-from darkroom.worker.tiny import make_tiny_lora
 
 CPU = DeviceInfo("cpu", "float32", "cpu")
 

@@ -22,8 +22,8 @@ from darkroom.common.status import JobStatus
 from darkroom.producer.augment import AugmentSpec, Source, cell_id, expand, parse_adapter_set, parse_seeds
 from darkroom.producer.augment.dataset import _cell_rows, _metadata, _parquet, _uniform
 from darkroom.producer.augment.plan import Estimate, Plan
-from darkroom.producer.augment.runner import Progress
 from darkroom.producer.augment.sources import list_sources
+from darkroom.producer.augment.submitter import Progress
 from darkroom.producer.cli_augment import ProgressBar, spec_fields
 
 ID = re.compile(r"^aug-[0-9a-f]{24}$")

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from darkroom.common.errors import JobCancelled
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.worker.batcher import BatchPolicy, Engine, Inference, JobCancelled, Request, mark_batch_wide
-from darkroom.worker.engine import WorkItem, batch_key
+from darkroom.worker.inference.batching import BatchPolicy
+from darkroom.worker.inference.call import WorkItem, batch_key
+from darkroom.worker.inference.engine import Engine, Inference, Request, mark_batch_wide
 
 IMAGE = Image.new("RGB", (64, 64))
 IDS = itertools.count()

@@ -18,7 +18,7 @@ from darkroom.common.broker import ARGSREPR_MAX, task_message
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.queues import TASK_IMG2IMG, broker_list, celery_config, cold_queue
 from darkroom.common.settings import Settings
-from darkroom.producer.embedded import resolve_redis_server
+from darkroom.dev.embedded import resolve_redis_server
 
 # argsrepr (what workers log) is Python's repr, cut at 1024 characters; Celery's saferepr differs only in
 # quoting strings that hold quotes, hence a prompt without any here
@@ -111,3 +111,42 @@ def test_argsrepr_is_cut_like_celerys() -> None:
     job = JOB.model_copy(update={"prompt": "x" * 3000}).model_dump(mode="json")
     headers = json.loads(task_message(TASK_IMG2IMG, "j", [job], queue="q", priority=0, sender="s")[1])["headers"]
     assert len(headers["argsrepr"]) == ARGSREPR_MAX and headers["argsrepr"].endswith("...")
+
+
+def test_restoring_an_unacked_message_matches_kombus_own_restore(redis_socket: Path, rdb: redis.Redis) -> None:
+    """What the reclaimer pushes back for a dead worker's message is what kombu's own restore pushes."""
+    from kombu import Connection
+
+    from darkroom.common.broker import UNACKED, queued_task_id, restored
+
+    # Given a job message taken by a kombu consumer that never acknowledges it (it sits in "unacked")
+    queue = cold_queue("tiny")
+    key, raw = task_message(TASK_IMG2IMG, "job-9", [JOB.model_dump(mode="json")], queue=queue, priority=6,
+                            sender="test")
+    rdb.lpush(key, raw)
+    options = {**celery_config(Settings())["broker_transport_options"], "visibility_timeout": 0}
+    with Connection(f"redis+socket://{redis_socket}", transport_options=options) as conn:
+        consumer = conn.SimpleQueue(queue, no_ack=False)
+        message = consumer.get(timeout=10)
+        assert message.headers["id"] == "job-9"
+        (unacked,) = rdb.hvals(UNACKED)
+        assert queued_task_id(unacked, unacked=True) == "job-9"
+        ours = restored(unacked)
+        # When kombu restores it itself (visibility timeout passed)
+        conn.default_channel.qos.restore_visible(num=10)
+        consumer.close()
+    # Then both put the same message on the same list
+    assert ours is not None
+    lists = [k.decode() for k in rdb.keys("darkroom.img2img*") if rdb.type(k) == b"list"]
+    assert lists == [ours[0]]
+    (theirs,) = rdb.lrange(ours[0], 0, -1)
+    assert json.loads(theirs) == json.loads(ours[1])
+
+
+def test_unreadable_queue_entries_have_no_job_id() -> None:
+    from darkroom.common.broker import queued_task_id, restored
+
+    for junk in (b"not json", b"[1, 2]", b"{}", b'"text"'):
+        assert queued_task_id(junk) is None
+        assert queued_task_id(junk, unacked=True) is None
+    assert restored(b"garbage") is None

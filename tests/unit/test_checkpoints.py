@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
+from darkroom.dev.tiny import make_tiny_single_file
 from darkroom.worker.checkpoints import copy_config_folder, is_single_file, load_single_file
 from darkroom.worker.device import DeviceInfo
 from darkroom.worker.filecache import FileCache
 from darkroom.worker.pipelines import PipelineCache
 from darkroom.worker.registry import ModelRegistry, ModelSpec
-from darkroom.worker.tiny import make_tiny_single_file
 
 CPU = DeviceInfo("cpu", "float32", "cpu")
 

@@ -43,10 +43,15 @@ def test_three_sentinels_with_quorum_two_watch_the_primary_and_a_replica_follows
         assert "requirepass $$REDIS_PASSWORD" in script and "auth-pass darkroom $$REDIS_PASSWORD" in script
         assert service["environment"]["SENTINEL_HOST"] == name
         assert service["volumes"] == [f"{name}-data:/data"]  # its rewritten config survives a restart
-    replica = services["redis-replica"]["command"]
-    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
-    for node in ("redis", "redis-replica"):
-        assert "--masterauth" in services[node]["command"], node  # either may become a replica
+    script = (ROOT / "infra" / "redis" / "start.sh").read_text()
+    assert '--replicaof "$primary" 6379' in script and "--masterauth" in script  # either node may be a replica
+    for node, announced in (("redis", "redis"), ("redis-replica", "redis-replica")):
+        service = services[node]
+        assert service["command"][:2] == ["sh", "/etc/darkroom/redis-start.sh"], node  # the ACL users too
+        assert "./infra/redis/start.sh:/etc/darkroom/redis-start.sh:ro" in service["volumes"], node
+        env = service["environment"]
+        assert env["SENTINEL_HOST"] in sentinels and env["REDIS_INITIAL_PRIMARY"] == "redis", node
+        assert env["REDIS_ANNOUNCE_HOST"] == announced and "REDIS_PASSWORD" in env, node
 
 
 def test_every_darkroom_service_asks_the_sentinels() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from darkroom.common.errors import JobError
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.worker.engine import check_call_options
+from darkroom.worker.inference.call import check_call_options
 
 
 def job(steps: int) -> Img2ImgJob:

@@ -15,13 +15,13 @@ from PIL import Image
 
 from darkroom.common.errors import ConfigurationError, JobError
 from darkroom.common.jobs import Img2ImgJob
+from darkroom.dev.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 from darkroom.worker.device import DeviceInfo
-from darkroom.worker.engine import WorkItem, batch_key, run_batch
 from darkroom.worker.features import applied
+from darkroom.worker.inference.call import WorkItem, batch_key, run_batch
 from darkroom.worker.ip_adapter import IPAdapterFiles, has_ip_adapter, load_ip_adapter
 from darkroom.worker.pipelines import load_pipeline
 from darkroom.worker.registry import IPAdapterSpec, ModelRegistry
-from darkroom.worker.tiny import IP_ADAPTER_ENCODER, make_tiny_ip_adapter
 from darkroom.worker.tuning import Attention, Tuning
 
 CPU = DeviceInfo("cpu", "float32", "cpu")

@@ -230,3 +230,37 @@ def test_grafana_dashboard_is_json_with_a_panel_per_metric() -> None:
                    "darkroom_device_memory_bytes", "darkroom_lease_takeovers_total",
                    "darkroom_webhook_deliveries_total", "darkroom_queue_depth"]:
         assert metric in exprs, metric
+
+
+def _secret_refs(container: Obj) -> set[str]:
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    return refs | {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+
+
+def test_each_pod_is_given_only_the_secrets_it_needs(rendered: list[Obj]) -> None:
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in rendered
+            if o["kind"] in ("Deployment", "StatefulSet")}
+    secrets = {o["metadata"]["name"] for o in rendered if o["kind"] == "Secret"}
+    for name, spec in pods.items():
+        (container,) = spec["containers"]
+        refs = _secret_refs(container) | {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        assert refs <= secrets, f"{name} names a Secret that is not rendered: {refs - secrets}"
+        if name.startswith("darkroom-worker"):
+            assert refs == {"darkroom-redis", "darkroom-worker-s3"}, name   # no webhook secrets, no root S3 keys
+        elif name == "darkroom-dispatcher":
+            assert refs == {"darkroom-redis", "darkroom-webhooks"}, name    # no S3 keys
+        elif name == "redis":
+            assert refs == {"darkroom-redis", "darkroom-redis-acl"}, name
+
+
+def test_redis_loads_the_producers_acl_users_with_the_start_script_of_compose(rendered: list[Obj]) -> None:
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    if ("StatefulSet", "redis") not in by_name:
+        return  # an overlay with an external Redis
+    (container,) = by_name[("StatefulSet", "redis")]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["sh", "/etc/darkroom/redis/start.sh"]
+    assert "--requirepass" not in container["args"]  # an ACL file replaces it: the script writes the default user
+    script = by_name[("ConfigMap", "darkroom-redis-start")]["data"]["start.sh"]
+    assert script == (ROOT / "infra" / "redis" / "start.sh").read_text()
+    assert "producers.acl" in by_name[("Secret", "darkroom-redis-acl")]["stringData"]

@@ -16,9 +16,13 @@ def test_the_sentinel_overlay_runs_two_data_nodes_and_three_sentinels() -> None:
     redis = next(o for o in objects if _ident(o) == ("StatefulSet", "redis"))
     assert redis["spec"]["replicas"] == 2
     (node,) = redis["spec"]["template"]["spec"]["containers"]
-    script = node["command"][2]
-    assert "args" not in node and "--masterauth" in script and "--replicaof $primary 6379" in script
-    assert "sentinel get-master-addr-by-name darkroom" in script  # a restarted node follows the current primary
+    assert node["command"] == ["sh", "/etc/darkroom/redis/start.sh"]  # the base's, with its Sentinel block on
+    env = {e["name"]: e.get("value") for e in node["env"]}
+    assert env["SENTINEL_HOST"] == "redis-sentinel" and env["REDIS_INITIAL_PRIMARY"] == "redis-0.redis"
+    assert env["REDIS_ANNOUNCE_HOST"] == "$(POD_NAME).redis" and "REDIS_PASSWORD" in env
+    script = next(o for o in objects if _ident(o) == ("ConfigMap", "darkroom-redis-start"))["data"]["start.sh"]
+    assert "sentinel get-master-addr-by-name" in script and '--replicaof "$primary" 6379' in script
+    assert "--masterauth" in script  # a restarted node follows the current primary; either may be a replica
     assert next(o for o in objects if _ident(o) == ("Service", "redis"))["spec"]["clusterIP"] == "None"
 
     sentinels = next(o for o in objects if _ident(o) == ("StatefulSet", "redis-sentinel"))
@@ -42,5 +46,5 @@ def test_every_darkroom_process_asks_the_sentinels_with_their_password() -> None
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             env = {e["name"]: e for e in container["env"]}
             secret = env["DARKROOM_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
-            assert secret == {"name": "darkroom-secrets", "key": "REDIS_PASSWORD"}, deployment["metadata"]["name"]
+            assert secret == {"name": "darkroom-redis", "key": "REDIS_PASSWORD"}, deployment["metadata"]["name"]
             assert "DARKROOM_REDIS_URL" in env  # still the password and database

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from darkroom.common.jobs import Img2ImgJob
+from darkroom.dev.tiny import make_tiny_lora
 from darkroom.worker.adapters import BASE, AdapterFile, AdapterManager, AdapterSet
 from darkroom.worker.device import DeviceInfo
-from darkroom.worker.engine import WorkItem, batch_key, run_batch
+from darkroom.worker.inference.call import WorkItem, batch_key, run_batch
 from darkroom.worker.mixing import MixedAdapters, Routing, routed
 from darkroom.worker.pipelines import load_pipeline
-from darkroom.worker.tiny import make_tiny_lora
 
 CPU = DeviceInfo("cpu", "float32", "cpu")
 CALL: dict[str, Any] = {"strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from darkroom.common.errors import ErrorCode, JobError
+from darkroom.dev.tiny import make_tiny_model
 from darkroom.worker.device import DeviceInfo
 from darkroom.worker.filecache import FileCache
 from darkroom.worker.pipelines import PipelineCache, module_bytes_all
 from darkroom.worker.registry import ModelRegistry
-from darkroom.worker.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

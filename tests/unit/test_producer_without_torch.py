@@ -23,7 +23,7 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_producer_imports_without_torch_or_diffusers() -> None:
     result = run(
-        "import darkroom.producer as p, darkroom.producer.cli, darkroom.producer.embedded\n"
+        "import darkroom.producer as p, darkroom.producer.cli, darkroom.dev.embedded\n"
         "from darkroom.producer import Client, Img2ImgJob\n"
         "Img2ImgJob(model='m', image='s3://bkt/a.png', prompt='x')\n"
         "assert not {'torch', 'diffusers'} & set(sys.modules), sorted(sys.modules)\n"
@@ -39,7 +39,7 @@ def test_the_blocker_really_blocks_torch() -> None:
 
 
 def test_cli_help_lists_commands_without_torch() -> None:
-    result = run("import sys; sys.argv = ['darkroom', '--help']\nfrom darkroom.producer.cli import main\nmain()\n")
+    result = run("import sys; sys.argv = ['darkroom', '--help']\nfrom darkroom.common.cli import main\nmain()\n")
     assert result.returncode == 0, result.stderr
     for command in ("submit", "status", "wait", "services", "worker"):
         assert command in result.stdout
@@ -50,7 +50,7 @@ def test_submit_reads_list_fields_from_a_job_file_and_flags_override(tmp_path: o
 
     from click.testing import CliRunner
 
-    from darkroom.producer import cli
+    from darkroom.common import cli
 
     job = Path(str(tmp_path)) / "job.json"
     job.write_text('{"model": "m", "image": "s3://bkt/a.png", "prompt": "x", "strength": 7}')

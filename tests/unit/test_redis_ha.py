@@ -22,9 +22,9 @@ from darkroom.common.jobstore import JobRecord
 from darkroom.common.queues import celery_config
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
+from darkroom.dev.embedded import EmbeddedServices
+from darkroom.dev.embedded_ha import HAEndpoints, HAServices, services_for
 from darkroom.producer import _durable
-from darkroom.producer.embedded import EmbeddedServices
-from darkroom.producer.embedded_ha import HAEndpoints, HAServices, services_for
 
 SENTINELS = "10.0.0.1:26379, 10.0.0.2:26380,10.0.0.3:26381"
 
@@ -173,7 +173,7 @@ def test_a_wrong_password_is_not_turned_into_a_retryable_error() -> None:
 
 
 def test_the_cli_explains_redis_unavailable_by_what_redis_said() -> None:
-    from darkroom.producer.cli_errors import ExitCode, explain
+    from darkroom.common.cli_errors import ExitCode, explain
 
     wrapped = RedisUnavailable("Redis is unavailable or failing over")
     wrapped.__cause__ = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")

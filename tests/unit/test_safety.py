@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from darkroom.common.errors import ConfigurationError, ErrorCode, JobError
-from darkroom.worker.demo import sample_image
+from darkroom.dev.demo import sample_image
 from darkroom.worker.safety import (
     DiffusersSafetyChecker,
     NoChecker,

@@ -21,7 +21,7 @@ from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timi
 from darkroom.common.safety import SafetyAction, SafetyPolicy, SafetyVerdict
 from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import OutboxEntry, outbox_push, webhook_body
-from darkroom.worker.demo import sample_image
+from darkroom.dev.demo import sample_image
 from darkroom.worker.registry import ModelRegistry
 from darkroom.worker.safety import NoChecker, OpenNSFWChecker
 from darkroom.worker.screening import InputFlaggedError, Screening

@@ -1,4 +1,4 @@
-"""The tiny random-weight SD img2img model (darkroom.worker.tiny): build, save, load, run."""
+"""The tiny random-weight SD img2img model (darkroom.dev.tiny): build, save, load, run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from darkroom.worker.tiny import is_tiny_model_dir, make_tiny_model
+from darkroom.dev.tiny import is_tiny_model_dir, make_tiny_model
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, darkroom.worker.tiny; sys.exit(int('torch' in sys.modules or 'diffusers' in sys.modules))"
+    code = "import sys, darkroom.dev.tiny; sys.exit(int('torch' in sys.modules or 'diffusers' in sys.modules))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from darkroom.worker.demo import DEMO_MODEL_GUIDANCE, DEMO_MODEL_SIZE, sample_image
-from darkroom.worker.trained import COLOURS, build_pooling_vae, make_demo_model, scene_batch
+from darkroom.dev.demo import DEMO_MODEL_GUIDANCE, DEMO_MODEL_SIZE, sample_image
+from darkroom.dev.trained import COLOURS, build_pooling_vae, make_demo_model, scene_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 

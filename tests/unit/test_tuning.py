@@ -27,7 +27,7 @@ CALL = {"prompt": "a red boat", "strength": 0.75, "num_inference_steps": 4, "gui
 def outputs(pipe: Any, size: int, count: int = 1) -> np.ndarray:
     import torch
 
-    from darkroom.worker.demo import sample_image
+    from darkroom.dev.demo import sample_image
 
     pipe.set_progress_bar_config(disable=True)
     image = sample_image(size)

@@ -15,15 +15,15 @@ import redis
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from darkroom.common.cli import main
 from darkroom.common.errors import ConfigurationError
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.reference import settings_markdown
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
 from darkroom.common.webhooks import CallbackTarget, WebhookVerificationError, generate_secret, verify, webhook_body
-from darkroom.producer.cli import main
-from darkroom.producer.deliveries import Attempt, Delivery
-from darkroom.producer.dispatcher import DEFAULT_SCHEDULE, Dispatcher, DispatcherSettings, Response, next_delay
+from darkroom.producer.webhooks.deliveries import Attempt, Delivery
+from darkroom.producer.webhooks.dispatcher import DEFAULT_SCHEDULE, Dispatcher, DispatcherSettings, Response, next_delay
 
 SECRET = generate_secret()
 

@@ -90,7 +90,7 @@ class ReferencePolicy:
         """Why ``ref`` is out of bounds, or None."""
         if self.allowed_buckets and ref.uri.bucket not in self.allowed_buckets:
             return ReferenceRefused(ErrorCode.BUCKET_NOT_ALLOWED, FieldError(
-                ref.field, shorten(ref.value), f"bucket {ref.uri.bucket!r} is not allowed",
+                ref.field, shorten(ref.value), f"bucket {ref.uri.bucket!r} is not allowed (not in the allowed_buckets allowlist)",
                 "buckets " + ", ".join(sorted(self.allowed_buckets))))
         if self.quarantine is not None and ref.uri.is_under(self.quarantine):
             where = f"the job would write to {ref.uri}, which lies" if ref.writes else "lies"

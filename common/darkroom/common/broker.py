@@ -21,6 +21,7 @@ kombu/transport/redis.py ``_put``; a unit test compares it with a message that `
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import uuid
@@ -122,3 +123,33 @@ def redelivered(message: dict[str, Any]) -> dict[str, Any]:
     message.setdefault("headers", {})["redelivered"] = True
     message.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
     return message
+
+
+# Queue lists of every img2img queue (hot, cold, per priority) match this pattern.
+QUEUE_LIST_PATTERN = "darkroom.img2img*"
+
+
+def unacked_entry(raw: bytes | str) -> tuple[dict[str, Any], str, str]:
+    """A value of kombu's ``unacked`` hash: (message, exchange, routing key)."""
+    message, exchange, routing_key = json.loads(raw)
+    return message, str(exchange), str(routing_key)
+
+
+def restored(raw_unacked: bytes | str) -> tuple[str, str] | None:
+    """Where and what to RPUSH to restore an ``unacked`` entry as kombu does: (list, message JSON).
+    None when the entry is unreadable."""
+    try:
+        message, _exchange, routing_key = unacked_entry(raw_unacked)
+    except (ValueError, TypeError):
+        return None
+    return restore_list(routing_key, message), json.dumps(redelivered(message))
+
+
+def queued_task_id(raw: bytes | str, *, unacked: bool = False) -> str | None:
+    """The job id of a message as it sits in a queue list (or, ``unacked``, in the unacked hash);
+    None when it is not a readable task message."""
+    try:
+        message = unacked_entry(raw)[0] if unacked else json.loads(raw)
+        return message_task_id(message) if isinstance(message, dict) else None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return None

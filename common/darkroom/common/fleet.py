@@ -9,26 +9,86 @@ resident, else to its cold queue, where any worker serving it can cold-load it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .queues import cold_queue, hot_queue
 
-__all__ = ["WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
+__all__ = ["WorkerReport", "CurrentJob", "CacheCounts", "WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
 
 WORKER_PREFIX = "darkroom:worker:"
 WORKERS_KEY = "darkroom:workers"  # names of workers that announced themselves (no keyspace SCAN needed)
 CATALOG_KEY = "darkroom:models"
 CATALOG_TTL_SECONDS = 7 * 24 * 3600
+REPORT_SCHEMA_VERSION = 1
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def worker_key(name: str) -> str:
     return WORKER_PREFIX + name
+
+
+class CurrentJob(BaseModel):
+    """A job the worker runs now, and since when (epoch seconds)."""
+
+    job_id: str
+    since: float
+
+
+class CacheCounts(BaseModel):
+    """The worker's model cache: loads served from memory, cold loads, evictions."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class WorkerReport(BaseModel):
+    """What a worker announces on every heartbeat (``darkroom:worker:{name}``, JSON, a short TTL).
+
+    Written by the worker, read by routing, the CLI, the dashboard and the autoscaler's helpers.
+    Versioned and read tolerantly: fields a newer worker adds are kept, missing ones take defaults.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    name: str
+    pid: int | None = None
+    host: str | None = None
+    device: str = ""
+    device_name: str = ""
+    dtype: str = ""
+    tuning: dict[str, Any] = Field(default_factory=dict)
+    total_memory: int | None = None
+    free_memory: int | None = None
+    models: list[str] = Field(default_factory=list, description="Models it serves.")
+    resident_models: list[str] = Field(default_factory=list, description="Models loaded now (hot queues).")
+    resident_bytes: int = 0
+    memory_budget: int = 0
+    resident_adapters: dict[str, list[str]] = Field(default_factory=dict)
+    cache: CacheCounts = Field(default_factory=CacheCounts)
+    adapter_switches: int = 0
+    jobs_done: int = 0
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+    current_jobs: list[CurrentJob] = Field(default_factory=list)
+
+    @classmethod
+    def read(cls, name: str, raw: str | bytes) -> WorkerReport:
+        """The report in ``raw``; an unreadable one becomes an empty report of ``name`` (logged, never raised)."""
+        try:
+            return cls.model_validate({**json.loads(raw), "name": name})
+        except (ValueError, TypeError, ValidationError) as exc:
+            log.warning("unreadable report of worker %s: %s", name, str(exc).splitlines()[0])
+            return cls(name=name)
 
 
 @dataclass(frozen=True)
@@ -36,15 +96,20 @@ class WorkerInfo:
     """One live worker process, as it last reported itself."""
 
     name: str
-    data: dict[str, Any]
+    report: WorkerReport
 
     @property
     def resident_models(self) -> list[str]:
-        return list(self.data.get("resident_models", []))
+        return self.report.resident_models
 
     @property
     def models(self) -> list[str]:
-        return list(self.data.get("models", []))
+        return self.report.models
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The report as plain JSON data (unknown fields included)."""
+        return self.report.model_dump(mode="json")
 
 
 class Fleet:
@@ -67,10 +132,11 @@ class Fleet:
             self.redis.srem(WORKERS_KEY, *gone)
         return self._workers.put(parse_workers(keys, values))
 
-    def announce(self, name: str, report: str, ttl_seconds: int) -> None:
+    def announce(self, report: WorkerReport, ttl_seconds: int) -> None:
         """A worker's heartbeat: its report under a short TTL, and its name in the set of workers."""
+        name = report.name
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(worker_key(name), report, ex=ttl_seconds)
+        pipe.set(worker_key(name), report.model_dump_json(), ex=ttl_seconds)
         pipe.sadd(WORKERS_KEY, name)
         pipe.execute()
 
@@ -134,7 +200,7 @@ def parse_workers(keys: list[Any], values: list[Any]) -> list[WorkerInfo]:
         if raw is None:
             continue
         name = (key.decode() if isinstance(key, bytes) else str(key))[len(WORKER_PREFIX):]
-        found.append(WorkerInfo(name, json.loads(raw)))
+        found.append(WorkerInfo(name, WorkerReport.read(name, raw)))
     return found
 
 

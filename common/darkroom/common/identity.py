@@ -57,6 +57,7 @@ from .status import JobStatus
 if TYPE_CHECKING:
     from .boundaries import ReferencePolicy
     from .lifecycle import Lifecycle
+    from .quotas import WorkerQuota
 
 __all__ = ["AUTH_FIELD", "Admission", "Auth", "Gate", "Signer", "Unauthenticated", "canonical_job", "sign_job",
            "strip_auth", "verify_job"]
@@ -172,6 +173,7 @@ class Admission:
     auth: dict[str, Any] | None = None
     refused: ErrorCode | None = None
     reason: str = ""
+    retry_after: float | None = None  # refused for now (a quota): deliver again after so many seconds
     policy: ReferencePolicy | None = field(default=None, compare=False)
 
     @property
@@ -184,12 +186,14 @@ class Gate:
 
     def __init__(self, client: redis.Redis, *, require: bool, max_age_seconds: float,
                  policy_check: Callable[[Producer, Mapping[str, Any]], tuple[ErrorCode, str] | None] | None = None,
-                 cache_seconds: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+                 quota: WorkerQuota | None = None, cache_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.redis = client
         self.registry = ProducerRegistry(client)
         self.require = require
         self.max_age = max_age_seconds
         self.policy_check = policy_check
+        self.quota = quota
         self.cache_seconds = cache_seconds
         self.clock = clock
         self._cache: dict[str, tuple[float, Any]] = {}
@@ -232,7 +236,7 @@ class Gate:
         if refusal is not None:
             lifecycle.dead_letter_message(payload, f"{refusal[0]}: {refusal[1]}")
             return self._refused(*refusal, job_id)
-        return Admission(producer, auth if isinstance(auth, dict) else None)
+        return self._quota(producer, job_id) or Admission(producer, auth if isinstance(auth, dict) else None)
 
     def _admit_record(self, lifecycle: Lifecycle, raw: Any, job: dict[str, Any], auth: Any) -> Admission:
         record = JobRecord.read(raw)
@@ -243,7 +247,19 @@ class Gate:
         refusal = self._policy(producer, job)
         if refusal is not None:
             return self._fail(lifecycle, record, *refusal)
-        return Admission(producer)
+        return self._quota(producer, record.job_id) or Admission(producer)
+
+    def _quota(self, producer: Producer, job_id: Any) -> Admission | None:
+        """A valid job past its producer's quota waits (deferred, never failed); None when it may start."""
+        if self.quota is None or not isinstance(job_id, str):
+            return None
+        wait = self.quota.take(producer.id, producer.policy, job_id)
+        if wait is None:
+            return None
+        log.info("holding back job %s: [quota_exceeded] %s; again in %.0f s", job_id[:80], wait.message,
+                 wait.retry_after)
+        return Admission(producer, refused=ErrorCode.QUOTA_EXCEEDED, reason=wait.message,
+                         retry_after=wait.retry_after)
 
     def _policy(self, producer: Producer, job: Mapping[str, Any]) -> tuple[ErrorCode, str] | None:
         job_id = job.get("job_id")

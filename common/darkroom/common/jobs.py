@@ -9,13 +9,14 @@ refused; every refusal names the field, the value and what is allowed.
 from __future__ import annotations
 
 import re
+import secrets
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import FieldError, InvalidJobError, shown
+from .errors import DarkroomError, FieldError, InvalidJobError, shown
 from .events import EventType
 from .redaction import URL_FIELDS, redact_url
 from .safety import SafetyPolicy
@@ -62,7 +63,7 @@ TextValue = Annotated[
 ]
 
 
-class CrossFieldError(ValueError):
+class CrossFieldError(DarkroomError, ValueError):
     """Raised by a job validator when a field is wrong given another field; names the field."""
 
     def __init__(self, field: str, value: Any, message: str, allowed: str) -> None:
@@ -496,6 +497,13 @@ class Img2ImgJob(BaseModel):
         explicit = self.timesteps or self.sigmas
         steps = len(explicit) if explicit else self.num_inference_steps
         return int(steps * self.strength)
+
+    def seeded(self) -> Img2ImgJob:
+        """This job with a random seed when it names none (the submitter draws it; a worker does for a job that
+        reached it without one). Leaves room for ``seed + i`` per image."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
 
     def seeds(self) -> list[int]:
         """One seed per output image (the list, or ``seed + i``); requires ``seed`` to be set."""

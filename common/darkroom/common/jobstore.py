@@ -58,6 +58,7 @@ DEAD_LETTERS_KEY = "darkroom:dead-letters"
 DEAD_LETTERS_INDEX_KEY = "darkroom:dead-letters:index"
 JOBS_INDEX_KEY = "darkroom:jobs"
 OPEN_JOBS_KEY = "darkroom:jobs:open"
+RECONCILER_LOCK = "darkroom:reconciler:lock"  # one reconciler sweep at a time across the fleet
 
 
 def history_key(job_id: str) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import DarkroomError
 from .jobs import Priority
 
 __all__ = ["REGISTRY_KEY", "KEY_PREFIX", "job_namespace", "policy_key", "Producer", "ProducerKey", "ProducerPolicy", "ProducerRegistry",
@@ -44,7 +45,7 @@ KEY_PREFIX = "dk_"
 """Signing keys read ``dk_`` + 32 random bytes in URL-safe base64."""
 
 
-class UnknownProducer(KeyError):
+class UnknownProducer(DarkroomError, KeyError):
     """Raised when a producer id is not in the registry."""
 
 
@@ -227,11 +228,13 @@ def acl_lines(producer_id: str, password: str, queues: Iterable[str] = ("darkroo
         "~darkroom:webhooks:outbox",
         "%R~darkroom:worker:*", "%R~darkroom:workers*", "%R~darkroom:models*",  # the catalog and routes
         f"%R~{policy_key(producer_id)}",  # its own policy (the SDK's early check); never the registry
+        f"~darkroom:quota:{producer_id}:*",  # the SDK's early quota count (workers keep their own, out of reach)
+        "%W~darkroom:cancels",             # signed cancel requests (a worker verifies them); never pop them
         "%W~darkroom:fair:*",              # fair share: the producers with held bulk work, the backlog tokens
         *[f"%W~{q}" for q in queues],      # push messages; never pop them
     ]
     commands = ["+@connection", "+get", "+mget", "+exists", "+hget", "+hgetall", "+hmget", "+smembers", "+type",
-                "+ttl", "+lrange", "+llen", "+zrange", "+zrangebyscore", "+zrevrangebyscore", "+zscore", "+zcard",
+                "+ttl", "+lrange", "+llen", "+blpop", "+zrange", "+zrangebyscore", "+zrevrangebyscore", "+zscore", "+zcard",
                 "+eval", "+evalsha", "+script|load", "+script|exists", "+time",
                 "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe", "+publish",
                 # what the submit, cancel and quota scripts write (each only on the keys above)

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         """Build settings from the environment, the embedded services' env file, then ``overrides``."""
         state_dir = Path(overrides.get("state_dir") or os.environ.get("DARKROOM_STATE_DIR") or DEFAULT_STATE_DIR)
         env_file = state_dir / "services.env"
-        return cls(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+        return cls(_env_file=env_file if env_file.is_file() else None, **overrides)
 
     def bucket_allowed(self, bucket: str) -> bool:
         return not self.allowed_buckets or bucket in self.allowed_buckets

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from .errors import DarkroomError
+
 __all__ = ["JobStatus", "IllegalTransition"]
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(DarkroomError, ValueError):
     """Raised when a status change is not allowed (e.g. leaving a terminal state)."""
 
 

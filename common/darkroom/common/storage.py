@@ -20,6 +20,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from .errors import DarkroomError
+
 __all__ = ["S3Uri", "InvalidUri", "URI_ALLOWED", "output_image_uri", "result_uri", "job_prefix", "thumbnail_uri",
            "latents_uri", "shorten", "THUMBNAIL_CONTENT_TYPE"]
 
@@ -31,7 +33,7 @@ URI_ALLOWED = ("s3://bucket/key: an S3 bucket name (3..63 of a-z 0-9 . -), then 
                f"at most {MAX_KEY_BYTES} bytes")
 
 
-class InvalidUri(ValueError):  # noqa: N818 - reads as what it is, like ValueError
+class InvalidUri(DarkroomError, ValueError):  # noqa: N818 - reads as what it is, like ValueError
     """Raised when an ``s3://`` reference is malformed; says why and what is allowed."""
 
     def __init__(self, uri: object, reason: str) -> None:

@@ -62,6 +62,27 @@ __all__ = [
 ]
 
 OUTBOX_KEY = "darkroom:webhooks:outbox"
+# The dispatcher's keys (producer side; workers read the stats for /metrics).
+RETRIES_KEY = "darkroom:webhooks:retries"
+DEAD_KEY = "darkroom:webhooks:dead"
+DEAD_INDEX_KEY = "darkroom:webhooks:dead:index"
+DISPATCHERS_KEY = "darkroom:webhooks:dispatchers"
+STATS_KEY = "darkroom:webhooks:stats"
+
+
+def processing_key(dispatcher: str) -> str:
+    """A dispatcher's in-flight list (entries move outbox -> processing atomically)."""
+    return f"darkroom:webhooks:processing:{dispatcher}"
+
+
+def dispatcher_key(dispatcher: str) -> str:
+    """A dispatcher's heartbeat."""
+    return f"darkroom:webhooks:dispatcher:{dispatcher}"
+
+
+def throttle_key(job_id: str) -> str:
+    """Present while a job's progress webhooks are held back."""
+    return f"darkroom:webhooks:throttle:{job_id}"
 TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED})
 _SECRET_PREFIX = "whsec_"
 

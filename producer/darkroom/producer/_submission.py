@@ -7,7 +7,6 @@ pipelines it fills, each with its own Redis client.
 from __future__ import annotations
 
 import io
-import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.broker import task_message
 from darkroom.common.errors import ErrorCode, FieldError, InvalidJobError, NotPermitted
 from darkroom.common.identity import AUTH_FIELD, Signer
-from darkroom.common.jobs import MAX_SEED, MESSAGE_SCHEMA_VERSION, Img2ImgJob, Priority, validate_job
+from darkroom.common.jobs import MESSAGE_SCHEMA_VERSION, Img2ImgJob, Priority, validate_job
 from darkroom.common.jobstore import JobRecord, refused_status, stage_create
 from darkroom.common.producers import ProducerPolicy, job_namespace
 from darkroom.common.queues import TASK_IMG2IMG, cold_queue
@@ -43,11 +42,10 @@ def prepare(job: JobLike, settings: Settings, known_models: Sequence[str],
     ``callback_url`` must resolve to public addresses unless ``allow_private_callbacks`` is set. ``policy``:
     the signing producer's (:mod:`darkroom.common.tenancy`), checked here as the worker will.
     """
-    job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job))
+    job = validate_job(job if isinstance(job, Img2ImgJob) else dict(job)).seeded()
     job = job.model_copy(
         update={
             "job_id": job.job_id or namespace(settings) + uuid.uuid4().hex,
-            "seed": job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1 - 64),
             "output_prefix": job.output_prefix or settings.default_output_prefix.rstrip("/"),
             "producer": job.producer or settings.producer_id,
         }

@@ -29,7 +29,6 @@ from darkroom.common.events import JobEvent
 from darkroom.common.fleet import AsyncFleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobNotFound, JobRecord, job_key, raise_taken
-from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, policy_key
 from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
@@ -39,6 +38,7 @@ from darkroom.common.storage import S3Uri
 
 from . import _durable
 from . import _submission as submission
+from ._cancel import cancel as cancel_job
 from ._watch import Listen, Read, Watch
 from .client import EventCallback
 
@@ -193,10 +193,10 @@ class AsyncClient:
         """Cancel a job (see ``Client.cancel``); a job that already ended is left as it is. Returns its record."""
         await self.status(job_id)
 
-        def cancel_now() -> JobRecord:  # the lifecycle's fenced script, on a short-lived sync connection
+        def cancel_now() -> JobRecord:  # the lifecycle's fenced script (or a signed request), on a sync connection
             client = make_redis(self.settings)
             try:
-                return Lifecycle(client, ttl_seconds=self.settings.status_ttl_seconds).cancel_job(job_id, reason)
+                return cancel_job(client, self.settings, job_id, reason=reason)
             finally:
                 client.close()
 

@@ -1,11 +1,9 @@
-"""The ``darkroom`` command line.
+"""The producer's ``darkroom`` commands: ``submit``, ``status``, ``wait``, ``cancel``, ``watch``,
+``workers``, ``upload`` and ``download``.
 
-Sub-commands come from the ``darkroom.commands`` entry-point group, so the
-producer package offers ``submit``, ``status``, ``wait``, ``upload``, ``download`` and
-``services`` and the worker package, when installed, adds ``worker``, ``models`` and
-``demo`` without the producer importing it. Expected conditions (services not running,
-credentials refused, a missing bucket) end a command with one line and an exit code
-(:mod:`.cli_errors`), never a traceback.
+The ``darkroom`` host (:mod:`darkroom.common.cli`) finds them through the ``darkroom.commands``
+entry points; it also turns expected conditions (services not running, credentials refused, a
+missing bucket) into one line and an exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import json
 import sys
 import time
 from enum import Enum
-from importlib.metadata import entry_points
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -26,59 +23,6 @@ from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob, allowed_range
 from darkroom.common.jobstore import JobNotFound, JobRecord
 from darkroom.common.settings import Settings
-
-from .cli_errors import ExitCode, explain
-
-_WORKER_COMMANDS = {"worker", "models", "demo"}
-
-
-class _Commands(click.Group):
-    """A group whose commands are entry points, loaded only when used or listed."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({ep.name for ep in entry_points(group="darkroom.commands")})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        for ep in entry_points(group="darkroom.commands"):
-            if ep.name == name:
-                command = ep.load()
-                assert isinstance(command, click.Command)
-                return command
-        if name in _WORKER_COMMANDS:
-            raise click.UsageError(f"'darkroom {name}' needs the worker package: pip install darkroom-worker")
-        return None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(ExitCode.INTERRUPTED)
-        except Exception as exc:
-            failure = explain(exc)
-            if failure is None:
-                raise
-            click.echo(f"darkroom: {failure.message}", err=True)
-            sys.exit(failure.exit_code)
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main() -> None:
-    """Darkroom: distributed img2img (SDEdit) jobs on Redis, Celery workers and S3.
-
-    Connection settings come from DARKROOM_* environment variables (DARKROOM_REDIS_URL,
-    DARKROOM_S3_ENDPOINT_URL, DARKROOM_S3_ACCESS_KEY_ID, DARKROOM_S3_SECRET_ACCESS_KEY, ...);
-    when none are set, from ./.darkroom/services.env (relative to the current directory, or
-    DARKROOM_STATE_DIR), which 'darkroom services up' writes.
-
-    \b
-    Exit codes (every command): 0 ok; 1 failed or refused; 2 usage error;
-    69 Redis or S3 unreachable (services not running?); 77 credentials refused;
-    130 interrupted. 'wait' and 'submit --wait' add 2 cancelled; they and 'watch'
-    add 3 timed out. Each command's --help lists its own.
-    """
 
 
 # -- submit ---------------------------------------------------------------
@@ -119,7 +63,7 @@ def _job_options(command: Any) -> Any:
     return command
 
 
-@main.command()
+@click.command()
 @_job_options
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job and print its output URIs.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
@@ -170,7 +114,7 @@ def submit(wait_: bool, timeout: float | None, as_json: bool, quiet: bool, job_f
 
 
 # -- status / wait ----------------------------------------------------------
-@main.command()
+@click.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 def status(job_id: str, as_json: bool) -> None:
@@ -190,7 +134,7 @@ def status(job_id: str, as_json: bool) -> None:
         click.echo(record.model_dump_json(indent=2) if as_json else _describe(record))
 
 
-@main.command()
+@click.command()
 @click.argument("job_id")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit code 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -207,7 +151,7 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
         _wait_and_print(client, job_id, timeout, as_json)
 
 
-@main.command()
+@click.command()
 @click.argument("job_ids", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print {job id: status after the request} as JSON.")
 def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
@@ -234,7 +178,7 @@ def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(statuses))
 
 
-@main.command()
+@click.command()
 @click.argument("job_ids", nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit code 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print each event as one line of JSON.")
@@ -342,7 +286,7 @@ def _describe(record: JobRecord) -> str:
 
 
 # -- upload / download --------------------------------------------------------
-@main.command()
+@click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("destination", metavar="s3://BUCKET/PREFIX/")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the uploaded URIs.")
@@ -384,7 +328,7 @@ def upload(files: tuple[Path, ...], destination: str, as_json: bool) -> None:
         click.echo(json.dumps(uris))
 
 
-@main.command()
+@click.command()
 @click.argument("sources", nargs=-1, required=True, metavar="JOB_ID|s3://URI...")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the files written.")
@@ -459,7 +403,7 @@ def _parse_uri(text: str, what: str) -> Any:
 
 
 # -- workers ------------------------------------------------------------------
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print each worker's full report as JSON.")
 def workers(as_json: bool) -> None:
     """List live workers: device, memory, served and resident models, adapters.
@@ -493,153 +437,6 @@ def workers(as_json: bool) -> None:
 
 
 # -- services -----------------------------------------------------------------
-@main.group()
-def services() -> None:
-    """Start, stop or inspect the embedded Redis and S3 server (for laptops, demos and tests)."""
-
-
-@services.command("up")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Default: DARKROOM_STATE_DIR or .darkroom")
-@click.option("--quiet", "-q", is_flag=True, help="Print one line instead of the settings.")
-@click.option("--ha", is_flag=True, help="Also a Redis replica and three Sentinels (clients follow failovers); "
-                                         "the state folder stays HA.")
-def services_up(state_dir: Path | None, quiet: bool, ha: bool) -> None:
-    """Start a private Redis and a SeaweedFS S3 server on 127.0.0.1; print the settings to use.
-
-    The settings go to <state dir>/services.env, where every darkroom command run from this
-    folder finds them (from elsewhere, export them: set -a; . <file>; set +a). With --ha a replica
-    and three Sentinels run too, from the same redis-server.
-
-    Exit codes: 0 running; 1 a server could not start (its log is named).
-    """
-    from .embedded import EmbeddedServicesError
-
-    embedded = _embedded(state_dir, ha=ha)
-    try:
-        endpoints = embedded.up()
-    except EmbeddedServicesError as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
-    if quiet:
-        click.echo(f"embedded services are up; settings in {embedded.env_file}")
-        return
-    click.echo(f"# embedded services are up; settings written to {embedded.env_file}")
-    click.echo(f"# use them from a shell with: set -a; . {embedded.env_file}; set +a")
-    for key, value in endpoints.redacted().items():
-        click.echo(f"{key}={value}")
-
-
-@services.command("down")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--stop-workers", is_flag=True,
-              help="Also send SIGTERM to workers on this host attached to these services.")
-def services_down(state_dir: Path | None, stop_workers: bool) -> None:
-    """Stop the embedded services (data stays under the state folder).
-
-    Workers still attached to them would retry connecting forever: they are named (and, with
-    --stop-workers, stopped first when they run on this host).
-
-    Exit codes: 0 stopped (or were not running).
-    """
-    embedded = _embedded(state_dir)
-    attached = _attached_workers(embedded)
-    if attached and stop_workers:
-        _stop_local_workers(attached)
-    elif attached:
-        names = ", ".join(w.name for w in attached)
-        click.echo(f"warning: {len(attached)} worker(s) still attached to these services: {names}; they will "
-                   "keep retrying until stopped (Ctrl-C or kill them, or use --stop-workers)", err=True)
-    embedded.down()
-    click.echo("embedded services stopped")
-
-
-def _attached_workers(embedded: Any) -> list[Any]:
-    """Live workers reporting to the embedded Redis; [] when it is not running."""
-    from darkroom.common.fleet import Fleet
-
-    endpoints = embedded.endpoints()
-    if endpoints is None or not embedded.status()["redis"]["running"]:
-        return []
-    import redis
-
-    try:
-        client = redis.Redis.from_url(endpoints.redis_url, socket_connect_timeout=2)
-        return list(Fleet(client).workers(fresh=True))
-    except redis.exceptions.RedisError:
-        return []
-
-
-def _stop_local_workers(workers: list[Any]) -> None:
-    import os
-    import signal
-    import socket
-
-    for w in workers:
-        pid, host = w.data.get("pid"), w.data.get("host")
-        here = host == socket.gethostname() or (host is None and socket.gethostname() in w.name)
-        if isinstance(pid, int) and here:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                click.echo(f"stopping worker {w.name} (pid {pid})")
-            except ProcessLookupError:
-                pass
-        else:
-            click.echo(f"warning: worker {w.name} runs elsewhere; stop it there", err=True)
-    deadline = time.monotonic() + 30
-    for w in workers:
-        pid = w.data.get("pid")
-        while isinstance(pid, int) and time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.2)
-
-
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@services.command("status")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def services_status(state_dir: Path | None, as_json: bool) -> None:
-    """Show whether the embedded services are running.
-
-    Exit codes: 0 both running; 1 one or both stopped (or never started).
-    """
-    embedded = _embedded(state_dir)
-    status = embedded.status()
-    if as_json:
-        click.echo(json.dumps(status, indent=2, default=str))
-    else:
-        click.echo(f"embedded services in {Path(embedded.state_dir).absolute()}:")
-        labels = {"redis": "Redis", "s3": "S3 server"}
-        for name, info in status.items():
-            label = labels.get(name, name)
-            if info["running"]:
-                click.echo(f"  {label:<13} running  {info['url']}  (pid {info['pid']})")
-            else:
-                click.echo(f"  {label:<13} stopped")
-        if hasattr(embedded, "topology"):  # --ha: who is primary now, as the Sentinels say
-            topology = embedded.topology()
-            click.echo(f"  primary       {topology['primary'] or 'unknown (no Sentinel answers)'}  "
-                       f"(master name {topology['master_name']!r}; "
-                       + ", ".join(f"{node} {role}" for node, role in topology["nodes"].items()) + ")")
-        if not all(info["running"] for info in status.values()):
-            click.echo("start them with: darkroom services up")
-    sys.exit(0 if all(info["running"] for info in status.values()) else 1)
-
-
-def _embedded(state_dir: Path | None, *, ha: bool = False) -> Any:
-    from .embedded_ha import services_for
-
-    return services_for(state_dir or Settings.load().state_dir, ha=ha)
-
-
 def _client(client_cls: Any) -> Any:
     try:
         return client_cls(Settings.load())

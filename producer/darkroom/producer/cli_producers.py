@@ -144,13 +144,15 @@ def remove(producer_id: str) -> None:
 @producers.command("acl")
 @click.argument("producer_id")
 @click.option("--password", default=None, help="The Redis user's password [default: a new random one].")
-def acl(producer_id: str, password: str | None) -> None:
+@click.option("--file-format", is_flag=True, help="Print ACL file lines (`user ...`) instead of commands: append "
+                                                  "them to infra/redis/producers.acl (compose, k8s).")
+def acl(producer_id: str, password: str | None, file_format: bool) -> None:
     """Print Redis ACL SETUSER lines for a user that submits as PRODUCER_ID and cannot read the registry."""
     with _registry() as registry:
         registry.require(producer_id)
     secret = password or secrets.token_urlsafe(24)
     for line in acl_lines(producer_id, secret):
-        click.echo(line)
+        click.echo(line.replace("ACL SETUSER ", "user ", 1) if file_format else line)
 
 
 def _when(epoch: float) -> str:

@@ -23,7 +23,6 @@ from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
 from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
-from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, ProducerRegistry
 from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
@@ -33,6 +32,8 @@ from darkroom.common.storage import S3Uri
 
 from . import _durable
 from . import _submission as submission
+from ._cancel import CANCEL_TIMEOUT_SECONDS
+from ._cancel import cancel as cancel_job
 from ._watch import Listen, Read, Watch
 
 if TYPE_CHECKING:
@@ -197,12 +198,15 @@ class Client:
         submission.check_owner(record, self.settings, "read")
         return record
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, timeout: float = CANCEL_TIMEOUT_SECONDS) -> JobRecord:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising step and
-        publishes nothing. A job that already ended is left as it is. Returns the job's record."""
+        publishes nothing. A job that already ended is left as it is. Returns the job's record.
+
+        A signing client sends a signed request that a worker verifies (``timeout``: how long to wait for its
+        answer); only the job's own producer is obeyed (NotPermitted otherwise), see docs/security.md.
+        """
         with _durable.redis_unavailable(f"cancel job {job_id}"):
-            submission.check_owner(self.jobs.require(job_id), self.settings, "cancel")
-            return Lifecycle(self.jobs.redis, ttl_seconds=self.settings.status_ttl_seconds).cancel_job(job_id)
+            return cancel_job(self._redis, self.settings, job_id, timeout)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""

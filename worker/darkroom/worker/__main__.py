@@ -1,5 +1,5 @@
 """``python -m darkroom.worker ...`` is ``darkroom ...`` (used to spawn workers from tests and the demo)."""
 
-from darkroom.producer.cli import main
+from darkroom.common.cli import main
 
 main()

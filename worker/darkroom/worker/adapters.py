@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, JobError
+from darkroom.common.errors import DarkroomError, ErrorCode, JobError
 
 from .filecache import sha256_file
 
@@ -322,7 +322,7 @@ class AdapterManager:
         return f"{prefix}{self._counter}"
 
 
-class StackError(ValueError):
+class StackError(DarkroomError, ValueError):
     """Raised when adapters cannot be stacked into one (DoRA, LoRA biases, embedding LoRAs)."""
 
 

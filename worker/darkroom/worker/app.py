@@ -22,7 +22,7 @@ from celery.exceptions import Reject, Retry
 from darkroom.common.queues import TASK_IMG2IMG, celery_config
 
 from .context import WorkerContext
-from .delivery import DeliveryHandler, Outcome
+from .delivery import DeliveryHandler, MessageAction
 from .runner import JobRunner
 
 __all__ = ["create_app"]
@@ -35,13 +35,14 @@ def create_app(ctx: WorkerContext) -> Celery:
     app.conf.update(celery_config(ctx.settings))
     handler = DeliveryHandler(ctx, JobRunner(ctx))
 
-    @signals.worker_ready.connect(weak=False)
+    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]  # Celery is untyped
     def _attach_consumer(sender: Any, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             ctx.queues.attach(sender)
 
     # max_retries=None: the delivery handler bounds transient retries and deferrals itself
-    @app.task(name=TASK_IMG2IMG, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    @app.task(name=TASK_IMG2IMG, bind=True, acks_late=True, reject_on_worker_lost=True,  # type: ignore[untyped-decorator]
+              max_retries=None)
     def img2img(task: Any, payload: Any = None, *args: Any, **kwargs: Any) -> None:
         if args or kwargs:  # not the documented shape (one JSON object, the job): keep it visible
             payload = {"args": [payload, *args], "kwargs": kwargs}
@@ -52,9 +53,9 @@ def create_app(ctx: WorkerContext) -> Celery:
             if _give_up(handler, payload, exc):
                 return  # dead-lettered: acknowledged, never redelivered
             raise Reject(f"requeued after: {exc}", requeue=True) from exc
-        if decision.outcome is Outcome.RECYCLE:
+        if decision.action is MessageAction.RECYCLE:
             os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown once this task returns
-            ctx.exit_code = 75  # EX_TEMPFAIL: restart me
+            ctx.state.exit_with(75)  # EX_TEMPFAIL: restart me
         if decision.countdown:
             _republish(task, decision.countdown)
 

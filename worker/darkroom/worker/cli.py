@@ -1,4 +1,4 @@
-"""Worker-side ``darkroom`` commands: ``worker``, ``models make-tiny`` and ``demo``.
+"""Worker-side ``darkroom`` commands: ``worker`` and ``models push``.
 
 Registered through the ``darkroom.commands`` entry points; heavy imports
 (torch, diffusers) happen inside the commands, so ``darkroom --help`` stays fast.
@@ -7,12 +7,12 @@ Registered through the ``darkroom.commands`` entry points; heavy imports
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import click
 
+from darkroom.common.cli import EntryPointGroup
 from darkroom.common.errors import ConfigurationError, JobError
 from darkroom.common.logs import configure_logging
 
@@ -67,8 +67,10 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         _supervise(gpus, name, loglevel)
     _quiet_libraries()
     from darkroom.common.clients import make_redis
+    from darkroom.common.placeholders import check_secrets
 
     from .app import create_app
+    from .cancels import CancelListener
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
     from .routing import FairFeeder
@@ -77,6 +79,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
+        check_secrets(settings)  # a placeholder password (change-me...) stops the worker here, in one line
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
         registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
         ctx = WorkerContext.build(settings, registry)
@@ -96,8 +99,9 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
             if ctx.models.evictions > evictions:
                 break
     ctx.refresh_report()
-    heartbeat = ctx.heartbeat = Heartbeat(ctx)
+    heartbeat = Heartbeat(ctx)
     heartbeat.start()
+    cancels = CancelListener(ctx).start()  # signed cancel requests (darkroom.common.cancels)
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
                         interval=settings.fair_share_interval_seconds).start()
     if settings.metrics_port:
@@ -116,8 +120,9 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         celery_worker.start()
     finally:
         feeder.stop()
+        cancels.stop()
         heartbeat.stop()
-    sys.exit(ctx.exit_code or celery_worker.exitcode or 0)
+    sys.exit(ctx.state.exit_code or celery_worker.exitcode or 0)
 
 
 def _supervise(gpus: str, name: str | None, loglevel: str) -> None:
@@ -152,31 +157,9 @@ def _args_without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
-@click.group()
+@click.group(cls=EntryPointGroup, entry_point_group="darkroom.commands.models")
 def models() -> None:
-    """Build the tiny test model; upload model folders to object storage."""
-
-
-@models.command("make-tiny")
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing model in DIRECTORY.")
-def make_tiny(directory: Path, seed: int, overwrite: bool) -> None:
-    """Write a tiny Stable-Diffusion-architecture model with RANDOM weights to DIRECTORY.
-
-    Built offline from configs (no hub). Its outputs are noise-like: it exists to
-    exercise the whole system fast. Point --model at a real diffusers folder for real images.
-
-    Exit codes: 0 written (or already there); 1 DIRECTORY holds something else (see --overwrite).
-    """
-    _quiet_libraries()
-    from .tiny import make_tiny_model
-
-    try:
-        path = make_tiny_model(directory, seed=seed, overwrite=overwrite)
-    except FileExistsError as exc:
-        raise click.ClickException(f"{exc}: choose another folder, or replace it with --overwrite") from None
-    click.echo(str(path))
+    """Model folders: upload them to object storage (push); build tiny test models (make-tiny, from darkroom-dev)."""
 
 
 @models.command("push")
@@ -199,24 +182,3 @@ def push(source: Path, uri: str) -> None:
     store = ObjectStore(make_s3_client(Settings.load()))
     for target in push_files(store, source, uri):
         click.echo(target)
-
-
-@click.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="Where services, the tiny model and the contact sheet live (default .darkroom).")
-@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Use this diffusers model folder instead of the tiny trained demo model.")
-@click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
-@click.option("--prompt", default=None,
-              help="Default: 'red' for the demo model (it knows colour words), a lighthouse painting with --model-dir.")
-def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str | None) -> None:
-    """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet.
-
-    Exit codes: 0 every job succeeded; 1 something failed (the reason is printed); 130 interrupted.
-    """
-    _quiet_libraries()
-    from .demo import run_demo
-
-    values = [float(s) for s in strengths.split(",") if s.strip()]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(run_demo(state_dir=state_dir, model_dir=model_dir, strengths=values, prompt=prompt))

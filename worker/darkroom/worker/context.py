@@ -1,52 +1,144 @@
-"""The worker process's long-lived resources, built once at start-up (never at import).
-
-Tasks receive them through :class:`WorkerContext`, like arq's ``ctx``.
+"""The worker process's long-lived collaborators (:class:`WorkerContext`, built once at start-up, never at
+import; tasks receive it like arq's ``ctx``), its runtime state (:class:`WorkerState`, one lock) and its
+heartbeat thread (:class:`Heartbeat`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_redis, make_s3_client
-from darkroom.common.fleet import Fleet
+from darkroom.common.fleet import CacheCounts, CurrentJob, Fleet, WorkerReport
 from darkroom.common.identity import Gate
 from darkroom.common.jobstore import JobStore
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.quotas import WorkerQuota
 from darkroom.common.tenancy import PolicyCheck
 
 from .device import DeviceInfo, select_device
 from .filecache import FileCache
 from .metrics import WorkerMetrics
 from .pipelines import PipelineCache
-from .recovery import Reconciler, reclaim_abandoned
+from .recovery import Rescue
 from .registry import ModelRegistry
-from .routing import QueueSubscriptions, sweep_orphaned_queues
+from .routing import QueueSubscriptions
 from .screening import Screening
 from .settings import WorkerSettings
 from .tuning import Tuning
 
-__all__ = ["WorkerContext", "Heartbeat"]
+__all__ = ["WorkerContext", "WorkerState", "Heartbeat"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+class WorkerState:
+    """What changes while the worker runs, behind one lock: task threads, the engine thread and the
+    heartbeat thread all touch it (the report, jobs done and running, the exit code, engine progress)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+        self._jobs_done = 0
+        self._current: dict[str, float] = {}  # job id -> when it started here (epoch s)
+        self._report: WorkerReport | None = None
+        self._exit_code = 0
+        self._last_heartbeat = 0.0
+        self._progress_at = time.monotonic()  # last denoising step of any job (engine thread)
+        self._engine_busy: Callable[[], float | None] | None = None
+        self.wake = threading.Event()  # set: the heartbeat should announce now (resident models changed)
+
+    @property
+    def jobs_done(self) -> int:
+        with self._lock:
+            return self._jobs_done
+
+    def job_done(self) -> None:
+        with self._lock:
+            self._jobs_done += 1
+
+    @contextlib.contextmanager
+    def running(self, job_id: str) -> Iterator[None]:
+        """Count ``job_id`` among the jobs this worker runs now (its report's ``current_jobs``) while inside."""
+        with self._lock:
+            self._current[job_id] = time.time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._current.pop(job_id, None)
+
+    def current_jobs(self) -> list[CurrentJob]:
+        with self._lock:
+            return [CurrentJob(job_id=j, since=t) for j, t in self._current.items()]
+
+    @property
+    def report(self) -> WorkerReport | None:
+        """The latest report (None before the first); refreshed on the job thread after each batch."""
+        with self._lock:
+            return self._report
+
+    def set_report(self, report: WorkerReport) -> WorkerReport | None:
+        """Store ``report``; return the previous one."""
+        with self._lock:
+            before, self._report = self._report, report
+            return before
+
+    @property
+    def exit_code(self) -> int:
+        with self._lock:
+            return self._exit_code
+
+    def exit_with(self, code: int) -> None:
+        """The code the process exits with once Celery stops (75: restart me)."""
+        with self._lock:
+            self._exit_code = code
+
+    @property
+    def last_heartbeat(self) -> float:
+        with self._lock:
+            return self._last_heartbeat
+
+    def heartbeat_sent(self, at: float) -> None:
+        with self._lock:
+            self._last_heartbeat = at
+
+    @property
+    def progress_at(self) -> float:
+        with self._lock:
+            return self._progress_at
+
+    def progressed(self, at: float) -> None:
+        """A denoising step happened at monotonic time ``at`` (the engine-stall watchdog reads it)."""
+        with self._lock:
+            self._progress_at = at
+
+    def watch_engine(self, busy_since: Callable[[], float | None]) -> None:
+        """Where the engine tells when its current call began (None: idle)."""
+        with self._lock:
+            self._engine_busy = busy_since
+
+    def engine_busy_since(self) -> float | None:
+        with self._lock:
+            busy = self._engine_busy
+        return busy() if busy is not None else None
+
+
+@dataclass(frozen=True)
 class WorkerContext:
-    """What a task needs: settings, clients, the device, the resident models and the safety checker."""
+    """The worker's long-lived collaborators (settings, clients, device, resident models, safety checker),
+    fixed at start-up, plus :class:`WorkerState`, the one place for what changes while it runs."""
 
     settings: WorkerSettings
     name: str
@@ -57,17 +149,9 @@ class WorkerContext:
     files: FileCache
     models: PipelineCache
     screening: Screening
-    started_at: float = field(default_factory=time.time)
-    jobs_done: int = 0
-    report: dict[str, Any] = field(default_factory=dict)
-    heartbeat: Heartbeat | None = None
     queues: QueueSubscriptions = field(default_factory=QueueSubscriptions)
-    exit_code: int = 0
-    last_heartbeat: float = 0.0
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
-    current_jobs: dict[str, float] = field(default_factory=dict)  # job id -> when it started here (epoch s)
-    progress_at: float = field(default_factory=time.monotonic)  # last denoising step of any job (engine thread)
-    engine_busy: Any = None  # callable: monotonic time the engine's current call began, or None when idle
+    state: WorkerState = field(default_factory=WorkerState)
 
     @functools.cached_property
     def lifecycle(self) -> Lifecycle:
@@ -82,7 +166,8 @@ class WorkerContext:
         """Verifies who sent each message, and that producer's policy, before anything else (identity)."""
         s = self.settings
         return Gate(self.redis, require=s.require_signed_jobs, max_age_seconds=s.signature_max_age_seconds,
-                    policy_check=PolicyCheck(ReferencePolicy.from_settings(s)))
+                    policy_check=PolicyCheck(ReferencePolicy.from_settings(s)),
+                    quota=WorkerQuota(self.redis, ttl_seconds=s.status_ttl_seconds))
 
     @classmethod
     def build(cls, settings: WorkerSettings, registry: ModelRegistry) -> WorkerContext:
@@ -106,59 +191,43 @@ class WorkerContext:
         return cls(settings, name, device, client, JobStore(client, ttl_seconds=settings.status_ttl_seconds),
                    store, files, models, screening=screening, queues=QueueSubscriptions(registry.ids))
 
-    def refresh_report(self) -> None:
+    def refresh_report(self) -> WorkerReport:
         """Recompute what the worker reports (on the job thread: the heartbeat thread never touches models)."""
-        self.report = {
-            "name": self.name,
-            "pid": os.getpid(),
-            "device": self.device.device,
-            "device_name": self.device.name,
-            "dtype": self.device.dtype,
-            "tuning": self.models.tuning.describe(),
-            "total_memory": self.device.total_memory,
-            "models": self.models.registry.ids,
-            "resident_models": self.models.resident,
-            "resident_bytes": self.models.resident_bytes(),
-            "memory_budget": self.models.budget_bytes,
-            "resident_adapters": {m: self.models.get_entry(m).adapters.resident for m in self.models.resident},
-            "cache": {"hits": self.models.hits, "misses": self.models.misses, "evictions": self.models.evictions},
-            "adapter_switches": sum(self.models.get_entry(m).adapters.switches for m in self.models.resident),
-            "jobs_done": self.jobs_done,
-            "started_at": self.started_at,
-        }
+        models = self.models
+        report = WorkerReport(
+            name=self.name, pid=os.getpid(), host=socket.gethostname(), device=self.device.device,
+            device_name=self.device.name, dtype=self.device.dtype, tuning=models.tuning.describe(),
+            total_memory=self.device.total_memory, models=models.registry.ids, resident_models=models.resident,
+            resident_bytes=models.resident_bytes(), memory_budget=models.budget_bytes,
+            resident_adapters={m: models.get_entry(m).adapters.resident for m in models.resident},
+            cache=CacheCounts(hits=models.hits, misses=models.misses, evictions=models.evictions),
+            adapter_switches=sum(models.get_entry(m).adapters.switches for m in models.resident),
+            jobs_done=self.state.jobs_done, started_at=self.state.started_at,
+        )
+        self.state.set_report(report)
+        return report
 
     def after_job(self) -> None:
-        """Refresh the report; announce at once when the resident models changed (routing depends on it)."""
-        before = self.report.get("resident_models")
-        self.refresh_report()
-        if before == self.report["resident_models"]:
+        """Refresh the report; when the resident models changed (routing depends on them), follow them with
+        the queue subscriptions and wake the heartbeat to announce it now."""
+        before = self.state.report
+        report = self.refresh_report()
+        if before is not None and before.resident_models == report.resident_models:
             return
         self.queues.sync(self.models.resident)
-        if self.heartbeat is not None:
-            try:
-                self.heartbeat.beat()
-                self.heartbeat.sweep()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+        self.state.wake.set()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> WorkerReport:
         """The latest report plus live device memory, the jobs running now and the time (safe from any thread)."""
-        current = [{"job_id": j, "since": t} for j, t in list(self.current_jobs.items())]
-        return {**self.report, "free_memory": self.device.free_memory(), "current_jobs": current,
-                "heartbeat_at": time.time()}
-
-    @contextlib.contextmanager
-    def running(self, job_id: str) -> Iterator[None]:
-        """Count ``job_id`` among the jobs this worker runs now (its report's ``current_jobs``) while inside."""
-        self.current_jobs[job_id] = time.time()
-        try:
-            yield
-        finally:
-            self.current_jobs.pop(job_id, None)
+        report = self.state.report or WorkerReport(name=self.name)
+        return report.model_copy(update={"free_memory": self.device.free_memory(), "heartbeat_at": time.time(),
+                                         "current_jobs": self.state.current_jobs(),
+                                         "jobs_done": self.state.jobs_done})
 
 
 class Heartbeat:
-    """Announces the worker in Redis (``darkroom:worker:{name}``, short TTL) from a daemon thread.
+    """Announces the worker in Redis (``darkroom:worker:{name}``, short TTL) from a daemon thread, runs the
+    recovery sweeps (:class:`~.recovery.Rescue`) and the engine-stall watchdog.
 
     It only does I/O; it never touches a pipeline.
     """
@@ -167,44 +236,39 @@ class Heartbeat:
         self.ctx = ctx
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="darkroom-heartbeat", daemon=True)
-        s = ctx.settings
-        self.reconciler = Reconciler(ctx.redis, ctx.lifecycle, grace_seconds=s.reconcile_grace_seconds,
-                                     interval_seconds=s.reconcile_interval_seconds, owner=ctx.name)
+        self.rescue = Rescue.for_worker(ctx)
 
     def start(self) -> None:
         Fleet(self.ctx.redis).register_models(self.ctx.models.registry.ids)
         self.beat()
         self._thread.start()
 
-    def sweep(self) -> int:
-        """Rescue jobs: from hot queues of models no live worker holds (see :mod:`.routing`) and
-        from dead workers' unacknowledged messages (see :mod:`.recovery`)."""
-        moved = sweep_orphaned_queues(self.ctx.redis, Fleet(self.ctx.redis, ttl=0), self.ctx.models.registry.ids)
-        reclaimed = reclaim_abandoned(self.ctx.redis, older_than=self.ctx.settings.lease_seconds * 1.5)
-        reconciled = self.reconciler.run_once() if self.reconciler.due(time.time()) else []
-        self.ctx.metrics.reconciled.inc(len(reconciled))
-        return moved + len(reclaimed) + len(reconciled)
-
     def engine_stalled(self, now: float | None = None) -> float | None:
         """Seconds the engine has been in one call with no denoising step, when past ``engine_stall_seconds``."""
-        busy_since = self.ctx.engine_busy() if callable(self.ctx.engine_busy) else None
+        busy_since = self.ctx.state.engine_busy_since()
         if busy_since is None:
             return None
-        idle = (time.monotonic() if now is None else now) - max(busy_since, self.ctx.progress_at)
+        idle = (time.monotonic() if now is None else now) - max(busy_since, self.ctx.state.progress_at)
         return idle if idle > self.ctx.settings.engine_stall_seconds else None
 
     def stop(self) -> None:
         self._stop.set()
+        self.ctx.state.wake.set()
         with contextlib.suppress(redis.RedisError):
             Fleet(self.ctx.redis).withdraw(self.ctx.name)
 
     def beat(self) -> None:
         ttl = max(3, int(self.ctx.settings.heartbeat_seconds * 3))
-        Fleet(self.ctx.redis).announce(self.ctx.name, json.dumps(self.ctx.describe()), ttl)
-        self.ctx.last_heartbeat = time.time()
+        Fleet(self.ctx.redis).announce(self.ctx.describe(), ttl)
+        self.ctx.state.heartbeat_sent(time.time())
 
     def _run(self) -> None:
-        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
+        wake = self.ctx.state.wake
+        while not self._stop.is_set():
+            wake.wait(self.ctx.settings.heartbeat_seconds)
+            wake.clear()
+            if self._stop.is_set():
+                return
             stalled = self.engine_stalled()
             if stalled is not None:  # a pipeline call that never returns cannot be interrupted: recycle
                 log.critical("the engine made no denoising step for %.0f s (engine_stall_seconds); recycling this "
@@ -213,6 +277,6 @@ class Heartbeat:
                 os._exit(75)
             try:
                 self.beat()
-                self.sweep()
+                self.ctx.metrics.reconciled.inc(len(self.rescue.run_once().reconciled))
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive Redis blips
                 log.warning("heartbeat failed: %s", exc)

@@ -32,12 +32,12 @@ from .context import WorkerContext
 from .lease import LeaseKeeper
 from .runner import JobRunner
 
-__all__ = ["Outcome", "Decision", "DeliveryHandler", "backoff"]
+__all__ = ["MessageAction", "Decision", "DeliveryHandler", "backoff"]
 
 log = logging.getLogger(__name__)
 
 
-class Outcome(StrEnum):
+class MessageAction(StrEnum):
     RUN = "run"
     SKIP = "skip"
     DEFER = "defer"
@@ -49,13 +49,13 @@ class Outcome(StrEnum):
 class Decision:
     """What the broker side must do with the message: ack, or republish after ``countdown`` seconds."""
 
-    outcome: Outcome
+    action: MessageAction
     countdown: float = 0.0
 
 
 def backoff(retry: int, *, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with equal jitter: half of min(cap, base * 2**retry) plus up to as much again."""
-    ceiling = min(cap, base * 2 ** min(retry, 32))
+    ceiling = min(cap, base * 2.0 ** min(retry, 32))
     return ceiling / 2 + random.uniform(0.0, ceiling / 2)
 
 
@@ -70,7 +70,7 @@ class DeliveryHandler:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
         with job_context(job_id if isinstance(job_id, str) else None):
             decision = self._handle(payload)
-        self.ctx.metrics.deliveries.labels(outcome=decision.outcome.value).inc()
+        self.ctx.metrics.deliveries.labels(outcome=decision.action.value).inc()
         return decision
 
     def unexpected(self, payload: Any, exc: BaseException) -> bool:
@@ -92,27 +92,31 @@ class DeliveryHandler:
         admission = self.ctx.gate.admit(payload, lifecycle)  # who sent it, before any I/O on its behalf
         if admission.refused is not None:
             self.ctx.metrics.refused.labels(code=admission.refused.value).inc()
-            return Decision(Outcome.SKIP)
+            if admission.retry_after is not None:  # a quota: the job is valid, only early; it waits
+                lifecycle.note(str(payload.get("job_id")), "held_back", code=admission.refused.value,
+                               reason=admission.reason, retry_in=round(admission.retry_after, 1))
+                return Decision(MessageAction.DEFER, admission.retry_after)
+            return Decision(MessageAction.SKIP)
         job_id, job, invalid, ignored = message_job(payload)
         if job_id is None:
             lifecycle.dead_letter_message(payload, invalid or "the message has no usable job_id")
-            return Decision(Outcome.SKIP)
+            return Decision(MessageAction.SKIP)
         if ignored:
             log.warning("job %s: message of a newer schema; ignoring fields %s", job_id, ", ".join(ignored))
         if job is None and not self._has_record(job_id):
             assert invalid is not None
             log.warning("refusing invalid job %s: %s", job_id, invalid)
             lifecycle.reject_message(job_id, invalid, payload)
-            return Decision(Outcome.SKIP)
+            return Decision(MessageAction.SKIP)
         started = lifecycle.start(job_id, job, worker=self.ctx.name, lease_seconds=self.ctx.settings.lease_seconds,
                                   max_lost=self.ctx.settings.max_deliveries, producer=admission.producer_id,
                                   auth=admission.auth)
         if started.reply is StartReply.HELD:
             lifecycle.note(job_id, "deferred", worker=self.ctx.name, holder=started.holder)
             log.info("job %s is running elsewhere (%s); deferring this delivery", job_id, started.holder)
-            return Decision(Outcome.DEFER, self.ctx.settings.lease_seconds * random.uniform(1.0, 2.0))
+            return Decision(MessageAction.DEFER, self.ctx.settings.lease_seconds * random.uniform(1.0, 2.0))
         if started.reply is not StartReply.STARTED:
-            return Decision(Outcome.SKIP)
+            return Decision(MessageAction.SKIP)
         assert started.record is not None and started.fence is not None
         if started.fence.attempt > 1 and started.record.lost_attempts > 0:
             self.ctx.metrics.lease_takeovers.inc()  # an earlier attempt's worker died or lost its lease
@@ -137,14 +141,14 @@ class DeliveryHandler:
         except LeaseLost as exc:
             self.ctx.metrics.leases_lost.inc()
             log.warning("%s; this attempt stops and writes nothing", exc)
-            return Decision(Outcome.SKIP)
+            return Decision(MessageAction.SKIP)
         except TransientError as exc:
             return self._retry(record, fence, exc)
         except WorkerFatalError as exc:
             return self._recycle(record, fence, exc)
         finally:
             self.runner.lease_lost = lambda: False
-        return Decision(Outcome.RUN)
+        return Decision(MessageAction.RUN)
 
     def _retry(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
         settings = self.ctx.settings
@@ -156,17 +160,17 @@ class DeliveryHandler:
                                            cap=settings.retry_backoff_cap_seconds))
         except LeaseLost as lost:
             log.warning("%s; not retrying", lost)
-            return Decision(Outcome.SKIP)
+            return Decision(MessageAction.SKIP)
         if after.status.is_terminal:
-            return Decision(Outcome.RUN)
+            return Decision(MessageAction.RUN)
         log.warning("job %s: transient error (%s); retry %d in %.1f s", record.job_id, exc, after.transient_retries,
                     delay)
-        return Decision(Outcome.RETRY, delay)
+        return Decision(MessageAction.RETRY, delay)
 
     def _recycle(self, record: JobRecord, fence: Fence, exc: Exception) -> Decision:
         log.error("worker-fatal error in job %s (%s): recycling this process", record.job_id, exc)
         try:
             after = self.ctx.lifecycle.requeue_fatal(fence, self.ctx.lifecycle.read(record.job_id) or record, str(exc))
         except LeaseLost:
-            return Decision(Outcome.RECYCLE)
-        return Decision(Outcome.RECYCLE, 0.0 if after.status.is_terminal else 1.0)
+            return Decision(MessageAction.RECYCLE)
+        return Decision(MessageAction.RECYCLE, 0.0 if after.status.is_terminal else 1.0)

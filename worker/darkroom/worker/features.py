@@ -17,7 +17,7 @@ from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, Obj
 from darkroom.common.jobs import FreeU, Img2ImgJob, TextualInversion
 from darkroom.common.storage import S3Uri
 
-from .engine import LocalEmbedding
+from .inference.call import LocalEmbedding
 from .ip_adapter import ip_adapter_scaled
 
 __all__ = ["MAX_EMBEDDING_BYTES", "applied", "check_embeddings", "fetch_embeddings", "fetch_textual_inversions"]

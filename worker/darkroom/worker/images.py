@@ -39,8 +39,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            image = PILImage.open(io.BytesIO(data), formats=INPUT_FORMATS)
-        width, height = image.size
+            opened = PILImage.open(io.BytesIO(data), formats=INPUT_FORMATS)
+        width, height = opened.size
         if width * height > max_pixels:
             raise JobError(
                 ErrorCode.INPUT_TOO_LARGE,
@@ -49,7 +49,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image:
             )
         if min(width, height) < MIN_SIDE:
             raise JobError(ErrorCode.INPUT_UNSUPPORTED, f"input image is {width}x{height}; both sides must be >= {MIN_SIDE}")
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(opened)
         image.load()
         return _to_rgb(image)
     except JobError:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from darkroom.common.errors import ErrorCode, JobError
 
 if TYPE_CHECKING:
-    from .engine import WorkItem
+    from .inference.call import WorkItem
 
 __all__ = ["IPAdapterFiles", "has_ip_adapter", "ip_adapter_inputs", "ip_adapter_scaled", "load_ip_adapter"]
 

@@ -22,6 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from darkroom.common.fleet import WorkerReport
+from darkroom.common.webhooks import STATS_KEY as WEBHOOK_STATS_KEY
+
 if TYPE_CHECKING:
     from darkroom.common.jobstore import JobRecord
 
@@ -57,8 +60,8 @@ class WorkerMetrics:
                                    registry=self.registry)
         self.reconciled = Counter("darkroom_reconciled", "Jobs enqueued again by the reconciler (message lost)",
                                   registry=self.registry)
-        self.refused = Counter("darkroom_jobs_refused", "Jobs and messages refused before running (identity, "
-                               "producer policy), by code", ["code"], registry=self.registry)
+        self.refused = Counter("darkroom_jobs_refused", "Jobs, messages and cancels refused (identity, producer "
+                               "policy; quota_exceeded: deliveries held back for a quota), by code", ["code"], registry=self.registry)
         self.timeouts = Counter("darkroom_job_timeouts", "Jobs that ran past their run-time limit",
                                 registry=self.registry)
 
@@ -87,25 +90,25 @@ class _ReportCollector(Collector):
         self.ctx = ctx
 
     def collect(self) -> Iterator[Any]:
-        report = dict(self.ctx.report)
-        cache = report.get("cache", {})
+        report = self.ctx.state.report or WorkerReport(name=self.ctx.name)
         events = CounterMetricFamily("darkroom_model_cache_events", "Model cache hits, misses and evictions",
                                      labels=["event"])
-        for event, key in (("hit", "hits"), ("miss", "misses"), ("eviction", "evictions")):
-            events.add_metric([event], float(cache.get(key, 0)))
+        for event, count in (("hit", report.cache.hits), ("miss", report.cache.misses),
+                             ("eviction", report.cache.evictions)):
+            events.add_metric([event], float(count))
         yield events
         yield GaugeMetricFamily("darkroom_resident_bytes", "Bytes of resident model weights",
-                                value=float(report.get("resident_bytes", 0)))
+                                value=float(report.resident_bytes))
         yield GaugeMetricFamily("darkroom_memory_budget_bytes", "Model memory budget",
-                                value=float(report.get("memory_budget", 0)))
+                                value=float(report.memory_budget))
         yield CounterMetricFamily("darkroom_adapter_switches", "LoRA adapter activations",
-                                  value=float(report.get("adapter_switches", 0)))
+                                  value=float(report.adapter_switches))
         resident = GaugeMetricFamily("darkroom_model_resident", "1 when the model is resident", labels=["model"])
-        for model in report.get("models", []):
-            resident.add_metric([model], 1.0 if model in report.get("resident_models", []) else 0.0)
+        for model in report.models:
+            resident.add_metric([model], 1.0 if model in report.resident_models else 0.0)
         yield resident
         yield self._webhooks()
-        yield self._queues(report.get("models", []))
+        yield self._queues(report.models)
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Device memory", labels=["kind"])
         free, total = self.ctx.device.free_memory(), self.ctx.device.total_memory
         if free is not None:
@@ -139,7 +142,7 @@ class _ReportCollector(Collector):
         family = CounterMetricFamily("darkroom_webhook_deliveries", "Webhook delivery outcomes, fleet-wide",
                                      labels=["outcome"])
         try:
-            raw = self.ctx.redis.hgetall("darkroom:webhooks:stats")
+            raw = self.ctx.redis.hgetall(WEBHOOK_STATS_KEY)
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
             raw = {}
         for outcome, count in sorted(raw.items()):
@@ -157,10 +160,10 @@ def serve_metrics(ctx: WorkerContext, metrics: WorkerMetrics, host: str, port: i
             if self.path == "/metrics":
                 self._send(200, metrics.render(), "text/plain; version=0.0.4")
             elif self.path == "/healthz":
-                ok = time.time() - ctx.last_heartbeat < max(30.0, ctx.settings.heartbeat_seconds * 6)
+                ok = time.time() - ctx.state.last_heartbeat < max(30.0, ctx.settings.heartbeat_seconds * 6)
                 self._send(200 if ok else 503, b"live\n" if ok else b"heartbeat stalled\n", "text/plain")
             elif self.path == "/readyz":
-                ok = bool(ctx.report) and ctx.queues.consumer is not None
+                ok = ctx.state.report is not None and ctx.queues.consumer is not None
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
             else:
                 self._send(404, b"not found\n", "text/plain")

@@ -1,4 +1,7 @@
-"""Bringing back jobs whose message is gone or stuck with a dead worker.
+"""Bringing back jobs whose message is gone or stuck with a dead worker (:class:`Rescue`, run by the heartbeat).
+
+**Orphaned hot queues.** Jobs routed to a model's hot queue when the workers holding it resident have
+gone: moved to the model's cold queue (:func:`~.routing.sweep_orphaned_queues`).
 
 **Abandoned messages.** kombu's Redis transport keeps every delivered, unacknowledged message in
 the hash ``unacked`` with its delivery time in ``unacked_index``, and restores one only after the
@@ -16,35 +19,37 @@ a duplicate delivery finds the lease or the ended record, and the fence keeps re
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
 from darkroom.common.broker import (
+    QUEUE_LIST_PATTERN,
     UNACKED,
     UNACKED_INDEX,
-    message_task_id,
     origin,
-    redelivered,
-    restore_list,
+    queued_task_id,
+    restored,
     task_message,
 )
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import MESSAGE_SCHEMA_VERSION
-from darkroom.common.jobstore import OPEN_JOBS_KEY, JobRecord, UnreadableRecord
+from darkroom.common.jobstore import OPEN_JOBS_KEY, RECONCILER_LOCK, JobRecord, UnreadableRecord
 from darkroom.common.lifecycle import Lifecycle, lease_key
 from darkroom.common.queues import TASK_IMG2IMG
 
-__all__ = ["reclaim_abandoned", "Reconciler", "RECONCILER_LOCK"]
+from .routing import sweep_orphaned_queues
+
+if TYPE_CHECKING:
+    from .context import WorkerContext
+
+__all__ = ["reclaim_abandoned", "Reconciler", "Rescue", "RescueReport", "RECONCILER_LOCK"]
 
 log = logging.getLogger(__name__)
 
-RECONCILER_LOCK = "darkroom:reconciler:lock"
-_QUEUE_PATTERN = "darkroom.img2img*"
 
 
 def reclaim_abandoned(client: redis.Redis, *, older_than: float, limit: int = 100) -> list[str]:
@@ -54,7 +59,8 @@ def reclaim_abandoned(client: redis.Redis, *, older_than: float, limit: int = 10
     """
     ceiling = time.time() - older_than
     requeued = []
-    for tag in client.zrangebyscore(UNACKED_INDEX, 0, ceiling, start=0, num=limit):
+    tags: list[bytes] = client.zrangebyscore(UNACKED_INDEX, 0, ceiling, start=0, num=limit)  # type: ignore[assignment]
+    for tag in tags:
         job_id = _restore_if_abandoned(client, tag)
         if job_id:
             requeued.append(job_id)
@@ -73,15 +79,15 @@ def _restore_if_abandoned(client: redis.Redis, tag: bytes | str) -> str | None:
                 pipe.zrem(UNACKED_INDEX, tag)
                 pipe.execute()
                 return None
-            message, _exchange, routing_key = json.loads(raw)
-            job_id = message_task_id(message)
-            if job_id is None or pipe.exists(lease_key(job_id)):
-                pipe.unwatch()  # type: ignore[no-untyped-call]
+            job_id = queued_task_id(raw, unacked=True)
+            restore = restored(raw)
+            if job_id is None or restore is None or pipe.exists(lease_key(job_id)):
+                pipe.unwatch()
                 return None
             pipe.multi()
             pipe.zrem(UNACKED_INDEX, tag)
             pipe.hdel(UNACKED, tag)
-            pipe.rpush(restore_list(routing_key, message), json.dumps(redelivered(message)))
+            pipe.rpush(*restore)
             pipe.execute()
             return job_id
         except redis.WatchError:
@@ -128,7 +134,7 @@ class Reconciler:
 
     def _stale_open_jobs(self) -> list[str]:
         # the index is scored by Redis's clock; compare with it, not this host's
-        seconds, micros = self.redis.time()  # type: ignore[misc]
+        seconds, micros = self.redis.time()
         ceiling = seconds + micros / 1e6 - self.grace
         found = self.redis.zrangebyscore(OPEN_JOBS_KEY, "-inf", ceiling, start=0, num=self.limit)
         return [f.decode() if isinstance(f, bytes) else str(f) for f in found]
@@ -136,10 +142,10 @@ class Reconciler:
     def _jobs_with_messages(self, wanted: set[str]) -> set[str]:
         """Which of ``wanted`` have a message in some queue list or in kombu's unacked hash."""
         found: set[str] = set()
-        for key in self.redis.scan_iter(match=_QUEUE_PATTERN, count=1000):
+        for key in self.redis.scan_iter(match=QUEUE_LIST_PATTERN, count=1000):
             if self.redis.type(key) not in (b"list", "list"):
                 continue
-            for start in range(0, int(self.redis.llen(key)), 1000):  # type: ignore[arg-type]
+            for start in range(0, int(self.redis.llen(key)), 1000):
                 found |= _named(self.redis.lrange(key, start, start + 999), wanted)
         found |= _named(self.redis.hvals(UNACKED), wanted, unacked=True)
         return found
@@ -165,13 +171,7 @@ def _named(raws: Iterable[Any], wanted: set[str], *, unacked: bool = False) -> s
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         if not any(job_id in text for job_id in wanted):  # cheap filter before parsing
             continue
-        try:
-            message = json.loads(text)
-            if unacked:
-                message = message[0]
-            job_id = message_task_id(message)
-        except (ValueError, TypeError, IndexError, KeyError):
-            continue
+        job_id = queued_task_id(text, unacked=unacked)
         if job_id in wanted:
             found.add(job_id)
     return found
@@ -182,3 +182,34 @@ def _message(record: JobRecord, queue: str) -> tuple[str, bytes]:
     payload = {**record.job.model_dump(mode="json"), "schema_version": MESSAGE_SCHEMA_VERSION}
     return task_message(TASK_IMG2IMG, record.job_id, [payload], queue=queue,
                         priority=record.job.priority.broker_priority, sender=origin())
+
+
+class RescueReport(NamedTuple):
+    moved: int  # messages moved from orphaned hot queues to cold ones
+    reclaimed: list[str]  # jobs of dead workers' unacknowledged messages, requeued
+    reconciled: list[str]  # open jobs whose message was lost, enqueued again
+
+
+class Rescue:
+    """Every way jobs come back, in one sweep (the heartbeat runs it): orphaned hot queues, dead
+    workers' unacknowledged messages, then (when due, one worker at a time) lost messages."""
+
+    def __init__(self, client: redis.Redis, reconciler: Reconciler, *, model_ids: list[str],
+                 abandoned_after: float) -> None:
+        self.redis = client
+        self.reconciler = reconciler
+        self.model_ids = model_ids
+        self.abandoned_after = abandoned_after
+
+    @classmethod
+    def for_worker(cls, ctx: WorkerContext) -> Rescue:
+        s = ctx.settings
+        reconciler = Reconciler(ctx.redis, ctx.lifecycle, grace_seconds=s.reconcile_grace_seconds,
+                                interval_seconds=s.reconcile_interval_seconds, owner=ctx.name)
+        return cls(ctx.redis, reconciler, model_ids=ctx.models.registry.ids, abandoned_after=s.lease_seconds * 1.5)
+
+    def run_once(self) -> RescueReport:
+        moved = sweep_orphaned_queues(self.redis, Fleet(self.redis, ttl=0), self.model_ids)
+        reclaimed = reclaim_abandoned(self.redis, older_than=self.abandoned_after)
+        reconciled = self.reconciler.run_once() if self.reconciler.due(time.time()) else []
+        return RescueReport(moved, reclaimed, reconciled)

@@ -117,8 +117,8 @@ class ModelRegistry:
         if spec.ip_adapter is not None:
             _check_ip_adapter(spec.id, spec.ip_adapter)
         ip = spec.ip_adapter
-        sources = {"source": spec.source, "config": spec.config, "ip_adapter weights": ip and ip.weights,
-                   "ip_adapter image_encoder": ip and ip.image_encoder}
+        sources = {"source": spec.source, "config": spec.config, "ip_adapter weights": ip.weights if ip else None,
+                   "ip_adapter image_encoder": ip.image_encoder if ip else None}
         for where, source in sources.items():
             _check_s3_source(f"model {spec.id!r} {where}", source)
         for entry in spec.allowed_adapters or ():

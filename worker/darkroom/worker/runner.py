@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import redis
 
 from darkroom.common.errors import (
     ErrorCode,
+    JobCancelled,
     JobError,
     LeaseLost,
     ObjectNotFoundError,
@@ -31,7 +31,7 @@ from darkroom.common.errors import (
     TransientError,
     WorkerFatalError,
 )
-from darkroom.common.jobs import MAX_SEED, Img2ImgJob, Priority
+from darkroom.common.jobs import Img2ImgJob, Priority
 from darkroom.common.jobstore import JobRecord
 from darkroom.common.lifecycle import Fence
 from darkroom.common.redaction import redact_parameters
@@ -39,13 +39,14 @@ from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timi
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
-from .batcher import BatchPolicy, Engine, JobCancelled, Request
 from .context import WorkerContext
-from .engine import WorkItem, batch_key
 from .faults import Fault, parse_fault
 from .features import fetch_embeddings, fetch_textual_inversions
 from .images import decode_image, encode_image, encode_latents, fit_to_job
-from .inference import BatchExecutor
+from .inference.batching import BatchPolicy
+from .inference.call import WorkItem, batch_key
+from .inference.engine import Engine, Request
+from .inference.executor import BatchExecutor
 from .latents import LatentCache, pixel_digest
 from .safety import object_metadata, object_tags, public_image
 from .screening import InputFlaggedError
@@ -89,7 +90,7 @@ class JobRunner:
                         max_pixels=settings.batch_max_pixels),
             self.executor, slots=settings.slots, after_batch=ctx.after_job,
         )
-        ctx.engine_busy = lambda: self.engine.busy_since
+        ctx.state.watch_engine(lambda: self.engine.busy_since)
         self._local = threading.local()  # per task thread: the delivery's lease
 
     @property
@@ -109,13 +110,12 @@ class JobRunner:
         started = time.perf_counter()
         assert record.job is not None
         job = self.effective(record.job)
-        with self.ctx.running(record.job_id), self.engine.occupied():  # the report names its current jobs
+        with self.ctx.state.running(record.job_id), self.engine.occupied():  # the report names its current jobs
             return self._run_started(record, fence, job, started)
 
     def effective(self, job: Img2ImgJob) -> Img2ImgJob:
         """The job with what the worker decides when the submitter did not: the seed and the output prefix."""
-        if job.seed is None:
-            job = job.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - 64)})
+        job = job.seeded()
         if job.output_prefix is None:
             job = job.model_copy(update={"output_prefix": self.ctx.settings.default_output_prefix.rstrip("/")})
         return job
@@ -159,17 +159,15 @@ class JobRunner:
                 raise WorkerFatalError(f"out of device memory: {exc}") from exc
             log.exception("job %s failed unexpectedly", job.job_id)
             return lifecycle.fail(fence, record, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        self.ctx.jobs_done += 1
+        self.ctx.state.job_done()
         return lifecycle.succeed(fence, record, result)
 
     # -- stages ----------------------------------------------------------
     def _execute(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float, timings: Timings,
                  stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
-        self._check_bucket(job.image, "image")
-        self._check_bucket(job.output_prefix or "", "output_prefix")
+        rules = self.ctx.screening.rules(job)  # first: every s3:// reference inside the bucket/quarantine policy
         ip_scale = self._ip_adapter_scale(job)  # before any download: the model must have an IP-Adapter
-        rules = self.ctx.screening.rules(job)
         with self.engine.preparing() as slot:  # fetch and decode while the engine runs other jobs
             with clock.time("download"):
                 data = self._fetch_input(job)
@@ -254,7 +252,6 @@ class JobRunner:
         """The scale a job with an image prompt runs at (its own, else its model's); None without one."""
         if job.ip_adapter_image is None:
             return None
-        self._check_bucket(job.ip_adapter_image, "ip_adapter_image")
         spec = self.ctx.models.registry.get(job.model)
         if spec.ip_adapter is None:
             with_one = sorted(m.id for m in self.ctx.models.registry if m.ip_adapter is not None)
@@ -359,11 +356,6 @@ class JobRunner:
         except StorageError as exc:
             raise JobError(ErrorCode.OUTPUT_WRITE_FAILED, f"cannot write {uri}: {exc}") from None
 
-    def _check_bucket(self, uri: str, field: str) -> None:
-        bucket = S3Uri.parse(uri, allow_empty_key=True).bucket
-        if not self.ctx.settings.bucket_allowed(bucket):
-            raise JobError(ErrorCode.BUCKET_NOT_ALLOWED, f"{field} bucket {bucket!r} is not in this worker's allowlist")
-
 
 def _never() -> bool:
     return False
@@ -399,7 +391,7 @@ class _ProgressReporter:
         if self.fault is not None:
             self.fault.at_step(step, self.fence.attempt)
         now = time.monotonic()
-        self.ctx.progress_at = now
+        self.ctx.state.progressed(now)
         if now > self.stop.deadline:
             self._halt("timeout")
         if step < total and now - self.last < self.ctx.settings.progress_interval_seconds:

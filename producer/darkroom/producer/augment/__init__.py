@@ -16,9 +16,9 @@ from .dataset import COLUMNS, DatasetFiles, export, read_metadata
 from .grid import Cell, cell_id, expand
 from .plan import Estimate, Plan
 from .run import DEFAULT_WINDOW, Augmentation, RunReport, SpecConflict, spec_uri
-from .runner import Progress
 from .sources import Source, list_sources
 from .spec import AugmentSpec, load_spec_file, parse_adapter_set, parse_seeds
+from .submitter import Progress
 
 __all__ = [
     "COLUMNS",

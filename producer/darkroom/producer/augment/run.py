@@ -36,9 +36,9 @@ from .. import _submission as submission
 from .dataset import DatasetFiles, build_rows, export, write_dataset
 from .grid import Cell, expand
 from .plan import Estimate, Plan, read_states
-from .runner import Progress, RunBoard, Submitter
 from .sources import Source, list_sources, upload_sources
 from .spec import AugmentSpec, InvalidSpecError
+from .submitter import Progress, RunBoard, Submitter
 
 if TYPE_CHECKING:
     from ..client import Client

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Self
 from annotated_types import MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from darkroom.common.errors import FieldError, InvalidJobError
+from darkroom.common.errors import DarkroomError, FieldError, InvalidJobError
 from darkroom.common.jobs import AdapterRef, Img2ImgJob, Priority, field_errors
 from darkroom.common.storage import S3Uri
 
@@ -125,7 +125,7 @@ class InvalidSpecError(InvalidJobError):
         self.args = (f"invalid augmentation spec ({len(errors)} error(s)):\n{lines}",)
 
 
-class _SpecErrors(ValueError):
+class _SpecErrors(DarkroomError, ValueError):
     """Carries field errors out of a validator (pydantic wraps it; :func:`_spec_errors` unwraps it)."""
 
     def __init__(self, errors: list[FieldError]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,13 @@ from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.errors import DarkroomError, ObjectNotFoundError
 from darkroom.common.lifecycle import Lifecycle
 from darkroom.common.objectstore import ObjectStore
+from darkroom.common.producers import job_namespace
 from darkroom.common.redaction import redact_url
 from darkroom.common.status import JobStatus
 from darkroom.common.storage import S3Uri
 
-from .auth import CSRF_HEADER, Authenticator, Principal
+from .._submission import owner
+from .auth import CSRF_HEADER, Authenticator, Principal, sees
 from .live import LiveHub, sse
 from .media import MAX_MEDIA_BYTES, MediaKind, input_object, output_object, sniff_image_type
 from .settings import DashboardSettings
@@ -83,11 +85,13 @@ class Dashboard:
         params = request.query_params
         status = params.get("status") or None
         since = params.get("since") or "24h"
+        bound = request.scope["principal"].producer  # a producer-bound viewer: its own jobs, whatever it asks
         wanted = JobFilter(
             status=JobStatus(status) if status in set(JobStatus) else None,
             model=params.get("model") or None,
-            producer=params.get("producer") or None,
+            producer=bound or params.get("producer") or None,
             since=datetime.now(UTC).timestamp() - SINCE[since] if since in SINCE else None,
+            bound=bound is not None,
         )
         rows, scanned = self.reader.job_rows(wanted, request.scope["principal"].role)
         return self.page(request, "jobs.html", rows=rows, scanned=scanned, wanted=wanted, since=since,
@@ -95,17 +99,22 @@ class Dashboard:
 
     def job(self, request: Request) -> Response:
         detail = self.reader.job(request.path_params["job_id"], request.scope["principal"].role)
-        if detail is None:
+        if detail is None or not sees(request.scope["principal"], detail.record.job_id, owner(detail.record)):
             return self.page(request, "missing.html", job_id=request.path_params["job_id"])
         return self.page(request, "job.html", detail=detail, record=detail.record)
 
     def gallery(self, request: Request) -> Response:
-        return self.page(request, "gallery.html", tiles=self.reader.gallery(request.scope["principal"].role))
+        principal: Principal = request.scope["principal"]
+        return self.page(request, "gallery.html", tiles=self.reader.gallery(principal.role, producer=principal.producer))
 
     def augment(self, request: Request) -> Response:
+        if request.scope["principal"].producer is not None:
+            return _not_for_bound()
         return self.page(request, "augment.html", runs=self.reader.runs())
 
     def webhooks(self, request: Request) -> Response:
+        if request.scope["principal"].producer is not None:
+            return _not_for_bound()
         return self.page(request, "webhooks.html", deliveries=self.reader.dead_webhooks(),
                          counts=self.reader.dead.counts())
 
@@ -115,7 +124,7 @@ class Dashboard:
         job_id = request.path_params["job_id"]
         role = request.scope["principal"].role
         record = self.reader.jobs.get(job_id)
-        if record is None:
+        if record is None or not sees(request.scope["principal"], job_id, owner(record)):
             return PlainTextResponse("no such job\n", status_code=404)
         uri: str | None = None
         if request.path_params.get("index") is None:
@@ -157,7 +166,9 @@ class Dashboard:
         return JSONResponse({"webhook_id": webhook_id, "replayed": True})
 
     async def events(self, request: Request) -> Response:
-        return StreamingResponse(sse(self.hub), media_type="text/event-stream",
+        bound = request.scope["principal"].producer
+        allow = None if bound is None else _own_events(bound)
+        return StreamingResponse(sse(self.hub, allow=allow), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -231,6 +242,26 @@ class _Guard:
                 return
         scope["principal"] = principal
         await self.app(scope, receive, send)
+
+
+def _not_for_bound() -> Response:
+    return PlainTextResponse("not shown to a viewer bound to one producer\n", status_code=403)
+
+
+def _own_events(producer: str) -> Callable[[str, str], bool]:
+    """What a producer-bound viewer's live stream passes: its own jobs' events and the fleet and queue views."""
+    space = job_namespace(producer)
+
+    def allow(name: str, data: str) -> bool:
+        if name != "job":
+            return name in ("hello", "resync", "fleet", "queues")
+        try:
+            job_id = json.loads(data).get("job_id")
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(job_id, str) and job_id.startswith(space)
+
+    return allow
 
 
 def _with_headers(send: Send) -> Send:

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from darkroom.common.errors import DarkroomError
 from darkroom.common.logs import configure_logging
+from darkroom.common.placeholders import check_secrets
 
 from .settings import DashboardSettings
 
@@ -43,6 +44,9 @@ def dashboard(host: str | None, port: int | None, log_level: str) -> None:
     try:
         settings = DashboardSettings.load(**{k: v for k, v in overrides.items() if v is not None})
         settings.check_binding()
+        check_secrets(settings, [("DARKROOM_DASHBOARD_TOKEN", settings.dashboard_token),
+                                 ("DARKROOM_DASHBOARD_VIEWER_TOKEN", settings.dashboard_viewer_token),
+                                 ("DARKROOM_DASHBOARD_PASSWORD", settings.dashboard_password)])
         app = create_app(settings)
     except ValidationError as exc:
         raise click.ClickException(f"dashboard settings: {exc}") from None

@@ -129,8 +129,10 @@ class LiveHub:
             self._last = current
 
 
-async def sse(hub: LiveHub, keepalive: float = 15.0) -> AsyncIterator[str]:
-    """One browser's ``text/event-stream``: the hub's messages, and a comment line when idle."""
+async def sse(hub: LiveHub, keepalive: float = 15.0,
+              allow: Callable[[str, str], bool] | None = None) -> AsyncIterator[str]:
+    """One browser's ``text/event-stream``: the hub's messages (those ``allow`` passes), and a comment line when
+    idle."""
     queue = hub.subscribe()
     try:
         yield "retry: 2000\n\n"
@@ -141,6 +143,7 @@ async def sse(hub: LiveHub, keepalive: float = 15.0) -> AsyncIterator[str]:
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            yield f"event: {name}\ndata: {data}\n\n"
+            if allow is None or allow(name, data):
+                yield f"event: {name}\ndata: {data}\n\n"
     finally:
         hub.unsubscribe(queue)

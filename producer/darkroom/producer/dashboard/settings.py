@@ -29,6 +29,11 @@ class DashboardSettings(Settings):
     dashboard_viewer_token: SecretStr | None = Field(
         None, description="Viewer token, used the same way: read-only, flagged images hidden (never logged).",
     )
+    dashboard_producer_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Viewer tokens bound to one producer each, JSON {"team-a": "<token>"}: such a viewer sees only '
+                    "that producer's jobs, pictures and live job events (never logged).",
+    )
     dashboard_user: str | None = Field(None, description="Basic-auth user name of an admin (with the password).")
     dashboard_password: SecretStr | None = Field(
         None, description="Basic-auth password of DARKROOM_DASHBOARD_USER (never logged)."
@@ -45,14 +50,21 @@ class DashboardSettings(Settings):
             secret = getattr(self, name)
             if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
                 raise ValueError(f"DARKROOM_{name.upper()} must be at least {MIN_SECRET_LENGTH} characters long")
-        token, viewer = self.dashboard_token, self.dashboard_viewer_token
-        if token is not None and viewer is not None and token.get_secret_value() == viewer.get_secret_value():
-            raise ValueError("DARKROOM_DASHBOARD_TOKEN and DARKROOM_DASHBOARD_VIEWER_TOKEN must differ")
+        for producer, secret in self.dashboard_producer_tokens.items():
+            if len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+                raise ValueError(f"DARKROOM_DASHBOARD_PRODUCER_TOKENS[{producer!r}] must be at least "
+                                 f"{MIN_SECRET_LENGTH} characters long")
+        tokens = [s.get_secret_value() for s in (self.dashboard_token, self.dashboard_viewer_token) if s is not None]
+        tokens += [s.get_secret_value() for s in self.dashboard_producer_tokens.values()]
+        if len(tokens) != len(set(tokens)):
+            raise ValueError("the dashboard tokens (DARKROOM_DASHBOARD_TOKEN, _VIEWER_TOKEN, _PRODUCER_TOKENS) "
+                             "must differ")
         return self
 
     @property
     def has_credentials(self) -> bool:
-        return any(v is not None for v in (self.dashboard_token, self.dashboard_viewer_token, self.dashboard_user))
+        return bool(self.dashboard_producer_tokens) or any(
+            v is not None for v in (self.dashboard_token, self.dashboard_viewer_token, self.dashboard_user))
 
     def check_binding(self) -> None:
         """Refuse to listen beyond this machine without credentials (raises ConfigurationError)."""

@@ -22,11 +22,13 @@ from darkroom.common.events import JobEvent
 from darkroom.common.fleet import CATALOG_KEY, Fleet, WorkerInfo, parse_catalog
 from darkroom.common.jobs import Priority
 from darkroom.common.jobstore import JOBS_INDEX_KEY, JobRecord, JobStore, job_key
+from darkroom.common.producers import job_namespace
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
 from darkroom.common.redaction import redact_parameters
 from darkroom.common.status import JobStatus
 
-from ..deliveries import DeadLetters, Delivery
+from .._submission import owner
+from ..webhooks.deliveries import DeadLetters, Delivery
 from .auth import Role
 from .media import Picture, input_object, input_visible, picture
 
@@ -47,11 +49,18 @@ class JobFilter:
     since: float | None = None
     until: float | None = None
     limit: int = 100
+    bound: bool = False  # ``producer`` is the visitor's own (a producer-bound viewer): its namespace too
 
     def matches(self, record: JobRecord) -> bool:
         return ((self.status is None or record.status is self.status)
                 and (self.model is None or (record.job is not None and record.job.model == self.model))
-                and (self.producer is None or (record.job is not None and record.job.producer == self.producer)))
+                and (self.producer is None or self._owned(record, self.producer)))
+
+    def _owned(self, record: JobRecord, producer: str) -> bool:
+        """The job's producer (the one a worker verified, else its signer, else its field) is ``producer``."""
+        if owner(record) != producer:
+            return False
+        return not self.bound or record.job_id.startswith(job_namespace(producer))
 
 
 @dataclass(frozen=True)
@@ -255,10 +264,12 @@ class Reader:
         return JobDetail(record, self.jobs.history(job_id), self.jobs.progress(job_id), outputs, shown, webhooks,
                          "" if shown else "input flagged" if not input_visible(record, role) else "input not shown")
 
-    def gallery(self, role: Role, limit: int = 60) -> list[Tile]:
-        """The newest outputs of succeeded jobs, as thumbnails (hidden where the role may not see them)."""
+    def gallery(self, role: Role, limit: int = 60, producer: str | None = None) -> list[Tile]:
+        """The newest outputs of succeeded jobs, as thumbnails (hidden where the role may not see them); only
+        ``producer``'s (a producer-bound viewer's) when given."""
         tiles: list[Tile] = []
-        rows, _ = self.job_rows(JobFilter(status=JobStatus.SUCCEEDED, limit=limit), role)
+        wanted = JobFilter(status=JobStatus.SUCCEEDED, limit=limit, producer=producer, bound=producer is not None)
+        rows, _ = self.job_rows(wanted, role)
         for row in rows:
             if row.record.result is None:  # a record written by hand or by an older version: nothing to show
                 continue

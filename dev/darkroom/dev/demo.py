@@ -19,8 +19,8 @@ import click
 from darkroom.common.errors import DarkroomError
 from darkroom.common.settings import Settings
 from darkroom.producer.client import Client
-from darkroom.producer.embedded import EmbeddedServices
 
+from .embedded import EmbeddedServices
 from .process import WorkerProcess
 
 if TYPE_CHECKING:

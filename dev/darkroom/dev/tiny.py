@@ -291,7 +291,7 @@ def make_tiny_single_file(path: Path, model_dir: Path | None = None, *, seed: in
     from diffusers import StableDiffusionImg2ImgPipeline
     from safetensors.torch import save_file
 
-    from .checkpoints import ldm_state_dict
+    from darkroom.worker.checkpoints import ldm_state_dict
 
     if model_dir is not None:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,

@@ -1,9 +1,9 @@
-"""Cross-request batching: one thread owns the pipelines; task threads hand it prepared jobs.
+"""The engine thread: the one thread that owns the pipelines; task threads hand it prepared jobs.
 
 The worker runs Celery's thread pool with a few task slots. Each slot takes one message, leases
 the job, fetches and decodes its input (I/O that overlaps the pipeline call in progress), then
 :meth:`Engine.infer` queues it and waits. The single engine thread picks a *group* of queued jobs
-that can share one pipeline call (same :class:`~.engine.BatchKey`: model, adapter set, scheduler,
+that can share one pipeline call (same :class:`~.call.BatchKey`: model, adapter set, scheduler,
 effective steps, guidance, size), runs it, and hands each job its own images back; the slot then
 screens, encodes, uploads and commits while the engine already runs the next group.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,20 +35,17 @@ from typing import TYPE_CHECKING, Any
 
 from darkroom.common.jobs import Img2ImgJob
 
-from .engine import BatchKey, WorkItem
+from .batching import BatchPolicy
+from .call import BatchKey, WorkItem
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["BatchPolicy", "Engine", "Inference", "JobCancelled", "Request", "Slot", "mark_batch_wide"]
+__all__ = ["Engine", "Inference", "Request", "Slot", "mark_batch_wide"]
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-
-
-class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
-    """A job was cancelled while queued for, or during, its pipeline call."""
 
 
 @dataclass(eq=False)
@@ -89,52 +86,6 @@ class Inference:
     adapters: float
     inference: float
     latents: list[Any] | None = None  # each image's final latents, when the job asked for them
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """When to run which group of compatible requests."""
-
-    max_images: int = 8
-    max_wait: float = 0.02
-    max_pixels: int | None = None
-
-    def choose(self, pending: Sequence[Request], now: float, can_grow: bool = True
-               ) -> tuple[list[Request], float | None]:
-        """The group to run now (empty if none is ready) and, if none, when to look again (None: on news).
-
-        ``can_grow``: whether another job may still join (one is being prepared, or a task slot is free).
-        """
-        groups: dict[BatchKey, list[Request]] = {}
-        for request in sorted(pending, key=lambda r: (r.priority, r.enqueued)):  # interactive fill a call first
-            groups.setdefault(request.key, []).append(request)
-        ready: list[tuple[int, float, list[Request]]] = []
-        wake: float | None = None
-        for requests in groups.values():
-            take = self._fill(requests)
-            oldest = min(r.enqueued for r in requests)
-            full = len(take) < len(requests) or sum(r.images for r in take) >= self.max_images
-            due = now - oldest >= self.max_wait
-            if full or due or not can_grow:
-                ready.append((min(r.priority for r in take), oldest, take))
-            else:
-                deadline = oldest + self.max_wait
-                wake = deadline if wake is None else min(wake, deadline)
-        if ready:
-            return min(ready, key=lambda entry: (entry[0], entry[1]))[2], None
-        return [], wake
-
-    def _fill(self, requests: Sequence[Request]) -> list[Request]:
-        """The longest prefix within the limits; at least the first request (a big job runs alone)."""
-        take = [requests[0]]
-        images, pixels = requests[0].images, requests[0].pixels
-        for request in requests[1:]:
-            images += request.images
-            pixels += request.pixels
-            if images > self.max_images or (self.max_pixels is not None and pixels > self.max_pixels):
-                break
-            take.append(request)
-        return take
 
 
 class Slot:

@@ -18,14 +18,14 @@ from darkroom.common.errors import ErrorCode, JobError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.schedulers import SchedulerName
 
-from .ip_adapter import ip_adapter_inputs
-from .schedulers import accepts_eta, accepts_sigmas, accepts_timesteps
+from ..ip_adapter import ip_adapter_inputs
+from ..schedulers import accepts_eta, accepts_sigmas, accepts_timesteps
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .adapters import AdapterSet
-    from .latents import LatentCache
+    from ..adapters import AdapterSet
+    from ..latents import LatentCache
 
 __all__ = ["WorkItem", "LocalEmbedding", "BatchKey", "decode_latents", "BatchOutput", "batch_key", "check_call_options", "clip_skip_compat", "run_batch"]
 

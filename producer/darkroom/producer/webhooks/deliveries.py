@@ -26,14 +26,20 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from darkroom.common.bounds import keep_bounded
-from darkroom.common.webhooks import OUTBOX_KEY, OutboxEntry
+from darkroom.common.webhooks import (
+    DEAD_INDEX_KEY,
+    DEAD_KEY,
+    DISPATCHERS_KEY,
+    OUTBOX_KEY,
+    RETRIES_KEY,
+    OutboxEntry,
+    dispatcher_key,
+    processing_key,
+    throttle_key,
+)
 
 __all__ = ["Attempt", "DeadLetters", "Delivery", "DeliveryQueue", "RETRIES_KEY", "DEAD_KEY"]
 
-RETRIES_KEY = "darkroom:webhooks:retries"
-DEAD_KEY = "darkroom:webhooks:dead"
-DEAD_INDEX_KEY = "darkroom:webhooks:dead:index"
-DISPATCHERS_KEY = "darkroom:webhooks:dispatchers"
 
 # Bury one delivery: take it off the processing list, keep it, and trim the store by age and count.
 # KEYS: processing, dead hash, dead index. ARGV: raw entry, id, delivery JSON, retention s, max count.
@@ -51,12 +57,8 @@ return due
 """
 
 
-def processing_key(name: str) -> str:
-    return f"darkroom:webhooks:processing:{name}"
-
-
 def heartbeat_key(name: str) -> str:
-    return f"darkroom:webhooks:dispatcher:{name}"
+    return dispatcher_key(name)
 
 
 class Attempt(BaseModel):
@@ -135,7 +137,7 @@ class DeliveryQueue:
 
     def throttle(self, job_id: str, seconds: float) -> bool:
         """True if a progress event of ``job_id`` may go now (then holds the next ones for ``seconds``)."""
-        key = f"darkroom:webhooks:throttle:{job_id}"
+        key = throttle_key(job_id)
         return bool(self.redis.set(key, b"1", px=max(1, int(seconds * 1000)), nx=True))
 
     # -- liveness and recovery -----------------------------------------------

@@ -35,11 +35,14 @@ def dispatcher(concurrency: int | None, name: str | None, log_level: str) -> Non
 
     Exit codes: 0 stopped cleanly; 1 a setting is wrong; 69 Redis unreachable.
     """
+    from darkroom.common.placeholders import check_secrets
+
     from .dispatcher import Dispatcher, DispatcherSettings
 
     overrides: dict[str, Any] = {"webhook_concurrency": concurrency, "dispatcher_name": name}
     try:
         settings = DispatcherSettings.load(**{k: v for k, v in overrides.items() if v is not None})
+        check_secrets(settings, named=settings.webhook_secrets, named_setting="DARKROOM_WEBHOOK_SECRETS")
         runner = Dispatcher(settings, make_redis(settings))
         configure_logging(log_level, settings.log_format, runner.name)
     except DarkroomError as exc:

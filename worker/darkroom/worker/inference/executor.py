@@ -1,6 +1,6 @@
 """What the engine thread does with one group of compatible requests: model, adapters, scheduler, call.
 
-Everything here touches pipelines, so it runs on the engine thread only (see :mod:`.batcher`).
+Everything here touches pipelines, so it runs on the engine thread only (see :mod:`.engine`).
 A group whose jobs differ only in their adapters runs as one call routed per sample, or as one call
 per adapter set where that cannot apply (:mod:`.mixing`).
 Errors shared by the whole group (the model cannot load) end every job of the group; an adapter
@@ -17,19 +17,19 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from darkroom.common.errors import ErrorCode, JobError, ObjectNotFoundError, StorageError
+from darkroom.common.errors import ErrorCode, JobCancelled, JobError, ObjectNotFoundError, StorageError
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.storage import S3Uri
 
-from .adapters import AdapterFile, AdapterSet
-from .batcher import Inference, JobCancelled, Request, mark_batch_wide
-from .context import WorkerContext
-from .engine import check_call_options, run_batch
-from .features import applied, check_embeddings
-from .latents import LatentCache
-from .mixing import CallPlan, MixedAdapters, Routing, describe, routed, split
-from .pipelines import LoadedModel
-from .registry import ModelSpec
+from ..adapters import AdapterFile, AdapterSet
+from ..context import WorkerContext
+from ..features import applied, check_embeddings
+from ..latents import LatentCache
+from ..mixing import CallPlan, MixedAdapters, Routing, describe, routed, split
+from ..pipelines import LoadedModel
+from ..registry import ModelSpec
+from .call import check_call_options, run_batch
+from .engine import Inference, Request, mark_batch_wide
 
 __all__ = ["BatchExecutor"]
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchExecutor:
-    """Runs one group of :class:`~.batcher.Request` s with equal batch keys as one pipeline call."""
+    """Runs one group of :class:`~.engine.Request` s with equal batch keys as one pipeline call."""
 
     def __init__(self, ctx: WorkerContext, latents: LatentCache | None = None) -> None:
         self.ctx = ctx
@@ -117,7 +117,7 @@ class BatchExecutor:
             total_images = sum(r.images for r in requests)
             for position, (index, request) in enumerate(zip(runnable, requests, strict=True)):
                 if output is None or request.cancelled:
-                    outcomes[index] = JobCancelled(request.job.job_id)
+                    outcomes[index] = JobCancelled(request.job.job_id or "?")
                     continue
                 outcomes[index] = Inference(
                     images=output.images[position],
@@ -182,6 +182,6 @@ def _fan_out(requests: list[Request]) -> Any:
             except JobCancelled:
                 request.cancelled = True
         if all(r.cancelled for r in requests):
-            raise JobCancelled("every job of the call was cancelled")
+            raise JobCancelled("*", message="every job of the call was cancelled")
 
     return on_step

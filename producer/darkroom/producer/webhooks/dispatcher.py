@@ -47,7 +47,7 @@ from darkroom.common.jobstore import JobRecord, UnreadableRecord, job_key
 from darkroom.common.producers import ProducerRegistry, job_namespace
 from darkroom.common.settings import Settings
 from darkroom.common.status import JobStatus
-from darkroom.common.webhooks import CallbackTarget, Resolver, resolve_callback, sign, webhook_body
+from darkroom.common.webhooks import STATS_KEY, CallbackTarget, Resolver, resolve_callback, sign, webhook_body
 
 from .deliveries import Attempt, Delivery, DeliveryQueue
 
@@ -167,7 +167,6 @@ class HttpSender:
 
 
 # -- the dispatcher -------------------------------------------------------------
-STATS_KEY = "darkroom:webhooks:stats"
 
 
 class Dispatcher:

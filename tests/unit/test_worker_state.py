@@ -1,0 +1,65 @@
+"""The worker's runtime state (one lock, touched from many threads) and the report it announces."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from darkroom.common.fleet import CurrentJob, WorkerReport, parse_workers, worker_key
+from darkroom.worker.context import WorkerState
+
+
+def test_jobs_done_counts_every_job_from_many_threads() -> None:
+    state = WorkerState()
+
+    def work() -> None:
+        for _ in range(2000):
+            state.job_done()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state.jobs_done == 16_000
+
+
+def test_running_jobs_are_listed_while_inside_only() -> None:
+    state = WorkerState()
+    with state.running("a"), state.running("b"):
+        assert sorted(j.job_id for j in state.current_jobs()) == ["a", "b"]
+        assert all(isinstance(j, CurrentJob) and j.since <= time.time() for j in state.current_jobs())
+    assert state.current_jobs() == []
+
+
+def test_engine_busy_and_exit_code() -> None:
+    state = WorkerState()
+    assert state.engine_busy_since() is None
+    state.watch_engine(lambda: 12.5)
+    assert state.engine_busy_since() == 12.5
+    state.progressed(99.0)
+    assert state.progress_at == 99.0
+    assert state.exit_code == 0
+    state.exit_with(75)
+    assert state.exit_code == 75
+
+
+def test_set_report_returns_the_previous_one() -> None:
+    state = WorkerState()
+    first = WorkerReport(name="w", resident_models=["a"])
+    assert state.set_report(first) is None
+    assert state.set_report(WorkerReport(name="w")) == first
+
+
+def test_reports_are_read_tolerantly() -> None:
+    newer = {"schema_version": 2, "name": "ignored", "resident_models": ["m"], "gpu_clock": 1500,
+             "cache": {"hits": 3}}
+    keys = [worker_key("w1"), worker_key("w2"), worker_key("w3")]
+    values = [json.dumps(newer), b"{not json", json.dumps({"resident_models": "not-a-list"})]
+    w1, w2, w3 = parse_workers(keys, values)
+    # the key names the worker; fields a newer worker adds are kept; missing ones default
+    assert (w1.name, w1.report.name, w1.resident_models, w1.report.cache.hits) == ("w1", "w1", ["m"], 3)
+    assert w1.data["gpu_clock"] == 1500 and w1.report.cache.misses == 0
+    # unreadable reports become empty ones: the worker is listed, routes nothing
+    assert (w2.name, w2.resident_models, w3.resident_models) == ("w2", [], [])
