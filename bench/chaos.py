@@ -15,6 +15,16 @@ and worker processes, submits the jobs, and applies each fault ``--repeat`` time
     duplicate   push a second copy of some jobs' messages (duplicate deliveries)
     resubmit    expire some finished jobs' records and submit their ids again with another seed
 
+With ``--ha`` the Redis is the ``--ha`` embedded topology (a primary, one replica, three Sentinels with
+``down-after-milliseconds`` 1000) and every client follows it through the Sentinels; the default fault is then
+
+    primary-kill  SIGKILL whichever data node is primary; the Sentinels promote the replica; the dead node
+                  is started again and rejoins as a replica
+
+and a submitter keeps submitting one job at a time during the run: each submission the SDK acknowledged is
+checked like the others, each refused one must have raised the retryable RedisUnavailable (never hung). It
+also prints each failover's time (SIGKILL until the Sentinels name the new primary).
+
 A fault counts only once it was actually applied (a kill needs a worker with a job, a drop needs a queued
 message); a planned fault that never happened makes the run exit non-zero. After every job has ended and
 one reconcile interval has passed, every job is checked: it ended (else *stuck*); its record exists (else
@@ -45,7 +55,8 @@ from typing import Any
 import _common  # noqa: F401  (quiets libraries before they load)
 from _common import table
 
-FAULTS = ("kill", "pause", "redis-pause", "redis-kill", "s3-outage", "drop", "duplicate", "resubmit")
+FAULTS = ("kill", "pause", "redis-pause", "redis-kill", "s3-outage", "drop", "duplicate", "resubmit", "primary-kill")
+HA_ONLY = {"primary-kill"}
 LEASE = 3.0
 
 
@@ -54,24 +65,32 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="times each fault is applied")
-    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {', '.join(FAULTS)}")
+    parser.add_argument("--faults", default=None, help=f"comma-separated subset of {', '.join(FAULTS)} (default: "
+                                                       "all but primary-kill; with --ha: primary-kill)")
     parser.add_argument("--s3-outage", type=float, default=6.0, help="seconds the S3 server is down")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per job (strength 1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up waiting after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for tests)")
     parser.add_argument("--keep", type=Path, default=None, help="keep services' data and worker logs here")
+    parser.add_argument("--ha", action="store_true", help="Redis with a replica and three Sentinels; default "
+                                                          "fault primary-kill; submissions go on during the run")
     args = parser.parse_args()
-    kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
+    faults = args.faults or ("primary-kill" if args.ha else ",".join(f for f in FAULTS if f not in HA_ONLY))
+    kinds = [k.strip() for k in faults.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(FAULTS))
     if unknown:
         parser.error(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+    if set(kinds) & HA_ONLY and not args.ha:
+        parser.error("primary-kill needs --ha")
+    if args.ha and set(kinds) & {"redis-pause", "redis-kill"}:
+        parser.error("with --ha, kill the primary with primary-kill (redis-pause/redis-kill act on the first node)")
     report = run(args, kinds)
     if args.json:
         print(json.dumps(report))
     else:
         print(table([(k, json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in report.items()]))
-    bad = report["lost"] + report["duplicate"] + report["mismatched"] + report["stuck"]
+    bad = report["lost"] + report["duplicate"] + report["mismatched"] + report["stuck"] + report.get("hung", 0)
     sys.exit(0 if bad == 0 and not report["faults_missed"] else 1)
 
 
@@ -90,6 +109,7 @@ class Nemesis:
     applied: Counter[str] = field(default_factory=Counter)
     recoveries: list[tuple[float, list[str]]] = field(default_factory=list)  # (fault time, victim job ids)
     resubmitted: dict[str, int] = field(default_factory=dict)  # job id -> seed of its new submission
+    failovers: list[float] = field(default_factory=list)  # seconds from SIGKILL to a new primary (--ha)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
@@ -157,6 +177,24 @@ class Nemesis:
         _wait_gone(pid)
         time.sleep(0.5)
         self.services.up(timeout=60)
+        return True
+
+    def _primary_kill(self) -> bool:
+        """SIGKILL the primary, time the Sentinels' promotion, then start the dead node again (a replica now)."""
+        primary = self.services.primary()
+        if primary is None:
+            return False
+        port = int(primary.rsplit(":", 1)[1])
+        pid = next(int(info["pid"]) for info in self.services.status().values() if info["port"] == port)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while self.services.primary() in (primary, None):
+            if time.monotonic() - killed > 120:
+                raise RuntimeError(f"no failover from {primary} in 120 s")
+            time.sleep(0.05)
+        self.failovers.append(round(time.monotonic() - killed, 2))
+        _wait_gone(pid)
+        self.services.up(timeout=120)
         return True
 
     def _s3_outage(self) -> bool:
@@ -231,8 +269,14 @@ def run(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         state = args.keep or Path(tmp)
-        services = EmbeddedServices(state / "services", appendonly=True)
-        endpoints = services.up()
+        if args.ha:
+            from darkroom.dev.embedded_ha import HAServices
+
+            services: Any = HAServices(state / "services", appendonly=True, down_after_ms=1000,
+                                       failover_timeout_ms=3000)
+        else:
+            services = EmbeddedServices(state / "services", appendonly=True)
+        endpoints = services.up(timeout=120)
         try:
             model = make_tiny_model(state / "tiny")
             env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(state), "DARKROOM_LEASE_SECONDS": str(LEASE),
@@ -257,10 +301,17 @@ def run(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
                 nemesis = Nemesis(rng, fleet, services, client, args, jobs, done, plan)
                 started = time.monotonic()
                 chaos = threading.Thread(target=nemesis.run, daemon=True)
+                submitter = _Submitter(settings, uri, args.steps, chaos)
                 chaos.start()
+                if args.ha:
+                    submitter.start()
                 _wait_all(client, jobs, done, args.timeout, lambda: not chaos.is_alive())
                 nemesis.stop.set()
                 chaos.join(timeout=60)
+                if args.ha:
+                    submitter.join()
+                    jobs += submitter.acknowledged
+                    _wait_all(client, jobs, done, args.timeout, lambda: True)
                 time.sleep(float(env["DARKROOM_RECONCILE_INTERVAL_SECONDS"]) + 1)  # one more reconcile interval
                 elapsed = time.monotonic() - started
                 report = _check(client, jobs, nemesis.resubmitted)
@@ -270,13 +321,17 @@ def run(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
                     faults_missed={k: n - nemesis.applied[k] for k, n in planned.items() if nemesis.applied[k] < n},
                     max_recovery_s=_max_recovery(client, nemesis.recoveries),
                 )
+                if args.ha:
+                    report.update(failover_s=nemesis.failovers, submitted_during=len(submitter.acknowledged),
+                                  refused_during=submitter.refused, refused_kinds=dict(submitter.kinds),
+                                  longest_submit_s=round(submitter.longest, 2), hung=submitter.hung)
             fleet.stop_all()
         finally:
             services.down()
     return report
 
 
-NEEDS_WORK = ("kill", "pause", "drop", "duplicate")
+NEEDS_WORK = ("kill", "pause", "drop", "duplicate", "primary-kill")
 """Faults that need jobs in flight or queued: planned in the first half of the run."""
 
 
@@ -300,6 +355,42 @@ def _wait_gone(pid: int, timeout: float = 20.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
+
+
+class _Submitter(threading.Thread):
+    """Submits one job at a time while the nemesis runs (--ha): what the SDK acknowledged must all end; a
+    refusal must be the retryable RedisUnavailable; a call that takes longer than HUNG_S counts as hung."""
+
+    HUNG_S = 60.0
+
+    def __init__(self, settings: Any, uri: str, steps: int, chaos: threading.Thread) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.uri, self.steps, self.chaos = settings, uri, steps, chaos
+        self.acknowledged: list[str] = []
+        self.refused = 0
+        self.hung = 0
+        self.longest = 0.0
+        self.kinds: Counter[str] = Counter()
+
+    def run(self) -> None:
+        from darkroom.common.errors import RedisUnavailable
+        from darkroom.producer.client import Client
+
+        with Client(self.settings) as client:
+            while self.chaos.is_alive():
+                started = time.monotonic()
+                try:
+                    handle = client.submit({"model": "tiny", "image": self.uri, "prompt": "during chaos",
+                                            "strength": 1.0, "num_inference_steps": self.steps,
+                                            "seed": len(self.acknowledged), "output_prefix": "s3://darkroom/chaos"})
+                    self.acknowledged.append(handle.job_id)
+                except RedisUnavailable as exc:
+                    self.refused += 1
+                    self.kinds[type(exc).__name__] += 1
+                took = time.monotonic() - started
+                self.longest = max(self.longest, took)
+                self.hung += took > self.HUNG_S
+                time.sleep(0.2)
 
 
 class _Fleet:

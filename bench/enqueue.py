@@ -11,6 +11,11 @@ queued). Measured side by side in this one run, each from the same process and c
 
 Every number covers validation, the ``queued`` status records and events and the broker messages;
 the run checks that the broker lists hold one message per job. Target: submit_many >= 3,000 jobs/s.
+
+``--ha`` measures the cost of durable submissions instead: it starts the ``--ha`` embedded topology (a
+primary, one replica, three Sentinels) and runs ``submit_many`` and the loop of ``submit`` through the
+Sentinel-managed client twice each, with ``WAIT 1`` after every round trip (the default under Sentinel)
+and without it (``redis_wait_replicas=0``), side by side.
 """
 
 from __future__ import annotations
@@ -75,13 +80,49 @@ def measure(client: Client, label: str, count: int, run: Callable[[list[dict[str
     return f"{count} jobs in {seconds:.2f} s", count / seconds
 
 
+def run_ha(args: argparse.Namespace) -> None:
+    """submit_many and submit through Sentinel, with and without WAIT for one replica, in one topology."""
+    from darkroom.common.settings import Settings
+    from darkroom.dev.embedded_ha import HAServices
+
+    with tempfile.TemporaryDirectory() as tmp:
+        services = HAServices(Path(tmp) / "services")
+        endpoints = services.up(timeout=120)
+        try:
+            base = {k.removeprefix("DARKROOM_").lower(): v for k, v in endpoints.as_env().items()}
+            rates: dict[str, tuple[str, float]] = {}
+            for label, replicas in (("wait", 1), ("nowait", 0)):
+                settings = Settings.model_validate({**base, "state_dir": Path(tmp) / "state",
+                                                    "redis_wait_replicas": replicas})
+                with Client(settings) as client:
+                    rates[f"many-{label}"] = measure(client, f"many-{label}", args.jobs,
+                                                     lambda jobs, c=client: c.submit_many(jobs, chunk=args.chunk))
+                    rates[f"single-{label}"] = measure(client, f"single-{label}", args.single,
+                                                       lambda jobs, c=client: [c.submit(j) for j in jobs])
+        finally:
+            services.down()
+    rows = []
+    for kind, name in (("many", f"submit_many (chunks of {args.chunk})"), ("single", "loop of submit")):
+        wait, nowait = rates[f"{kind}-wait"], rates[f"{kind}-nowait"]
+        rows.append((name, f"{nowait[1]:8,.0f} jobs/s without WAIT   {wait[1]:8,.0f} jobs/s with WAIT 1   "
+                           f"({wait[1] / nowait[1]:.2f}x; {wait[0]} with WAIT)"))
+    width = max(len(name) for name, _ in rows)
+    print("Sentinel-managed client, primary + 1 replica on this host")
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs for submit_many")
     parser.add_argument("--single", type=int, default=2_000, help="jobs for the loop of submit")
     parser.add_argument("--celery", type=int, default=500, help="jobs for the send_task loop (0: skip it)")
     parser.add_argument("--chunk", type=int, default=500, help="jobs per round trip in submit_many")
+    parser.add_argument("--ha", action="store_true",
+                        help="through Sentinel, with and without WAIT 1 (the cost of durable submissions)")
     args = parser.parse_args()
+    if args.ha:
+        run_ha(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp, embedded_services(Path(tmp)) as (_, settings), \
             Client(settings) as client:

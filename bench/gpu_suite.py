@@ -1,4 +1,4 @@
-"""GPU suite (issue 21 item 5): everything a short GPU lease should measure, as one command and one JSON report.
+"""GPU suite: everything a short GPU lease should measure, as one command and one JSON report.
 
     python bench/gpu_suite.py                      # on a CUDA machine: SD 1.5 shapes, random weights, 512x512 fp16
     python bench/gpu_suite.py --dry-run            # here: the tiny model on the CPU, same code path, small counts
@@ -444,7 +444,7 @@ def section_darkroom_eager(suite: Suite) -> dict[str, Any]:
 def section_darkroom_compiled(suite: Suite) -> dict[str, Any]:
     out = _darkroom_section(suite, compiled=True)
     out["note"] = ("models without adapters: the worker refuses DARKROOM_COMPILE for models that take adapters "
-                   "until issue 21 items 1-2 land")
+                   "until adapters live inside the compiled graph")
     return out
 
 

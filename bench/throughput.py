@@ -21,7 +21,7 @@ to the last result. ``--rounds N`` runs the variants N times, interleaved (a, b,
 so a change in the machine's load hits every variant alike; each ratio is taken within a round and
 printed as the median with its spread (min-max) over the rounds. Prints images/s, the ratios c/a, d/e,
 d/a, e/a and a/b, and each variant's peak RSS. Targets on an idle machine: c/a >= 0.98, d/e >= 0.95
-(issue 21), d/a >= 2.5 (tiny model, 64x64, 2-core CPU). Darkroom runs without its safety checker (the
+(each on an idle machine), d/a >= 2.5 (tiny model, 64x64, 2-core CPU). Darkroom runs without its safety checker (the
 bare loops have none); --safety turns it on for (c) and (d).
 """
 

@@ -13,6 +13,18 @@ echo "user default on >${REDIS_PASSWORD} ~* &* +@all" > "$users"
 if [ -f "${PRODUCERS_ACL:-/etc/darkroom/producers.acl}" ]; then
   grep '^user ' "${PRODUCERS_ACL:-/etc/darkroom/producers.acl}" | grep -v '^user default ' >> "$users" || true
 fi
+# Under Sentinel (SENTINEL_HOST set; docker-compose.sentinel.yml, infra/k8s/overlays/sentinel): follow the
+# primary the Sentinels name, else REDIS_INITIAL_PRIMARY, unless that is this node (REDIS_ANNOUNCE_HOST);
+# masterauth on every node, as any may become a replica after a failover.
+if [ -n "${SENTINEL_HOST:-}" ]; then
+  primary=$(redis-cli -h "$SENTINEL_HOST" -p "${SENTINEL_PORT:-26379}" -a "$REDIS_PASSWORD" --no-auth-warning \
+    sentinel get-master-addr-by-name "${SENTINEL_MASTER:-darkroom}" 2>/dev/null | head -n 1) || primary=""
+  primary="${primary:-${REDIS_INITIAL_PRIMARY:-}}"
+  if [ -n "$primary" ] && [ "$primary" != "${REDIS_ANNOUNCE_HOST:-}" ]; then
+    set -- "$@" --replicaof "$primary" 6379
+  fi
+  set -- "$@" --masterauth "$REDIS_PASSWORD" ${REDIS_ANNOUNCE_HOST:+--replica-announce-ip "$REDIS_ANNOUNCE_HOST"}
+fi
 if command -v docker-entrypoint.sh >/dev/null 2>&1; then
   exec docker-entrypoint.sh redis-server --aclfile "$users" "$@"   # drops root as the image always does
 fi

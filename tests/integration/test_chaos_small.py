@@ -30,3 +30,18 @@ def test_small_chaos_run_with_every_fault_loses_and_duplicates_nothing() -> None
     assert report["succeeded"] + report["failed"] + report["cancelled"] == report["jobs"] == 60
     assert report["succeeded"] >= 54, report  # a few may exhaust retries during an outage; none is lost
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_small_ha_chaos_run_kills_the_primary_twice_and_loses_no_acknowledged_job() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--ha", "--jobs", "40", "--workers", "2", "--repeat", "2", "--steps", "8",
+         "--timeout", "500", "--json"],
+        capture_output=True, text=True, timeout=700,
+    )
+    assert result.stdout.strip(), result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["faults_applied"] == {"primary-kill": 2} and not report["faults_missed"], report
+    assert report["lost"] == report["duplicate"] == report["mismatched"] == report["stuck"] == 0, report
+    assert report["hung"] == 0 and len(report["failover_s"]) == 2, report
+    assert report["jobs"] == 40 + report["submitted_during"] == report["succeeded"], report  # every acknowledged one
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""bench/gpu_suite.py --dry-run: the GPU suite's code path on the tiny model and the CPU (issue 21 item 5).
+"""bench/gpu_suite.py --dry-run: the GPU suite's code path on the tiny model and the CPU.
 
 The suite runs as a subprocess, as it will on a GPU machine; these tests read its JSON report.
 """

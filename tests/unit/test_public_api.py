@@ -10,7 +10,8 @@ def test_producer_exports() -> None:
     assert sorted(producer.__all__) == sorted([
         "AsyncClient", "AsyncJobHandle", "Client", "EventType", "Img2ImgJob", "InvalidJobError", "JobCancelled",
         "JobEvent", "JobFailed", "JobHandle", "JobNotFound",
-        "JobRecord", "JobResult", "JobStatus", "OutputFormat", "Settings", "WaitTimeout",
+        "JobRecord", "JobResult", "JobStatus", "NotReplicated", "OutputFormat", "RedisUnavailable", "Settings",
+        "WaitTimeout",
     ])
     for name in producer.__all__:
         assert getattr(producer, name) is not None

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from darkroom.common.errors import DarkroomError, ObjectNotFoundError, StorageError, TransientError
+from darkroom.common.errors import DarkroomError, ObjectNotFoundError, RedisUnavailable, StorageError, TransientError
 from darkroom.common.settings import DEFAULT_STATE_DIR
 
 __all__ = ["ExitCode", "Failure", "explain", "settings_source"]
@@ -53,6 +53,8 @@ def explain(exc: BaseException) -> Failure | None:
     """A one-line message and exit code for an expected condition; None for anything else."""
     import redis.exceptions
 
+    if isinstance(exc, RedisUnavailable) and isinstance(exc.__cause__, redis.exceptions.RedisError):
+        return explain(exc.__cause__)  # the SDK's retryable wrapper: say what Redis said, as before
     if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.AuthenticationWrongNumberOfArgsError):
         return Failure(f"Redis refused the credentials ({settings_source()}): check the password in "
                        "DARKROOM_REDIS_URL", ExitCode.NO_PERMISSION)

@@ -9,6 +9,8 @@ scale::
     ├── ConfigurationError        settings or registry are wrong; fix and restart
     ├── JobError                  the job failed for good (bad input, unknown model); never retried
     ├── TransientError            try again later (storage 5xx, broker blip); retried with backoff, bounded
+    │   └── RedisUnavailable      Redis did not answer or is failing over; the SDK's request may be retried
+    │       └── NotReplicated     a submission reached the primary but too few replicas confirmed it in time
     ├── WorkerFatalError          the process is unusable (CUDA OOM, corrupt state); requeue, recycle
     ├── NotPermitted              a producer asked for another producer's job, or past its policy or quota
     ├── LeaseLost                 this attempt's fencing token is stale: stop, write nothing, ack the message
@@ -29,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ConfigurationError",
@@ -42,8 +44,10 @@ __all__ = [
     "JobFailed",
     "LeaseLost",
     "NotPermitted",
+    "NotReplicated",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
+    "RedisUnavailable",
     "StorageError",
     "TransientError",
     "WaitTimeout",
@@ -102,6 +106,9 @@ class ErrorCode(StrEnum):
 class DarkroomError(Exception):
     """Raised when anything in Darkroom goes wrong; the root of the tree above."""
 
+    retryable: ClassVar[bool] = False
+    """Whether trying the same request again later may succeed (True for :class:`TransientError` and below)."""
+
 
 @dataclass(frozen=True)
 class FieldError:
@@ -154,6 +161,34 @@ class NotPermitted(DarkroomError):
 
 class TransientError(DarkroomError):
     """Raised when an operation may succeed if retried later (storage 5xx, timeouts)."""
+
+    retryable: ClassVar[bool] = True
+
+
+class RedisUnavailable(TransientError):
+    """Raised by the SDK when Redis does not answer, refuses writes or has no primary (a Sentinel failover, a
+    restart): retry the same request after a few seconds.
+
+    ``job_ids`` names the jobs of a submission that broke: they may or may not have been recorded. Submitting
+    the same jobs again (same ``job_id``, as in ``jobs``) is safe: a job already recorded with the same content
+    counts as submitted, never twice.
+    """
+
+    def __init__(self, message: str, job_ids: list[str] | None = None, jobs: list[Any] | None = None) -> None:
+        self.job_ids = list(job_ids or [])
+        self.jobs = list(jobs or [])
+        super().__init__(message)
+
+
+class NotReplicated(RedisUnavailable):
+    """Raised by the SDK when a submission was written to the Redis primary but fewer replicas than
+    ``redis_wait_replicas`` confirmed it within ``redis_wait_timeout_ms``: a failover now could lose it. The jobs
+    may run; submitting them again (same ids, see ``jobs``) is safe and confirms them."""
+
+    def __init__(self, message: str, job_ids: list[str], jobs: list[Any], *, wanted: int, confirmed: int) -> None:
+        self.wanted = wanted
+        self.confirmed = confirmed
+        super().__init__(message, job_ids, jobs)
 
 
 class WorkerFatalError(DarkroomError):

@@ -5,11 +5,14 @@ Plain data only: this module does not import Celery, so the contract stays light
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from .settings import Settings
 
-__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "PRIORITY_STEPS", "hot_queue", "cold_queue", "broker_list", "celery_config"]
+__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "PRIORITY_STEPS", "hot_queue", "cold_queue", "broker_list", "celery_config",
+           "sentinel_broker"]
 
 TASK_IMG2IMG = "darkroom.img2img"
 DEFAULT_QUEUE = "darkroom.img2img"
@@ -43,8 +46,11 @@ def broker_list(queue: str, priority: int) -> str:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery configuration: JSON only, late acks, one job prefetched, Redis priorities 0..9 (0 first)."""
-    return {
+    """Celery configuration: JSON only, late acks, one job prefetched, Redis priorities 0..9 (0 first).
+
+    With ``redis_sentinels`` the broker is kombu's ``sentinel://`` transport (see :func:`sentinel_broker`).
+    """
+    config: dict[str, Any] = {
         "broker_url": settings.redis_url.get_secret_value(),
         "task_serializer": "json",
         "result_serializer": "json",
@@ -69,3 +75,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 5,
         },
     }
+    if settings.redis_sentinels:
+        config.update(sentinel_broker(settings, config["broker_transport_options"]))
+    return config
+
+
+def sentinel_broker(settings: Settings, transport_options: dict[str, Any]) -> dict[str, Any]:
+    """The Celery settings of a broker behind Redis Sentinel: one ``sentinel://`` URL per Sentinel (kombu asks
+    them for the primary and reconnects to the new one after a failover), the master name and the Sentinels'
+    own password and TLS in the transport options; the primary's password, database and TLS from ``redis_url``.
+    """
+    url = urlsplit(settings.redis_url.get_secret_value())
+    auth = url.netloc.rpartition("@")[0]
+    path = url.path or "/0"
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": settings.redis_socket_timeout_seconds,
+                                       "socket_connect_timeout": 5}
+    if settings.redis_sentinel_password is not None:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
+    if settings.redis_sentinel_tls:
+        sentinel_kwargs["ssl"] = True
+    urls = ";".join(f"sentinel://{auth + '@' if auth else ''}{host}:{port}{path}"
+                    for host, port in settings.sentinel_addresses)
+    options = {**transport_options, "master_name": settings.redis_master_name, "sentinel_kwargs": sentinel_kwargs}
+    extra: dict[str, Any] = {"broker_url": urls, "broker_transport_options": options}
+    if url.scheme == "rediss":
+        extra["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return extra

@@ -8,12 +8,13 @@ embedded services' env file (``<state_dir>/services.env``, written by
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "DEFAULT_STATE_DIR"]
 
@@ -81,6 +82,70 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(
         3600, ge=10, description="Broker redelivers an unacknowledged job after this long; keep above the longest job."
     )
+    # -- Redis high availability (Sentinel); see docs/concepts/high-availability.md ----------------------------
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Redis Sentinels as host:port, comma-separated in the environment; set, every client (broker, "
+                    "job store, SDK) asks them for the current primary and follows failovers. DARKROOM_REDIS_URL "
+                    "then gives only the password, database and scheme (rediss:// for TLS to Redis).",
+    )
+    redis_master_name: str = Field(
+        "darkroom", min_length=1, description="The name the Sentinels monitor the primary under (sentinel monitor NAME).",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the Sentinels themselves (their requirepass; never logged); None: no AUTH.",
+    )
+    redis_sentinel_tls: bool = Field(False, description="Talk TLS to the Sentinels (TLS to Redis: a rediss:// URL).")
+    redis_wait_replicas: int | None = Field(
+        None, ge=0, le=16,
+        description="Replicas that must confirm a submission (Redis WAIT) before the SDK acknowledges it; fewer "
+                    "raise the retryable NotReplicated. None: 1 with Sentinels, 0 (no WAIT) without.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, le=60_000,
+        description="How long a submission waits for its replicas (WAIT's timeout); keep below "
+                    "redis_socket_timeout_seconds.",
+    )
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)  # a JSON list works too
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"redis_sentinels entry {entry!r} is not host:port (port 1..65535)")
+        return value
+
+    @model_validator(mode="after")
+    def _wait_fits_socket_timeout(self) -> Self:
+        if self.wait_replicas and self.redis_wait_timeout_ms >= self.redis_socket_timeout_seconds * 1000:
+            raise ValueError(
+                f"redis_wait_timeout_ms={self.redis_wait_timeout_ms} must be below redis_socket_timeout_seconds "
+                f"({self.redis_socket_timeout_seconds} s = {self.redis_socket_timeout_seconds * 1000:.0f} ms), or "
+                "a submission's WAIT would time out as a dead connection"
+            )
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``redis_sentinels`` as (host, port) pairs."""
+        return [(host.strip("[]"), int(port)) for host, _, port in (e.rpartition(":") for e in self.redis_sentinels)]
+
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas a submission waits for: ``redis_wait_replicas``, else 1 under Sentinel and 0 without."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinels else 0
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

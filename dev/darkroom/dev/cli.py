@@ -30,17 +30,20 @@ def services() -> None:
 @services.command("up")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Default: DARKROOM_STATE_DIR or .darkroom")
 @click.option("--quiet", "-q", is_flag=True, help="Print one line instead of the settings.")
-def services_up(state_dir: Path | None, quiet: bool) -> None:
+@click.option("--ha", is_flag=True, help="Also a Redis replica and three Sentinels (clients follow failovers); "
+                                         "the state folder stays HA.")
+def services_up(state_dir: Path | None, quiet: bool, ha: bool) -> None:
     """Start a private Redis and a SeaweedFS S3 server on 127.0.0.1; print the settings to use.
 
     The settings go to <state dir>/services.env, where every darkroom command run from this
-    folder finds them (from elsewhere, export them: set -a; . <file>; set +a).
+    folder finds them (from elsewhere, export them: set -a; . <file>; set +a). With --ha a replica
+    and three Sentinels run too, from the same redis-server.
 
     Exit codes: 0 running; 1 a server could not start (its log is named).
     """
     from .embedded import EmbeddedServicesError
 
-    embedded = _embedded(state_dir)
+    embedded = _embedded(state_dir, ha=ha)
     try:
         endpoints = embedded.up()
     except EmbeddedServicesError as exc:
@@ -143,21 +146,27 @@ def services_status(state_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(status, indent=2, default=str))
     else:
         click.echo(f"embedded services in {Path(embedded.state_dir).absolute()}:")
-        for name, label in (("redis", "Redis"), ("s3", "S3 server")):
-            info = status[name]
+        labels = {"redis": "Redis", "s3": "S3 server"}
+        for name, info in status.items():
+            label = labels.get(name, name)
             if info["running"]:
-                click.echo(f"  {label:<9} running  {info['url']}  (pid {info['pid']})")
+                click.echo(f"  {label:<13} running  {info['url']}  (pid {info['pid']})")
             else:
-                click.echo(f"  {label:<9} stopped")
+                click.echo(f"  {label:<13} stopped")
+        if hasattr(embedded, "topology"):  # --ha: who is primary now, as the Sentinels say
+            topology = embedded.topology()
+            click.echo(f"  primary       {topology['primary'] or 'unknown (no Sentinel answers)'}  "
+                       f"(master name {topology['master_name']!r}; "
+                       + ", ".join(f"{node} {role}" for node, role in topology["nodes"].items()) + ")")
         if not all(info["running"] for info in status.values()):
             click.echo("start them with: darkroom services up")
     sys.exit(0 if all(info["running"] for info in status.values()) else 1)
 
 
-def _embedded(state_dir: Path | None) -> Any:
-    from .embedded import EmbeddedServices
+def _embedded(state_dir: Path | None, *, ha: bool = False) -> Any:
+    from .embedded_ha import services_for
 
-    return EmbeddedServices(state_dir or Settings.load().state_dir)
+    return services_for(state_dir or Settings.load().state_dir, ha=ha)
 
 
 

@@ -44,7 +44,7 @@ class WorkerProcess:
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        client = redis.Redis.from_url(self.redis_url)
+        client = self._redis()
         deadline = time.monotonic() + timeout
         try:
             while not client.exists(worker_key(self.name)):
@@ -58,6 +58,17 @@ class WorkerProcess:
         finally:
             client.close()
         return self
+
+    def _redis(self) -> redis.Redis:
+        """A client of the worker's Redis: through its Sentinels when its environment names them."""
+        if not self.env.get("DARKROOM_REDIS_SENTINELS"):
+            return redis.Redis.from_url(self.redis_url)
+        from darkroom.common.clients import make_redis
+        from darkroom.common.settings import Settings
+
+        ha = {k.removeprefix("DARKROOM_").lower(): v for k, v in self.env.items()
+              if k.startswith(("DARKROOM_REDIS_SENTINEL", "DARKROOM_REDIS_MASTER_NAME"))}
+        return make_redis(Settings.model_validate({"redis_url": self.redis_url, **ha}))
 
     @property
     def pid(self) -> int:

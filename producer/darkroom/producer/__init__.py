@@ -5,7 +5,14 @@
 Installs and imports without torch or diffusers.
 """
 
-from darkroom.common.errors import InvalidJobError, JobCancelled, JobFailed, WaitTimeout
+from darkroom.common.errors import (
+    InvalidJobError,
+    JobCancelled,
+    JobFailed,
+    NotReplicated,
+    RedisUnavailable,
+    WaitTimeout,
+)
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob, OutputFormat
 from darkroom.common.jobstore import JobNotFound, JobRecord
@@ -31,7 +38,9 @@ __all__ = [
     "JobRecord",
     "JobResult",
     "JobStatus",
+    "NotReplicated",
     "OutputFormat",
+    "RedisUnavailable",
     "Settings",
     "WaitTimeout",
 ]

@@ -36,6 +36,7 @@ from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
 
+from . import _durable
 from . import _submission as submission
 from ._cancel import cancel as cancel_job
 from ._watch import Listen, Read, Watch
@@ -129,30 +130,47 @@ class AsyncClient:
         self, job: submission.JobLike, *, priority: int | None = None, resubmit: bool = False
     ) -> AsyncJobHandle:
         """Validate, record as ``queued`` and enqueue a job, in one round trip (see ``Client.submit``)."""
-        job = await self.prepare(job)
-        if resubmit:
-            raw = await self._redis.get(job_key(job.job_id or ""))
-            submission.check_owner(None if raw is None else JobRecord.read(raw), self.settings, "resubmit")
-        await self._take_quota([job])
-        pipe = self._redis.pipeline(transaction=False)
-        self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority, resubmit=resubmit)
-        raise_taken(submission.taken(await pipe.execute(), [job], None), submission.taken_reason(resubmit))
+        with _durable.redis_unavailable("submit the job"):
+            job = await self.prepare(job)
+            if resubmit:
+                raw = await self._redis.get(job_key(job.job_id or ""))
+                submission.check_owner(None if raw is None else JobRecord.read(raw), self.settings, "resubmit")
+            await self._take_quota([job])
+        raise_taken(await self._send([job], None, [job], priority=priority, resubmit=resubmit),
+                    submission.taken_reason(resubmit))
         return AsyncJobHandle(job.job_id or "", self)
+
+    async def _send(self, part: list[Img2ImgJob], first: int | None, every: list[Img2ImgJob], *,
+                    priority: int | None = None, resubmit: bool = False) -> list[tuple[int | None, str]]:
+        """Record and enqueue ``part`` in one round trip ending with WAIT (see ``Client._send``)."""
+        wanted, timeout_ms = self.settings.wait_replicas, self.settings.redis_wait_timeout_ms
+        with _durable.redis_unavailable("submit the jobs", every):
+            pipe = self._redis.pipeline(transaction=False)
+            for job in part:
+                self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), priority, resubmit=resubmit)
+            _durable.add_wait(pipe, wanted, timeout_ms)
+            replies, confirmed = _durable.split_wait(await pipe.execute(), wanted)
+            taken = submission.taken(replies, part, first)
+            if taken:  # a retry whose first try was recorded after all is not a taken id
+                by_id = {job.job_id: job for job in part}
+                raws = await self._redis.mget([job_key(job_id) for _, job_id in taken])
+                taken = [t for t, raw in zip(taken, raws, strict=True)
+                         if raw is None or not _durable.already_submitted(JobRecord.read(raw), by_id[t[1]])]
+        _durable.require_replicas(confirmed, wanted, timeout_ms, every)
+        return taken
 
     async def submit_many(
         self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK, resubmit: bool = False
     ) -> list[AsyncJobHandle]:
         """Validate all jobs, then enqueue each ``chunk`` of them in one round trip (see ``Client.submit_many``)."""
-        known = await self.fleet.catalog()
-        prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known,
-                                           await self.own_policy())
-        await self._take_quota(prepared)
+        with _durable.redis_unavailable("submit the jobs"):
+            known = await self.fleet.catalog()
+            prepared = await asyncio.to_thread(submission.prepare_many, list(jobs), self.settings, known,
+                                               await self.own_policy())
+            await self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
-            pipe = self._redis.pipeline(transaction=False)
-            for job in part:
-                self._stager.stage(pipe, job, await self.fleet.queue_for(job.model), resubmit=resubmit)
-            taken += submission.taken(await pipe.execute(), part, first)
+            taken += await self._send(list(part), first, prepared, resubmit=resubmit)
         raise_taken(taken, submission.taken_reason(resubmit))
         return [AsyncJobHandle(job.job_id or "", self) for job in prepared]
 
@@ -163,7 +181,8 @@ class AsyncClient:
     async def status(self, job_id: str) -> JobRecord:
         """The job's current record; raises JobNotFound for unknown (or expired) ids (NotPermitted: see
         ``Client.status``)."""
-        raw = await self._redis.get(job_key(job_id))
+        with _durable.redis_unavailable(f"read job {job_id}"):
+            raw = await self._redis.get(job_key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
         record = JobRecord.read(raw)
@@ -181,7 +200,8 @@ class AsyncClient:
             finally:
                 client.close()
 
-        return await asyncio.to_thread(cancel_now)
+        with _durable.redis_unavailable(f"cancel job {job_id}"):
+            return await asyncio.to_thread(cancel_now)
 
     async def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Until the job ends, waking on its events; its result, or JobFailed / JobCancelled / WaitTimeout.

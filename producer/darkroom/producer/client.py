@@ -30,6 +30,7 @@ from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
 
+from . import _durable
 from . import _submission as submission
 from ._cancel import CANCEL_TIMEOUT_SECONDS
 from ._cancel import cancel as cancel_job
@@ -135,14 +136,34 @@ class Client:
         of the same id that ended failed or cancelled is replaced atomically and runs again (its history moves
         to ``:history:previous``); one queued, running or succeeded is still refused.
         """
-        job = self.prepare(job)
-        if resubmit:
-            submission.check_owner(self.jobs.get(job.job_id or ""), self.settings, "resubmit")
-        self._take_quota([job])
-        pipe = self._redis.pipeline(transaction=False)
-        self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
-        raise_taken(submission.taken(pipe.execute(), [job], None), submission.taken_reason(resubmit))
+        with _durable.redis_unavailable("submit the job"):
+            job = self.prepare(job)
+            if resubmit:
+                submission.check_owner(self.jobs.get(job.job_id or ""), self.settings, "resubmit")
+            self._take_quota([job])
+        raise_taken(self._send([job], None, [job], priority=priority, resubmit=resubmit),
+                    submission.taken_reason(resubmit))
         return JobHandle(job.job_id or "", self)
+
+    def _send(self, part: list[Img2ImgJob], first: int | None, every: list[Img2ImgJob], *,
+              priority: int | None = None, resubmit: bool = False) -> list[tuple[int | None, str]]:
+        """Record and enqueue ``part`` in one round trip that ends with WAIT for replicas (see ``_durable``);
+        the ids refused as taken. ``every``: the submission's jobs, named by a retryable error."""
+        wanted, timeout_ms = self.settings.wait_replicas, self.settings.redis_wait_timeout_ms
+        with _durable.redis_unavailable("submit the jobs", every):
+            pipe = self._redis.pipeline(transaction=False)
+            for job in part:
+                self._stager.stage(pipe, job, self.fleet.queue_for(job.model), priority, resubmit=resubmit)
+            _durable.add_wait(pipe, wanted, timeout_ms)
+            replies, confirmed = _durable.split_wait(pipe.execute(), wanted)
+            taken = submission.taken(replies, part, first)
+            if taken:  # a retry whose first try was recorded after all is not a taken id
+                by_id = {job.job_id: job for job in part}
+                records = self.jobs.get_many([job_id for _, job_id in taken])
+                taken = [t for t, r in zip(taken, records, strict=True)
+                         if not _durable.already_submitted(r, by_id[t[1]])]
+        _durable.require_replicas(confirmed, wanted, timeout_ms, every)
+        return taken
 
     def submit_many(
         self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK, resubmit: bool = False
@@ -153,17 +174,15 @@ class Client:
         is sent. A job whose ``job_id`` exists already is neither recorded nor enqueued; the others are, and
         then InvalidJobError names the taken ids. ``resubmit`` works as in :meth:`submit`.
         """
-        prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog(), self.own_policy())
-        if resubmit:
-            for record in self.jobs.get_many([job.job_id or "" for job in prepared]):
-                submission.check_owner(record, self.settings, "resubmit")
-        self._take_quota(prepared)
+        with _durable.redis_unavailable("submit the jobs"):
+            prepared = submission.prepare_many(jobs, self.settings, self.fleet.catalog(), self.own_policy())
+            if resubmit:
+                for record in self.jobs.get_many([job.job_id or "" for job in prepared]):
+                    submission.check_owner(record, self.settings, "resubmit")
+            self._take_quota(prepared)
         taken: list[tuple[int | None, str]] = []
         for first, part in submission.chunks(prepared, chunk):
-            pipe = self._redis.pipeline(transaction=False)
-            for job in part:
-                self._stager.stage(pipe, job, self.fleet.queue_for(job.model), resubmit=resubmit)
-            taken += submission.taken(pipe.execute(), part, first)
+            taken += self._send(list(part), first, prepared, resubmit=resubmit)
         raise_taken(taken, submission.taken_reason(resubmit))
         return [JobHandle(job.job_id or "", self) for job in prepared]
 
@@ -174,7 +193,8 @@ class Client:
     def status(self, job_id: str) -> JobRecord:
         """The job's current record; raises JobNotFound for unknown (or expired) ids, NotPermitted for another
         producer's job when this client signs."""
-        record = self.jobs.require(job_id)
+        with _durable.redis_unavailable(f"read job {job_id}"):
+            record = self.jobs.require(job_id)
         submission.check_owner(record, self.settings, "read")
         return record
 
@@ -185,12 +205,15 @@ class Client:
         A signing client sends a signed request that a worker verifies (``timeout``: how long to wait for its
         answer); only the job's own producer is obeyed (NotPermitted otherwise), see docs/security.md.
         """
-        return cancel_job(self._redis, self.settings, job_id, timeout)
+        with _durable.redis_unavailable(f"cancel job {job_id}"):
+            return cancel_job(self._redis, self.settings, job_id, timeout)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
         """Block until the job ends, waking on its events; return the result or raise its outcome."""
         self.status(job_id)
-        return self.jobs.wait(job_id, timeout=timeout, on_event=on_event).raise_for_outcome()
+        with _durable.redis_unavailable(f"wait for job {job_id}"):
+            record = self.jobs.wait(job_id, timeout=timeout, on_event=on_event)
+        return record.raise_for_outcome()
 
     def result(self, job_id: str) -> JobResult:
         """The job's result now; raises JobFailed / JobCancelled if it ended so, WaitTimeout if it has not ended."""
