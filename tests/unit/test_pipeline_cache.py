@@ -75,3 +75,19 @@ def test_a_model_larger_than_the_budget_fails_the_job_clearly(models: dict[str, 
     with pytest.raises(JobError) as info:
         cache.get("a")
     assert info.value.code is ErrorCode.MODEL_TOO_LARGE and "budget is 1000" in info.value.message
+
+
+def test_loaded_bytes_read_each_tensors_stored_type(tmp_path: Path) -> None:
+    """fp16 files without '.fp16.' in their name are not halved again; fp32 tensors halve at 16-bit."""
+    import torch
+    from safetensors.torch import save_file
+
+    from darkroom.worker.pipelines import _loaded_bytes
+
+    mixed = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({"a": torch.zeros(1000, dtype=torch.float32), "b": torch.zeros(1000, dtype=torch.float16)}, str(mixed))
+    assert _loaded_bytes(mixed, "float16") == 4000 // 2 + 2000
+    assert _loaded_bytes(mixed, "float32") == mixed.stat().st_size
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    assert _loaded_bytes(garbage, "float16") == 64

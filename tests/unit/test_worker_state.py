@@ -63,3 +63,11 @@ def test_reports_are_read_tolerantly() -> None:
     assert w1.data["gpu_clock"] == 1500 and w1.report.cache.misses == 0
     # unreadable reports become empty ones: the worker is listed, routes nothing
     assert (w2.name, w2.resident_models, w3.resident_models) == ("w2", [], [])
+
+
+def test_liveness_follows_the_heartbeat_loop_not_redis() -> None:
+    state = WorkerState()
+    before = state.alive_at
+    state.still_alive(before + 5)
+    assert state.alive_at == before + 5
+    assert state.last_heartbeat == 0.0  # no announcement reached Redis: liveness does not depend on it

@@ -55,6 +55,7 @@ class WorkerState:
         self._report: WorkerReport | None = None
         self._exit_code = 0
         self._last_heartbeat = 0.0
+        self._alive_at = time.time()  # the heartbeat thread's last round, whether Redis answered or not
         self._progress_at = time.monotonic()  # last denoising step of any job (engine thread)
         self._engine_busy: Callable[[], float | None] | None = None
         self.wake = threading.Event()  # set: the heartbeat should announce now (resident models changed)
@@ -113,6 +114,17 @@ class WorkerState:
     def heartbeat_sent(self, at: float) -> None:
         with self._lock:
             self._last_heartbeat = at
+
+    @property
+    def alive_at(self) -> float:
+        """When the heartbeat thread last went round its loop (liveness: a Redis outage is not a reason to
+        restart a GPU worker; a wedged process is)."""
+        with self._lock:
+            return self._alive_at
+
+    def still_alive(self, at: float) -> None:
+        with self._lock:
+            self._alive_at = at
 
     @property
     def progress_at(self) -> float:
@@ -270,6 +282,7 @@ class Heartbeat:
             wake.clear()
             if self._stop.is_set():
                 return
+            self.ctx.state.still_alive(time.time())
             stalled = self.engine_stalled()
             if stalled is not None:  # a pipeline call that never returns cannot be interrupted: recycle
                 log.critical("the engine made no denoising step for %.0f s (engine_stall_seconds); recycling this "

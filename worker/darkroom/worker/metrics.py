@@ -160,8 +160,9 @@ def serve_metrics(ctx: WorkerContext, metrics: WorkerMetrics, host: str, port: i
             if self.path == "/metrics":
                 self._send(200, metrics.render(), "text/plain; version=0.0.4")
             elif self.path == "/healthz":
-                ok = time.time() - ctx.state.last_heartbeat < max(30.0, ctx.settings.heartbeat_seconds * 6)
-                self._send(200 if ok else 503, b"live\n" if ok else b"heartbeat stalled\n", "text/plain")
+                # the heartbeat thread goes round (Redis reachable or not): a Redis outage must not restart GPU pods
+                ok = time.time() - ctx.state.alive_at < max(30.0, ctx.settings.heartbeat_seconds * 6)
+                self._send(200 if ok else 503, b"live\n" if ok else b"heartbeat thread stalled\n", "text/plain")
             elif self.path == "/readyz":
                 ok = ctx.state.report is not None and ctx.queues.consumer is not None
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")

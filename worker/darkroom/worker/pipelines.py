@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import time
 import warnings
@@ -356,10 +357,10 @@ class PipelineCache:
         return self._hashes[key]
 
     def _estimate_bytes(self, path: Path, dtype: str) -> int:
-        """Weight bytes once loaded: file sizes, scaled when fp32 files load as 16-bit."""
+        """Weight bytes once loaded at ``dtype``: each file's tensors by their stored type (read from the
+        safetensors header: 32-bit ones halve when loaded as 16-bit); other files by their size."""
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
-        total = sum(p.stat().st_size for p in files)
-        return total // 2 if dtype in {"float16", "bfloat16"} and _looks_fp32(path) else total
+        return sum(_loaded_bytes(p, dtype) for p in files)
 
     def _make_room(self, incoming: int) -> None:
         while self._resident and self.resident_bytes() + incoming > self.budget_bytes:
@@ -377,6 +378,22 @@ def module_bytes_all(pipeline: Any) -> int:
     return sum(module_bytes(m) for m in pipeline.components.values() if hasattr(m, "parameters"))
 
 
-def _looks_fp32(path: Path) -> bool:
-    files = [path] if path.is_file() else path.rglob("*.safetensors")
-    return not any(".fp16." in p.name for p in files)
+def _loaded_bytes(file: Path, dtype: str) -> int:
+    """Bytes of ``file``'s tensors once loaded at ``dtype``: from a safetensors header, 32-bit floats halve
+    at 16-bit; anything unreadable counts its file size (a pickle file is not opened)."""
+    size = file.stat().st_size
+    if file.suffix != ".safetensors" or dtype not in {"float16", "bfloat16"}:
+        return size
+    try:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else {}
+    except (OSError, ValueError):
+        return size
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        start, stop = info.get("data_offsets", (0, 0))
+        total += (stop - start) // 2 if info.get("dtype") == "F32" else stop - start
+    return total or size
