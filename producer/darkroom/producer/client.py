@@ -51,6 +51,7 @@ class JobHandle:
     client: Client
 
     def status(self) -> JobRecord:
+        """The job's current record (see :meth:`Client.status`)."""
         return self.client.status(self.job_id)
 
     def wait(self, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
@@ -58,6 +59,7 @@ class JobHandle:
         return self.client.wait(self.job_id, timeout=timeout, on_event=on_event)
 
     def cancel(self) -> JobRecord:
+        """Cancel the job (see :meth:`Client.cancel`)."""
         return self.client.cancel(self.job_id)
 
     def result(self) -> JobResult:
@@ -96,6 +98,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the Redis connections (``with Client(...)`` does it on leaving the block)."""
         self._redis.close()
 
     # -- submitting ------------------------------------------------------
@@ -167,6 +170,7 @@ class Client:
         return [JobHandle(job.job_id or "", self) for job in prepared]
 
     def handle(self, job_id: str) -> JobHandle:
+        """A handle for a job submitted earlier, by its id (no round trip)."""
         return JobHandle(job_id, self)
 
     # -- following -------------------------------------------------------
@@ -227,6 +231,7 @@ class Client:
         return str(target)
 
     def download(self, uri: str) -> bytes:
+        """The object at ``uri`` (an output image, ``result.json``, ...) as bytes."""
         return self.store.get_bytes(S3Uri.parse(uri))
 
     def open_images(self, result: JobResult) -> list[Image]:
