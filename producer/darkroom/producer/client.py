@@ -30,6 +30,7 @@ from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
+from darkroom.common.storage_hints import friendly_storage
 
 from . import _submission as submission
 from ._watch import Listen, Read, Watch
@@ -224,15 +225,22 @@ class Client:
         return ObjectStore(self._s3_client)
 
     def upload(self, source: bytes | str | Path | Image, uri: str, *, content_type: str | None = None) -> str:
-        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI."""
+        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI.
+
+        Raises ConfigurationError when there are no S3 credentials (no ``.darkroom`` here and no
+        ``DARKROOM_S3_*`` settings), StorageError when the server refuses them or the bucket does not exist,
+        TransientError when the server cannot be reached; each message says what to do.
+        """
         target = S3Uri.parse(uri)
         data, kind = submission.upload_payload(source, content_type)
-        self.store.put_bytes(target, data, content_type=kind)
+        with friendly_storage(str(target), writing=True):
+            self.store.put_bytes(target, data, content_type=kind)
         return str(target)
 
     def download(self, uri: str) -> bytes:
         """The object at ``uri`` (an output image, ``result.json``, ...) as bytes."""
-        return self.store.get_bytes(S3Uri.parse(uri))
+        with friendly_storage(uri):
+            return self.store.get_bytes(S3Uri.parse(uri))
 
     def open_images(self, result: JobResult) -> list[Image]:
         """The result's output images as PIL images (needs Pillow: ``darkroom-producer[images]``)."""
