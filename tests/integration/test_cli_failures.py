@@ -114,6 +114,18 @@ def test_sdk_upload_with_a_wrong_secret_says_which_settings_to_check(settings: A
     assert message.startswith("the S3 server refused the credentials (SignatureDoesNotMatch")
     assert "DARKROOM_S3_SECRET_ACCESS_KEY" in message and "not-the-secret" not in message
 
+    # the asyncio client says the same
+    import asyncio
+
+    from darkroom.producer import AsyncClient
+
+    async def upload() -> None:
+        async with AsyncClient(wrong) as client:
+            await client.upload(b"\x89PNG\r\n", "s3://darkroom/inputs/wrong-secret.png")
+
+    with pytest.raises(StorageError, match="refused the credentials"):
+        asyncio.run(upload())
+
 
 def test_no_live_worker_wait_and_workers_say_so_and_how_to_start_one(tmp_path: Path) -> None:
     # Given services of their own, where no worker ever ran, and a job queued there
