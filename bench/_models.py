@@ -57,12 +57,14 @@ def make_full_size_model(path: Path, *, dtype: str = "float16", device: str = "c
     return path
 
 
-def make_model(path: Path, *, full_size: bool, device: str) -> Path:
+def make_model(path: Path, *, full_size: bool, device: str, family: str = "sd") -> Path:
     if full_size:
+        if family != "sd":
+            raise SystemExit(f"--full-size builds SD 1.5's architecture only, not {family}")
         return make_full_size_model(path, device=device)
     from darkroom.dev.tiny import make_tiny_model
 
-    return make_tiny_model(path)
+    return make_tiny_model(path, family=family)
 
 
 LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}

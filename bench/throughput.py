@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=None,
                         help="distinct input images (default: one per job); fewer shows the latent cache")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "sd3", "flux"],
+                        help="model family of the tiny model (b, the naive Celery worker, runs SD only: skipped "
+                             "for the others)")
     parser.add_argument("--full-size", action="store_true", help="SD 1.5 architecture, random weights, fp16")
     parser.add_argument("--skip", default="", help="variants to skip, e.g. b")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every variant")
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--bare-spec", type=Path, help=argparse.SUPPRESS)  # internal: run (a) in this process
     args = parser.parse_args()
     args.size = args.size or (512 if args.full_size else 64)
+    if args.family != "sd" and "b" not in args.skip:
+        args.skip += "b"
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be at least 1")
     if args.bare_spec:
@@ -84,31 +89,38 @@ def main() -> None:
 def bare_loop(spec: dict[str, Any]) -> dict[str, Any]:
     """diffusers alone: one pipeline, inputs already decoded in memory, one call per ``spec["batch"]`` jobs
     (1 for (a); (e) passes lists of prompts, images and one generator per image, as Darkroom's engine does)."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
+    from darkroom.common.families import Family, img2img_class
     from darkroom.worker.inference.call import clip_skip_compat
+    from darkroom.worker.registry import family_of_folder
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     dtype = torch.float16 if spec["device"].startswith("cuda") else torch.float32
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
-                                                          requires_safety_checker=False).to(spec["device"])
+    family = family_of_folder(Path(spec["model"])) or Family.SD
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family is Family.SD else {}
+    pipe = getattr(diffusers, img2img_class(family)).from_pretrained(spec["model"], torch_dtype=dtype,
+                                                                      **extra).to(spec["device"])
     pipe.set_progress_bar_config(disable=True)
-    clip_skip_compat(pipe.text_encoder)
+    if family is Family.SD:
+        clip_skip_compat(pipe.text_encoder)
     images = {path: Image.open(path).convert("RGB") for path in {job["path"] for job in spec["jobs"]}}
+    side = next(iter(images.values())).size
+    sized = {"width": side[0], "height": side[1]} if family in (Family.SD3, Family.FLUX) else {}
 
     def call(jobs: list[dict[str, Any]]) -> Any:
         first = jobs[0]
         if len(jobs) == 1:  # (a): exactly one plain call per job
             return pipe(prompt=first["prompt"], image=images[first["path"]], strength=first["strength"],
                         num_inference_steps=first["steps"], guidance_scale=first["guidance"],
-                        generator=torch.Generator("cpu").manual_seed(first["seed"])).images
+                        generator=torch.Generator("cpu").manual_seed(first["seed"]), **sized).images
         return pipe(prompt=[j["prompt"] for j in jobs], image=[images[j["path"]] for j in jobs],
                     strength=first["strength"], num_inference_steps=first["steps"], guidance_scale=first["guidance"],
                     generator=[torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
-                    num_images_per_prompt=1).images
+                    num_images_per_prompt=1, **sized).images
 
     batch = int(spec.get("batch", 1))
     jobs = spec["jobs"]
@@ -139,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         with _common.embedded_services(tmp) as (endpoints, settings):
             print("building the model ...", file=sys.stderr)
-            model = make_model(tmp / "model", full_size=args.full_size, device=args.device)
+            model = make_model(tmp / "model", full_size=args.full_size, device=args.device, family=args.family)
             with Client(settings) as client:
                 jobs = make_jobs(client, args, tmp / "inputs")
                 for round_ in range(args.rounds):

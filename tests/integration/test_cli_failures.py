@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,57 @@ def test_services_down_warns_about_attached_workers(tmp_path: Path) -> None:
     assert "box-1" in one_line(down) and "--stop-workers" in down.stderr
     stopped = run("services", "status", cwd=tmp_path, env=env)
     assert stopped.returncode == 1 and "stopped" in stopped.stdout
+
+
+def test_sdk_upload_with_a_wrong_secret_says_which_settings_to_check(settings: Any) -> None:
+    from pydantic import SecretStr
+
+    from darkroom.common.errors import StorageError
+    from darkroom.producer import Client
+
+    wrong = settings.model_copy(update={"s3_secret_access_key": SecretStr("not-the-secret")})
+    with Client(wrong) as client, pytest.raises(StorageError) as caught:
+        client.upload(b"\x89PNG\r\n", "s3://darkroom/inputs/wrong-secret.png")
+    message = str(caught.value)
+    assert message.startswith("the S3 server refused the credentials (SignatureDoesNotMatch")
+    assert "DARKROOM_S3_SECRET_ACCESS_KEY" in message and "not-the-secret" not in message
+
+    # the asyncio client says the same
+    import asyncio
+
+    from darkroom.producer import AsyncClient
+
+    async def upload() -> None:
+        async with AsyncClient(wrong) as client:
+            await client.upload(b"\x89PNG\r\n", "s3://darkroom/inputs/wrong-secret.png")
+
+    with pytest.raises(StorageError, match="refused the credentials"):
+        asyncio.run(upload())
+
+
+def test_no_live_worker_wait_and_workers_say_so_and_how_to_start_one(tmp_path: Path) -> None:
+    # Given services of their own, where no worker ever ran, and a job queued there
+    env: dict[str, str] = {}
+    up = run("services", "up", "--quiet", cwd=tmp_path, env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        submitted = run("submit", "--model", "sketch", "--image", "s3://darkroom/inputs/a.png", "--prompt", "x",
+                        cwd=tmp_path, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        # When a user waits for it, and lists the workers
+        waited = run("wait", job_id, "--timeout", "1", cwd=tmp_path, env=env)
+        listed = run("workers", cwd=tmp_path, env=env)
+    finally:
+        run("services", "down", cwd=tmp_path, env=env)
+    # Then wait says at once that no worker serves the model and how to start one, then times out as documented
+    assert waited.returncode == 3, waited.stderr
+    assert "Traceback" not in waited.stderr
+    note, timed_out = waited.stderr.strip().splitlines()
+    assert note.startswith("darkroom: no live worker serves model 'sketch'")
+    assert "darkroom worker --model sketch=SOURCE" in note and str(tmp_path / ".darkroom" / "services.env") in note
+    assert timed_out.startswith("timed out")
+    # and workers says none is alive, where it looked, and how to start one
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr
+    assert listed.stdout.startswith("no live workers: none has sent a heartbeat")
+    assert "darkroom worker --model ID=SOURCE" in listed.stdout

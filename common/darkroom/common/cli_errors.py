@@ -6,14 +6,12 @@ exit code from the table below, never a traceback. Anything else is a bug and ke
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from darkroom.common.errors import DarkroomError, ObjectNotFoundError, RedisUnavailable, StorageError, TransientError
-from darkroom.common.settings import DEFAULT_STATE_DIR
+from darkroom.common.errors import DarkroomError, RedisUnavailable
+from darkroom.common.storage_hints import caused_by, settings_source, storage_hint
 
-__all__ = ["ExitCode", "Failure", "explain", "settings_source"]
+__all__ = ["ExitCode", "Failure", "explain", "no_worker_notice", "settings_source"]
 
 
 class ExitCode:
@@ -28,25 +26,9 @@ class ExitCode:
     INTERRUPTED = 130  # Ctrl-C
 
 
-_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
-                    "ExpiredToken", "403"}
-
-
 class Failure(NamedTuple):
     message: str
     exit_code: int
-
-
-def settings_source() -> str:
-    """Where this process looked for its connection settings, in words (one clause)."""
-    state_dir = Path(os.environ.get("DARKROOM_STATE_DIR") or DEFAULT_STATE_DIR)
-    env_file = (state_dir / "services.env").absolute()
-    if os.environ.get("DARKROOM_REDIS_URL"):
-        return "settings from DARKROOM_* environment variables"
-    if env_file.is_file():
-        return f"settings from {env_file}"
-    return (f"no DARKROOM_REDIS_URL and no {env_file} (settings are looked for in ./{state_dir} "
-            "relative to the current directory)")
 
 
 def explain(exc: BaseException) -> Failure | None:
@@ -65,31 +47,38 @@ def explain(exc: BaseException) -> Failure | None:
         return Failure(f"cannot reach Redis ({_first_line(exc)}); {settings_source()}. Start the services with "
                        "'darkroom services up' (or run from the folder where you did), or set DARKROOM_REDIS_URL",
                        ExitCode.UNAVAILABLE)
-    if isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFoundError):
-        code = getattr(exc, "aws_code", "")
-        if code in _BAD_CREDENTIALS:
-            return Failure(f"the S3 server refused the credentials ({code}; {settings_source()}): check "
-                           "DARKROOM_S3_ACCESS_KEY_ID and DARKROOM_S3_SECRET_ACCESS_KEY", ExitCode.NO_PERMISSION)
-    if isinstance(exc, TransientError) and _caused_by(exc, "NoCredentialsError"):
-        return Failure(f"no S3 credentials ({settings_source()}): start the services with 'darkroom services up' "
-                       "or set DARKROOM_S3_ACCESS_KEY_ID and DARKROOM_S3_SECRET_ACCESS_KEY", ExitCode.NO_PERMISSION)
-    if isinstance(exc, TransientError) and _caused_by(exc, "EndpointConnectionError", "ConnectTimeoutError"):
-        return Failure(f"cannot reach the S3 server ({settings_source()}). Start the services with "
-                       "'darkroom services up', or set DARKROOM_S3_ENDPOINT_URL", ExitCode.UNAVAILABLE)
+    hint = storage_hint(exc)
+    if hint is not None:
+        unreachable = caused_by(exc, "EndpointConnectionError", "ConnectTimeoutError")
+        return Failure(hint, ExitCode.UNAVAILABLE if unreachable else ExitCode.NO_PERMISSION)
     if isinstance(exc, DarkroomError):
         return Failure(_first_line(exc), ExitCode.FAILED)
     return None
 
 
-def _caused_by(exc: BaseException, *names: str) -> bool:
-    cause = exc.__cause__
-    while cause is not None:
-        if {c.__name__ for c in type(cause).__mro__} & set(names):
-            return True
-        cause = cause.__cause__
-    return False
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def no_worker_notice(client: Any, job_id: str) -> str | None:
+    """For ``wait``: a line saying that no live worker serves a queued job's model, and how to start one.
+
+    None when the job is not queued (a worker has it, or it ended), cannot be read (``wait`` reports that), or a
+    live worker (one whose heartbeat is fresh) serves its model.
+    """
+    from darkroom.common.status import JobStatus
+
+    try:
+        record = client.status(job_id)
+    except DarkroomError:
+        return None
+    if record.status is not JobStatus.QUEUED or record.job is None:
+        return None
+    model = record.job.model
+    live = client.fleet.workers(fresh=True)
+    if any(model in worker.models for worker in live):
+        return None
+    others = f" (live workers serve only: {', '.join(sorted({m for w in live for m in w.models}))})" if live else ""
+    return (f"no live worker serves model {model!r}{others}: no worker has sent a heartbeat for it "
+            f"({settings_source()}); the job stays queued until one starts: darkroom worker --model {model}=SOURCE")

@@ -35,6 +35,7 @@ from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
+from darkroom.common.storage_hints import friendly_storage
 
 from . import _durable
 from . import _submission as submission
@@ -242,14 +243,21 @@ class AsyncClient:
         return ObjectStore(self._s3_client)
 
     async def upload(self, source: bytes | str | Path | Image, uri: str, *, content_type: str | None = None) -> str:
-        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI."""
+        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI.
+
+        Raises ConfigurationError when there are no S3 credentials, StorageError when the server refuses them or
+        the bucket does not exist, TransientError when it cannot be reached; each message says what to do.
+        """
         target = S3Uri.parse(uri)
         data, kind = await asyncio.to_thread(submission.upload_payload, source, content_type)
-        await asyncio.to_thread(self.store.put_bytes, target, data, content_type=kind)
+        with friendly_storage(str(target), writing=True):
+            await asyncio.to_thread(self.store.put_bytes, target, data, content_type=kind)
         return str(target)
 
     async def download(self, uri: str) -> bytes:
-        return await asyncio.to_thread(self.store.get_bytes, S3Uri.parse(uri))
+        """The object at ``uri`` as bytes (errors as :meth:`upload`'s)."""
+        with friendly_storage(uri):
+            return await asyncio.to_thread(self.store.get_bytes, S3Uri.parse(uri))
 
     async def open_images(self, result: JobResult) -> list[Image]:
         """The result's output images as PIL images, downloaded side by side (needs Pillow)."""

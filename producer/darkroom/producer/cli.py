@@ -19,6 +19,7 @@ from typing import Any, Union, get_args, get_origin
 
 import click
 
+from darkroom.common.cli_errors import no_worker_notice, settings_source
 from darkroom.common.errors import DarkroomError, InvalidJobError, JobCancelled, JobFailed, NotPermitted, WaitTimeout
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob, allowed_range
@@ -145,6 +146,8 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
     \b
     Exit codes: 0 succeeded; 1 failed (its error code and message on stderr) or no such job;
     2 cancelled; 3 --timeout passed; 69 Redis unreachable (services not running?).
+    A queued job whose model no live worker serves gets a one-line note on stderr (how to start
+    one); wait keeps waiting, since a worker may still start.
     """
     from .client import Client
 
@@ -221,6 +224,8 @@ def _event_line(event: JobEvent) -> str:
 
 
 def _wait_and_print(client: Any, job_id: str, timeout: float | None, as_json: bool) -> None:
+    if (notice := no_worker_notice(client, job_id)) is not None:  # else a first-time user waits on nothing
+        click.echo(f"darkroom: {notice}", err=True)
     bar = _ProgressLine(enabled=not as_json and sys.stderr.isatty())
     try:
         result = client.wait(job_id, timeout=timeout, on_event=bar.update)
@@ -303,11 +308,8 @@ def upload(files: tuple[Path, ...], destination: str, as_json: bool) -> None:
 
     \b
     Exit codes: 0 uploaded; 1 refused (bucket missing, bad URI); 2 usage error; 69 S3 server
-    unreachable (services not running?); 77 credentials refused.
+    unreachable (services not running?); 77 no S3 credentials found, or credentials refused.
     """
-    from darkroom.common.errors import ObjectNotFoundError
-
-    from ._submission import upload_payload
     from .client import Client
 
     target = _parse_uri(destination, "DESTINATION")
@@ -316,13 +318,7 @@ def upload(files: tuple[Path, ...], destination: str, as_json: bool) -> None:
     with _client(Client) as client:
         for path in files:
             uri = target.join(path.name) if as_prefix else target
-            data, kind = upload_payload(path, None)
-            try:
-                client.store.put_bytes(uri, data, content_type=kind)
-            except ObjectNotFoundError:
-                raise click.ClickException(f"bucket {uri.bucket!r} does not exist: create it first, or upload to an "
-                                           "existing bucket (the embedded services create 'darkroom')") from None
-            uris.append(str(uri))
+            uris.append(client.upload(path, str(uri)))  # a missing bucket, no credentials: one line (cli_errors)
             if not as_json:
                 click.echo(str(uri))
     if as_json:
@@ -420,7 +416,8 @@ def workers(as_json: bool) -> None:
         click.echo(json.dumps({w.name: w.data for w in found}, indent=2))
         return
     if not found:
-        click.echo("no live workers (start one with: darkroom worker --model ID=SOURCE)")
+        click.echo(f"no live workers: none has sent a heartbeat ({settings_source()}); "
+                   "start one with: darkroom worker --model ID=SOURCE")
     for w in found:
         d = w.data
         free = d.get("free_memory")

@@ -29,6 +29,7 @@ from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
 from darkroom.common.results import JobResult
 from darkroom.common.settings import Settings
 from darkroom.common.storage import S3Uri
+from darkroom.common.storage_hints import friendly_storage
 
 from . import _durable
 from . import _submission as submission
@@ -53,6 +54,7 @@ class JobHandle:
     client: Client
 
     def status(self) -> JobRecord:
+        """The job's current record (see :meth:`Client.status`)."""
         return self.client.status(self.job_id)
 
     def wait(self, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
@@ -60,6 +62,7 @@ class JobHandle:
         return self.client.wait(self.job_id, timeout=timeout, on_event=on_event)
 
     def cancel(self) -> JobRecord:
+        """Cancel the job (see :meth:`Client.cancel`)."""
         return self.client.cancel(self.job_id)
 
     def result(self) -> JobResult:
@@ -98,6 +101,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the Redis connections (``with Client(...)`` does it on leaving the block)."""
         self._redis.close()
 
     # -- submitting ------------------------------------------------------
@@ -187,6 +191,7 @@ class Client:
         return [JobHandle(job.job_id or "", self) for job in prepared]
 
     def handle(self, job_id: str) -> JobHandle:
+        """A handle for a job submitted earlier, by its id (no round trip)."""
         return JobHandle(job_id, self)
 
     # -- following -------------------------------------------------------
@@ -247,14 +252,22 @@ class Client:
         return ObjectStore(self._s3_client)
 
     def upload(self, source: bytes | str | Path | Image, uri: str, *, content_type: str | None = None) -> str:
-        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI."""
+        """Upload image bytes, a local file or a PIL image (saved as PNG) to ``uri``; return the URI.
+
+        Raises ConfigurationError when there are no S3 credentials (no ``.darkroom`` here and no
+        ``DARKROOM_S3_*`` settings), StorageError when the server refuses them or the bucket does not exist,
+        TransientError when the server cannot be reached; each message says what to do.
+        """
         target = S3Uri.parse(uri)
         data, kind = submission.upload_payload(source, content_type)
-        self.store.put_bytes(target, data, content_type=kind)
+        with friendly_storage(str(target), writing=True):
+            self.store.put_bytes(target, data, content_type=kind)
         return str(target)
 
     def download(self, uri: str) -> bytes:
-        return self.store.get_bytes(S3Uri.parse(uri))
+        """The object at ``uri`` (an output image, ``result.json``, ...) as bytes."""
+        with friendly_storage(uri):
+            return self.store.get_bytes(S3Uri.parse(uri))
 
     def open_images(self, result: JobResult) -> list[Image]:
         """The result's output images as PIL images (needs Pillow: ``darkroom-producer[images]``)."""

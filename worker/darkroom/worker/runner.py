@@ -301,14 +301,14 @@ class JobRunner:
             with clock.time("encode"):
                 small = make_thumbnail(public)
             with clock.time("upload"):
-                self._put(thumb, small, THUMBNAIL_CONTENT_TYPE, metadata, tags=object_tags(verdict))
+                self._put_once(thumb, small, THUMBNAIL_CONTENT_TYPE, metadata, tags=object_tags(verdict))
         latents_at = None
         if public is not None and latents is not None and job.output_latents:  # never for a blocked image
             latents_at = latents_uri(job.output_prefix, job.job_id, index, run)
             with clock.time("encode"):
                 data = encode_latents(latents, seed)
             with clock.time("upload"):
-                self._put(latents_at, data, "application/octet-stream", metadata, tags=object_tags(verdict))
+                self._put_once(latents_at, data, "application/octet-stream", metadata, tags=object_tags(verdict))
         return OutputImage(index=index, uri=None if uri is None else str(uri), seed=seed, width=image.width,
                            height=image.height, content_type=job.output_format.content_type, nsfw=verdict.flagged,
                            safety=verdict, quarantine_uri=None if quarantine is None else str(quarantine),
@@ -322,8 +322,18 @@ class JobRunner:
         with clock.time("encode"):
             data = encode_image(image, job.output_format, job.output_quality)
         with clock.time("upload"):
-            self._put(uri, data, job.output_format.content_type, metadata, tags=tags)
+            self._put_once(uri, data, job.output_format.content_type, metadata, tags=tags)
         return hashlib.sha256(data).hexdigest()
+
+    def _put_once(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str], *,
+                  tags: str | None = None) -> None:
+        """Write an attempt's object only where none exists (``If-None-Match: *``). Keys are unique to the
+        fence, so one already there means another process holds the same fence: an attempt number reissued
+        by a Redis primary that lost the start in a failover. This attempt then stops without publishing;
+        the job runs again under a newer fence."""
+        if not self._put(uri, data, content_type, metadata, if_absent=True, tags=tags):
+            raise LeaseLost(str(metadata.get("job-id", "?")),
+                            f"{uri} already exists: another attempt holds the same fence ({metadata.get('attempt')})")
 
     def _commit(self, result: JobResult, fence: Fence, clock: _Stopwatch) -> JobResult:
         """Publish ``result.json``, the job's commit pointer, by compare-and-swap on its ETag.
