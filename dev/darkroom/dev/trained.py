@@ -245,7 +245,7 @@ def _train_unet(pipe: Any, generator: torch.Generator, say: Callable[[str], None
                                 truncation=True, return_tensors="pt")
         embeddings = dict(zip(captions, pipe.text_encoder(tokens.input_ids)[0], strict=True))
         images, names = scene_batch(SCENES, generator)
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])  # type: ignore[no-untyped-call]
         vae.register_to_config(scaling_factor=round(1.0 / float(latents[:, :3].std()), 4))  # SD's recipe
         latents = latents * vae.config.scaling_factor
     say(f"  {SCENES} scenes encoded")
@@ -273,7 +273,7 @@ def _train_unet(pipe: Any, generator: torch.Generator, say: Callable[[str], None
         # the input itself at low noise); the scheduler is told so (prediction_type="sample")
         loss = torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, x0)
         optimiser.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         decay = min(0.99, (1 + step) / (10 + step))
         with torch.no_grad():
