@@ -248,3 +248,65 @@ def test_loras_on_every_family_equal_diffusers_and_run_one_call_per_set(
         assert not np.array_equal(fetch_image(client, first.uris[0]), fetch_image(client, second.uris[0]))
     finally:
         worker.stop()
+
+
+# -- chains ----------------------------------------------------------------------------------------------
+def test_an_sdxl_base_then_refiner_chain_runs_the_refiner_on_the_base_output(
+    client: Client, family_worker: WorkerProcess, family_models: dict[str, Path],
+) -> None:
+    # Given a chain: the SDXL base on an input, then the refiner on the base's output
+    uri, image = upload(client, 6)
+    base = {"model": "xl", "image": uri, "seed": 3, **job_params("xl")}
+    refine = {"model": "xl-refiner", "seed": 4, **job_params("xl-refiner"), "strength": 0.3}
+    first, second = client.submit_chain([base, refine])
+    # When both end
+    base_result, refined = first.wait(timeout=300), second.wait(timeout=300)
+    # Then the refiner's record names its upstream and its output equals the refiner run on the base's image
+    record = client.status(second.job_id)
+    assert record.job is not None and record.job.upstream is not None and record.job.upstream.job == first.job_id
+    base_image = Image.fromarray(fetch_image(client, base_result.uris[0]))
+    params = {k: v for k, v in refine.items() if k not in ("model", "seed")}
+    expected = direct_call(family_models["xl-refiner"], Family.SDXL, base_image, 4, **params)
+    assert np.array_equal(fetch_image(client, refined.uris[0]), expected)
+    assert refined.parameters.get("image", base_result.uris[0]) == base_result.uris[0]
+
+
+def test_a_chained_job_waits_for_its_upstream_and_fails_or_is_cancelled_with_it(
+    client: Client, family_worker: WorkerProcess,
+) -> None:
+    from darkroom.common.errors import JobCancelled, JobFailed
+
+    # Given an upstream job that fails (its input does not exist) and one chained to it
+    failing = {"model": "tiny", "image": f"s3://darkroom/inputs/missing-{uuid.uuid4().hex}.png", "prompt": "x",
+               "num_inference_steps": 4}
+    first, second = client.submit_chain([failing, {"model": "tiny", "prompt": "y", "num_inference_steps": 4}])
+    with pytest.raises(JobFailed):
+        first.wait(timeout=300)
+    # Then the chained one fails upstream_failed, naming the upstream
+    with pytest.raises(JobFailed) as failed:
+        second.wait(timeout=300)
+    assert failed.value.code == "upstream_failed" and first.job_id in failed.value.message
+    # Given an upstream that never runs (a model no worker serves... here: cancelled while queued)
+    idle = f"idle{uuid.uuid4().hex[:6]}"
+    client.fleet.register_models([idle])
+    uri, _ = upload(client, 7)
+    up, down = client.submit_chain([{"model": idle, "image": uri, "prompt": "x"},
+                                    {"model": "tiny", "prompt": "y", "num_inference_steps": 4}])
+    # Then the chained job stays queued, its history saying what it waits for
+    from ..helpers import wait_until
+
+    wait_until(lambda: any(e.get("event") == "waiting_upstream" for e in client.jobs.history(down.job_id)),
+               timeout=120, what="a waiting_upstream note")
+    assert client.status(down.job_id).status.value == "queued"
+    # And cancelling the upstream cancels it too
+    client.cancel(up.job_id)
+    with pytest.raises(JobCancelled):
+        down.wait(timeout=120)
+
+
+def test_a_chain_ref_is_validated_at_submit(client: Client, family_worker: WorkerProcess) -> None:
+    with pytest.raises(InvalidJobError) as refused:
+        client.submit({"model": "tiny", "prompt": "p", "image": {"job": "bad id!", "index": 0}})
+    assert "image" in str(refused.value)
+    with pytest.raises(InvalidJobError):
+        client.submit({"model": "tiny", "prompt": "p", "image": {"job": "abc", "index": 99}})

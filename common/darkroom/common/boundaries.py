@@ -48,7 +48,8 @@ class ReferenceRefused(JobError):
 def named_references(job: Img2ImgJob) -> list[tuple[str, str, bool]]:
     """``(field, value, is_prefix)`` of every ``s3://`` reference of ``job``, unparsed (registry adapter ids are
     the operator's, not listed)."""
-    named: list[tuple[str, str | None]] = [("image", job.image), ("ip_adapter_image", job.ip_adapter_image),
+    image = job.image if isinstance(job.image, str) else None  # a chained input is checked once resolved
+    named: list[tuple[str, str | None]] = [("image", image), ("ip_adapter_image", job.ip_adapter_image),
                                            ("prompt_embeds", job.prompt_embeds),
                                            ("negative_prompt_embeds", job.negative_prompt_embeds)]
     named += [(f"adapters.{i}.uri", a.uri) for i, a in enumerate(job.adapters) if a.uri.startswith("s3://")]

@@ -101,6 +101,7 @@ class ErrorCode(StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     NOT_PERMITTED = "not_permitted"
     QUOTA_EXCEEDED = "quota_exceeded"
+    UPSTREAM_FAILED = "upstream_failed"
 
 
 class DarkroomError(Exception):

@@ -23,7 +23,7 @@ from .safety import SafetyPolicy
 from .schedulers import ACCEPTS_ETA, ACCEPTS_SIGMAS, ACCEPTS_TIMESTEPS, SchedulerName
 from .storage import InvalidUri, S3Uri
 
-__all__ = ["AdapterRef", "valid_id", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MESSAGE_SCHEMA_VERSION", "MAX_ADAPTERS",
+__all__ = ["AdapterRef", "JobOutputRef", "valid_id", "FreeU", "TextualInversion", "Img2ImgJob", "OutputFormat", "Priority", "ResizeMode", "MAX_SEED", "MESSAGE_SCHEMA_VERSION", "MAX_ADAPTERS",
            "MAX_SIDE", "validate_job", "reference_errors",
            "allowed_range"]
 
@@ -179,6 +179,22 @@ class FreeU(BaseModel):
     b2: Annotated[float, Ge(0.0), Le(10.0)] = Field(1.6, description="Backbone scale of the second up stage.")
 
 
+class JobOutputRef(BaseModel):
+    """One output image of another job, as a job's input: ``{"job": ID, "index": i}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: str = Field(description="The upstream job's id.")
+    index: Annotated[int, Ge(0), Lt(MAX_IMAGES)] = Field(0, description="Which of its output images (0 first).")
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, v: str) -> str:
+        if not _ID.fullmatch(v):
+            raise ValueError(f"must be {ID_ALLOWED}")
+        return v
+
+
 class Img2ImgJob(BaseModel):
     """One SDEdit image-to-image request. Defaults follow diffusers' img2img pipeline."""
 
@@ -189,7 +205,10 @@ class Img2ImgJob(BaseModel):
         description="Unique id; assigned at submit when omitted. Letters, digits, '_', '.', '-' (1..128).",
     )
     model: str = Field(description="Model id from the workers' model registry.")
-    image: str = Field(description="Input image as s3://bucket/key (PNG, JPEG, WebP...).")
+    image: str | JobOutputRef = Field(
+        description="Input image as s3://bucket/key (PNG, JPEG, WebP...), or another job's output, "
+                    "{\"job\": ID, \"index\": i}: the job then runs once that one succeeds (a chain).",
+    )
     resize_mode: ResizeMode = Field(
         ResizeMode.KEEP, description="How the input becomes the working image (see \"Input images\"): keep (as "
                                      "sent; sides rounded down to multiples of 8), resize, crop_resize, resize_fill.",
@@ -378,9 +397,15 @@ class Img2ImgJob(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _image(cls, v: str) -> str:
-        S3Uri.parse(v, strict=False)
+    def _image(cls, v: str | JobOutputRef) -> str | JobOutputRef:
+        if isinstance(v, str):
+            S3Uri.parse(v, strict=False)
         return v
+
+    @property
+    def upstream(self) -> JobOutputRef | None:
+        """The job whose output this one takes as its input (a chain), if any."""
+        return self.image if isinstance(self.image, JobOutputRef) else None
 
     @field_validator("ip_adapter_image")
     @classmethod

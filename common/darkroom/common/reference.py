@@ -66,6 +66,9 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, tuple[str, str]] = {
                               "priority or size), or the job belongs to another producer.", "fix the job or policy"),
     ErrorCode.QUOTA_EXCEEDED: ("The producer has too many jobs in flight or submitted too many this minute; the "
                                "refusal says when to retry.", "yes, after retry_after"),
+    ErrorCode.UPSTREAM_FAILED: ("The job takes its input from another job (a chain) that failed, was not found, "
+                                "belongs to another producer or made no image at that index.",
+                                "fix or resubmit the upstream job, then this one"),
     ErrorCode.INTERNAL_ERROR: ("An unexpected error; the worker logged its traceback.", "report it"),
 }
 

@@ -30,6 +30,17 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 JobLike = Img2ImgJob | Mapping[str, Any]
+
+
+def chained(job: JobLike, upstream_id: str | None) -> JobLike:
+    """``job`` taking output 0 of ``upstream_id`` as its input when it names no ``image`` (the first job of a
+    chain keeps its own)."""
+    if upstream_id is None:
+        return job
+    data = job.model_dump(mode="json", exclude_none=True) if isinstance(job, Img2ImgJob) else dict(job)
+    if data.get("image") is None:
+        data["image"] = {"job": upstream_id, "index": 0}
+    return data
 UploadSource = bytes | str | Path | Any  # Any: a PIL image
 DEFAULT_CHUNK = 500
 """Jobs per Redis round trip in ``submit_many``."""

@@ -160,6 +160,13 @@ class AsyncClient:
         _durable.require_replicas(confirmed, wanted, timeout_ms, every)
         return taken
 
+    async def submit_chain(self, jobs: Iterable[submission.JobLike]) -> list[AsyncJobHandle]:
+        """Submit jobs that each take the previous one's output 0 as input (see ``Client.submit_chain``)."""
+        handles: list[AsyncJobHandle] = []
+        for job in jobs:
+            handles.append(await self.submit(submission.chained(job, handles[-1].job_id if handles else None)))
+        return handles
+
     async def submit_many(
         self, jobs: Iterable[submission.JobLike], *, chunk: int = submission.DEFAULT_CHUNK, resubmit: bool = False
     ) -> list[AsyncJobHandle]:

@@ -190,6 +190,16 @@ class Client:
         raise_taken(taken, submission.taken_reason(resubmit))
         return [JobHandle(job.job_id or "", self) for job in prepared]
 
+    def submit_chain(self, jobs: Iterable[submission.JobLike]) -> list[JobHandle]:
+        """Submit jobs that each take the previous one's output 0 as input (unless they name an ``image``):
+        e.g. an SDXL base job, then a refiner job. Each runs once the one before succeeds; when that one fails,
+        the next fails ``upstream_failed``; when it is cancelled, the next is cancelled too. For another output
+        set ``image={"job": ID, "index": i}`` yourself."""
+        handles: list[JobHandle] = []
+        for job in jobs:
+            handles.append(self.submit(submission.chained(job, handles[-1].job_id if handles else None)))
+        return handles
+
     def handle(self, job_id: str) -> JobHandle:
         """A handle for a job submitted earlier, by its id (no round trip)."""
         return JobHandle(job_id, self)

@@ -24,10 +24,13 @@ from enum import StrEnum
 from typing import Any
 
 from darkroom.common.errors import LeaseLost, TransientError, WorkerFatalError
+from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.jobstore import JobRecord, UnreadableRecord
 from darkroom.common.lifecycle import Fence, StartReply, message_job
 from darkroom.common.logs import job_context
 
+from . import chains
+from .chains import upstream_of
 from .context import WorkerContext
 from .lease import LeaseKeeper
 from .runner import JobRunner
@@ -108,6 +111,8 @@ class DeliveryHandler:
             log.warning("refusing invalid job %s: %s", job_id, invalid)
             lifecycle.reject_message(job_id, invalid, payload)
             return Decision(MessageAction.SKIP)
+        if job is not None and job.upstream is not None and (waiting := self._chained(job_id, job, admission)):
+            return waiting
         started = lifecycle.start(job_id, job, worker=self.ctx.name, lease_seconds=self.ctx.settings.lease_seconds,
                                   max_lost=self.ctx.settings.max_deliveries, producer=admission.producer_id,
                                   auth=admission.auth)
@@ -121,6 +126,27 @@ class DeliveryHandler:
         if started.fence.attempt > 1 and started.record.lost_attempts > 0:
             self.ctx.metrics.lease_takeovers.inc()  # an earlier attempt's worker died or lost its lease
         return self._run(started.record, started.fence)
+
+    def _chained(self, job_id: str, job: Img2ImgJob, admission: Any) -> Decision | None:
+        """A chained job's delivery before it starts: None when its upstream succeeded (run it), else what to do."""
+        lifecycle = self.ctx.lifecycle
+        record = lifecycle.read(job_id)
+        if record is None or record.status.is_terminal:
+            return None  # start() answers it as for any job
+        upstream = upstream_of(lifecycle, job, record.producer if record.producer is not None
+                               else admission.producer_id)
+        if upstream.ready:
+            return None
+        if upstream.waiting:
+            if not any(entry.get("event") == "waiting_upstream" for entry in self.ctx.jobs.history(job_id)[-3:]):
+                lifecycle.note(job_id, "waiting_upstream", reason=upstream.reason)
+            return Decision(MessageAction.DEFER, chains.WAIT_SECONDS * random.uniform(1.0, 1.5))
+        if upstream.cancelled:
+            lifecycle.cancel(job_id, upstream.reason)
+        else:
+            assert upstream.code is not None
+            lifecycle.refuse(record, upstream.code, upstream.reason)
+        return Decision(MessageAction.SKIP)
 
     def _has_record(self, job_id: str) -> bool:
         try:

@@ -39,6 +39,7 @@ from darkroom.common.results import FailureDetails, JobResult, OutputImage, Timi
 from darkroom.common.safety import SafetyVerdict
 from darkroom.common.storage import S3Uri, latents_uri, output_image_uri, result_uri, thumbnail_uri
 
+from .chains import resolved
 from .context import WorkerContext
 from .families import check_family
 from .faults import Fault, parse_fault
@@ -167,6 +168,8 @@ class JobRunner:
     def _execute(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float, timings: Timings,
                  stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
+        if job.upstream is not None:  # a chain: the upstream's output (it succeeded: see chains) is the input
+            job = resolved(job, self.ctx.lifecycle.read(job.upstream.job))
         rules = self.ctx.screening.rules(job)  # first: every s3:// reference inside the bucket/quarantine policy
         if (family := self.ctx.models.family_of(job.model)) is not None:
             check_family(job, family)  # before any download (the engine checks again once the model is loaded)

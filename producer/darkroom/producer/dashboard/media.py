@@ -75,10 +75,12 @@ def input_visible(record: JobRecord, role: Role) -> bool:
 def input_object(record: JobRecord, role: Role, policy: ReferencePolicy) -> str | None:
     """The ``s3://`` address of a job's input that ``role`` may see, or None: hidden from viewers when the
     precheck flagged it, and from everyone when ``policy`` puts it out of reach (a job naming a quarantined
-    image or a foreign bucket gets nothing through the dashboard)."""
-    if record.job is None or not input_visible(record, role) or not policy.readable("image", record.job.image):
+    image or a foreign bucket gets nothing through the dashboard). A chained job's input is its upstream's
+    output: shown on the upstream job's page, not here."""
+    image = record.job.image if record.job is not None else None
+    if not isinstance(image, str) or not input_visible(record, role):
         return None
-    return record.job.image
+    return image if policy.readable("image", image) else None
 
 
 def picture(job_id: str, output: OutputImage, role: Role) -> Picture:
