@@ -36,6 +36,7 @@ MODELS: dict[str, tuple[str, Family, dict[str, Any]]] = {
     "xl-refiner": ("sdxl-refiner", Family.SDXL, {"aesthetic_score": 7.5, "negative_aesthetic_score": 2.0}),
     "sd3": ("sd3", Family.SD3, {"prompt_3": "a watercolor sea", "max_sequence_length": 32}),
     "flux": ("flux", Family.FLUX, {"prompt_2": "a red sun", "max_sequence_length": 32}),
+    "sd2-v": ("sd2-v", Family.SD, {}),  # SD 2.x with v-prediction (DDIM)
 }
 COMMON = {"strength": 0.7, "num_inference_steps": 6, "guidance_scale": 5.0}
 
@@ -165,7 +166,8 @@ def test_a_field_the_family_does_not_take_is_refused_at_submit(
 def test_the_catalog_knows_each_models_family(client: Client, family_worker: WorkerProcess) -> None:
     catalog = client.fleet.catalog()
     assert {m: catalog[m] for m in [*MODELS, "tiny"]} == {
-        "xl": Family.SDXL, "xl-refiner": Family.SDXL, "sd3": Family.SD3, "flux": Family.FLUX, "tiny": Family.SD}
+        "xl": Family.SDXL, "xl-refiner": Family.SDXL, "sd3": Family.SD3, "flux": Family.FLUX, "sd2-v": Family.SD,
+        "tiny": Family.SD}
 
 
 def test_models_of_every_family_share_one_memory_budget(
