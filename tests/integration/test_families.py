@@ -312,3 +312,45 @@ def test_a_chain_ref_is_validated_at_submit(client: Client, family_worker: Worke
     assert "image" in str(refused.value)
     with pytest.raises(InvalidJobError):
         client.submit({"model": "tiny", "prompt": "p", "image": {"job": "abc", "index": 99}})
+
+
+def test_an_sdxl_ensemble_hands_latents_from_base_to_refiner_as_diffusers_does(
+    client: Client, family_worker: WorkerProcess, family_models: dict[str, Path],
+) -> None:
+    """diffusers' "ensemble of expert denoisers": the base denoises to denoising_end and hands its latents to
+    the refiner, which goes on from denoising_start; here through object storage, as two chained jobs."""
+    import torch
+
+    # Given a base job that stops at 0.75 and stores its latents, and a refiner job that takes them
+    uri, image = upload(client, 8)
+    common = {"prompt": "a red cat", "negative_prompt": "blurry", "num_inference_steps": 8, "guidance_scale": 5.0}
+    base = {"model": "xl", "image": uri, "seed": 21, "strength": 0.9, "denoising_end": 0.75, "output_latents": True,
+            **common}
+    first = client.submit(base)
+    refine = {"model": "xl-refiner", "seed": 22, "denoising_start": 0.75,
+              "image": {"job": first.job_id, "index": 0, "latents": True}, **common}
+    second = client.submit(refine)
+    first.wait(timeout=300)
+    refined = second.wait(timeout=300)
+    # Then the refiner's output equals diffusers' own two-pipeline ensemble on the same models and seeds
+    latents = direct_pipeline(family_models["xl"], Family.SDXL)(
+        image=image, strength=0.9, denoising_end=0.75, output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(21), **common).images
+    expected = direct_pipeline(family_models["xl-refiner"], Family.SDXL)(
+        image=latents, denoising_start=0.75, generator=torch.Generator("cpu").manual_seed(22), **common).images[0]
+    produced = fetch_image(client, refined.uris[0])
+    assert np.abs(produced.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+
+
+def test_handing_over_latents_needs_an_upstream_that_stored_them(
+    client: Client, family_worker: WorkerProcess,
+) -> None:
+    from darkroom.common.errors import JobFailed
+
+    uri, _ = upload(client, 9)
+    first = client.submit({"model": "xl", "image": uri, "seed": 1, **job_params("xl")})
+    second = client.submit({"model": "xl-refiner", "prompt": "p", "denoising_start": 0.5,
+                            "image": {"job": first.job_id, "index": 0, "latents": True}})
+    with pytest.raises(JobFailed) as failed:
+        second.wait(timeout=300)
+    assert failed.value.code == "upstream_failed" and "output_latents" in failed.value.message

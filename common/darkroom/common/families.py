@@ -57,9 +57,10 @@ FAMILY_FIELDS: dict[str, frozenset[Family]] = {
 # Features built on SD 1.x/2.x internals (UNet hooks, one CLIP text encoder, its VAE latents); other
 # families refuse them until they have their own path.
 SD_ONLY_FIELDS = ("prompt_embeds", "negative_prompt_embeds", "textual_inversions", "freeu", "ip_adapter_image",
-                  "ip_adapter_scale", "clip_skip", "output_latents", "timesteps", "sigmas", "eta")
+                  "ip_adapter_scale", "clip_skip", "timesteps", "sigmas", "eta")
 for _name in SD_ONLY_FIELDS:
     FAMILY_FIELDS[_name] = frozenset({Family.SD})
+FAMILY_FIELDS["output_latents"] = frozenset({Family.SD, Family.SDXL})  # SD-style 4-channel VAE latents
 
 
 def family_of_class(class_name: str) -> Family | None:

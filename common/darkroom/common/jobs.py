@@ -186,6 +186,11 @@ class JobOutputRef(BaseModel):
 
     job: str = Field(description="The upstream job's id.")
     index: Annotated[int, Ge(0), Lt(MAX_IMAGES)] = Field(0, description="Which of its output images (0 first).")
+    latents: bool = Field(
+        False, description="Take that image's final latents instead of the decoded image (the upstream job sets "
+                           "output_latents): an SDXL base with denoising_end, then the refiner with denoising_start, "
+                           "diffusers' ensemble of expert denoisers across workers.",
+    )
 
     @field_validator("job")
     @classmethod

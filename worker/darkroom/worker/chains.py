@@ -57,17 +57,21 @@ def upstream_of(lifecycle: Lifecycle, job: Img2ImgJob, producer: str | None) -> 
     return Upstream(ready=True)
 
 
-def resolved(job: Img2ImgJob, upstream: JobRecord | None) -> Img2ImgJob:
-    """``job`` with its chained input replaced by the upstream output's URI (``job`` itself when not chained)."""
+def resolved(job: Img2ImgJob, upstream: JobRecord | None) -> tuple[Img2ImgJob, bool]:
+    """``job`` with its chained input replaced by the upstream output's URI (``job`` itself when not chained),
+    and whether that input is latents (``{"latents": true}``) rather than an image."""
     ref = job.upstream
     if ref is None:
-        return job
+        return job, False
     outputs = [] if upstream is None or upstream.result is None else upstream.result.outputs
     if ref.index >= len(outputs):
         raise JobError(ErrorCode.UPSTREAM_FAILED, f"upstream job {ref.job} made {len(outputs)} image(s); "
                                                   f"index {ref.index} is out of range: 0 <= index < {len(outputs)}")
-    uri = outputs[ref.index].uri
+    uri = outputs[ref.index].latents_uri if ref.latents else outputs[ref.index].uri
+    if uri is None and ref.latents:
+        raise JobError(ErrorCode.UPSTREAM_FAILED, f"upstream job {ref.job} stored no latents for image {ref.index}: "
+                                                  "submit it with output_latents=true")
     if uri is None:
         raise JobError(ErrorCode.UPSTREAM_FAILED, f"upstream job {ref.job}'s image {ref.index} was blocked by "
                                                   "its safety check; there is nothing to chain from")
-    return job.model_copy(update={"image": uri})
+    return job.model_copy(update={"image": uri}), ref.latents

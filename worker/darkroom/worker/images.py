@@ -192,6 +192,29 @@ def encode_image(image: Image, fmt: OutputFormat, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
+def latent_placeholder(latents: Any, scale: int = 8) -> Image:
+    """A blank image of the size ``latents`` stand for (SD-style VAEs: 8 pixels a cell), where the worker
+    wants a picture's size for a job whose input is latents (batching, records)."""
+    from PIL import Image as PILImage
+
+    return PILImage.new("RGB", (int(latents.shape[3]) * scale, int(latents.shape[2]) * scale))
+
+
+def decode_latents_file(data: bytes) -> Any:
+    """The latents tensor ``[1, C, h, w]`` of a file :func:`encode_latents` wrote (``input_unreadable`` else)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise JobError(ErrorCode.INPUT_UNREADABLE, f"not a latents file: {str(exc)[:200]}") from None
+    latents = tensors.get("latents")
+    if latents is None or latents.dim() != 4 or latents.shape[0] != 1:
+        raise JobError(ErrorCode.INPUT_UNREADABLE, "a latents file holds one tensor 'latents' of shape [1, C, h, w]")
+    return latents.float()
+
+
 def encode_latents(latents: Any, seed: int) -> bytes:
     """One image's final latents ``[1, 4, h/8, w/8]`` as safetensors (tensor ``latents``, float32)."""
     from safetensors.torch import save

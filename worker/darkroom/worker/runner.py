@@ -44,7 +44,7 @@ from .context import WorkerContext
 from .families import check_family
 from .faults import Fault, parse_fault
 from .features import fetch_embeddings, fetch_textual_inversions
-from .images import decode_image, encode_image, encode_latents, fit_to_job
+from .images import decode_image, decode_latents_file, encode_image, encode_latents, fit_to_job, latent_placeholder
 from .inference.batching import BatchPolicy
 from .inference.call import WorkItem, batch_key
 from .inference.engine import Engine, Request
@@ -168,8 +168,9 @@ class JobRunner:
     def _execute(self, record: JobRecord, fence: Fence, job: Img2ImgJob, started: float, timings: Timings,
                  stop: _Stop) -> JobResult:
         clock = _Stopwatch(timings)
+        latent_input = False
         if job.upstream is not None:  # a chain: the upstream's output (it succeeded: see chains) is the input
-            job = resolved(job, self.ctx.lifecycle.read(job.upstream.job))
+            job, latent_input = resolved(job, self.ctx.lifecycle.read(job.upstream.job))
         rules = self.ctx.screening.rules(job)  # first: every s3:// reference inside the bucket/quarantine policy
         if (family := self.ctx.models.family_of(job.model)) is not None:
             check_family(job, family)  # before any download (the engine checks again once the model is loaded)
@@ -178,8 +179,16 @@ class JobRunner:
             with clock.time("download"):
                 data = self._fetch_input(job)
             with clock.time("decode"):
-                image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
-                image = fit_to_job(image, job, limit=self.ctx.settings.max_image_pixels)  # resize_mode, width, ...
+                if latent_input:  # an ensemble's second half: latents, not pixels (nothing to screen or resize)
+                    if rules.precheck:
+                        raise JobError(ErrorCode.INVALID_JOB, "precheck_input needs an image; this job's input is "
+                                                              "its upstream's latents")
+                    latents_in = decode_latents_file(data)
+                    image = latent_placeholder(latents_in)
+                else:
+                    latents_in = None
+                    image = decode_image(data, max_pixels=self.ctx.settings.max_image_pixels)
+                    image = fit_to_job(image, job, limit=self.ctx.settings.max_image_pixels)  # resize_mode, width...
             input_safety = None
             if rules.precheck:  # before any model loads or denoising step runs
                 with clock.time("safety"):
@@ -197,9 +206,11 @@ class JobRunner:
                     ip_data = self._fetch_input(job, "ip_adapter_image")
                 with clock.time("decode"):
                     ip_image = decode_image(ip_data, max_pixels=self.ctx.settings.max_image_pixels)
-            item = WorkItem(job, image, job.seeds(), digest=pixel_digest(image) if self.latents is not None else None,
+            digest = pixel_digest(image) if self.latents is not None and latents_in is None else None
+            item = WorkItem(job, image, job.seeds(), digest=digest,
                             textual_inversions=inversions, adapters=adapters, ip_adapter_image=ip_image,
-                            ip_adapter_scale=ip_scale, family=self.ctx.models.family_of(job.model), **embeds)
+                            ip_adapter_scale=ip_scale, family=self.ctx.models.family_of(job.model),
+                            latent_input=latents_in, **embeds)
             fault = parse_fault("\n".join(job.prompts()), self.ctx.settings.fault_injection)
             key = batch_key(item, mixed_adapters=self.executor.mixing.allows(job.model))
             request = Request(item, key, on_step=_ProgressReporter(self.ctx, record, fence, stop, fault),

@@ -49,6 +49,7 @@ class WorkItem:
     ip_adapter_scale: float | None = None  # the job's, else the model's; None without an image prompt
     adapters: AdapterSet = ()  # the job's LoRA files (fetched and inspected with the input) and weights
     family: Family | None = None  # of the job's model, when known before it runs (see PipelineCache.family_of)
+    latent_input: Any = None  # [1, C, h, w] latents instead of an image (a chain's ensemble handoff)
 
     @property
     def embeds_shape(self) -> tuple[int, int, bool] | None:
@@ -93,6 +94,7 @@ class BatchKey:
     freeu: tuple[float, float, float, float] | None = None
     ip_adapter_scale: float | None = None  # jobs with an image prompt (any image) share calls at one scale
     family: tuple[Any, ...] = ()  # what the model family's call needs equal (SDXL's size conditioning...)
+    latent_input: bool = False  # jobs whose input is latents share calls only with each other
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def batch_key(item: WorkItem, *, mixed_adapters: bool = False) -> BatchKey:
                     () if mixed_adapters else tuple((a.uri, a.weight) for a in job.adapters), item.embeds_shape,
                     tuple((e.token, e.sha256) for e in item.textual_inversions),
                     None if job.freeu is None else (job.freeu.s1, job.freeu.s2, job.freeu.b1, job.freeu.b2),
-                    ip_adapter_scale=item.ip_adapter_scale, family=family_batch_key(item.family, job))
+                    ip_adapter_scale=item.ip_adapter_scale, family=family_batch_key(item.family, job),
+                    latent_input=item.latent_input is not None)
 
 
 def family_batch_key(family: Family | None, job: Img2ImgJob) -> tuple[Any, ...]:
@@ -201,6 +204,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     rows: list[Row] = []
     negatives: list[str] = []
     images: list[Image] = []
+    latent_inputs: list[Any] = []
     digests: list[str | None] = []
     generators: list[torch.Generator] = []
     for item in items:
@@ -209,6 +213,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
             rows.append(Row(item.job, prompt, negative))
             negatives.append(negative)
             images.append(item.image)
+            latent_inputs.append(item.latent_input)
             digests.append(item.digest)
             generators.append(torch.Generator("cpu").manual_seed(seed))
     want_latents = any(item.job.output_latents for item in items)
@@ -216,9 +221,15 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     if items[0].prompt_embeds is not None:
         text = _embeddings(pipeline, items, negatives)
     cached = latents is not None and family.latent_cache
+    if items[0].latent_input is not None:  # an ensemble's second half: the upstream's latents are the input
+        image_argument: Any = torch.cat(latent_inputs).to(pipeline._execution_device)
+    elif cached and latents is not None:
+        image_argument = latents.initial_latents(pipeline, images, digests, generators)
+    else:
+        image_argument = images
     output = pipeline(
         **text,
-        image=latents.initial_latents(pipeline, images, digests, generators) if cached and latents else images,
+        image=image_argument,
         strength=first.strength,
         num_inference_steps=first.num_inference_steps,
         guidance_scale=first.guidance_scale,
