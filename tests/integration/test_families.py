@@ -354,3 +354,29 @@ def test_handing_over_latents_needs_an_upstream_that_stored_them(
     with pytest.raises(JobFailed) as failed:
         second.wait(timeout=300)
     assert failed.value.code == "upstream_failed" and "output_latents" in failed.value.message
+
+
+def test_one_worker_runs_an_interleaved_mix_of_families_with_loras(
+    client: Client, family_worker: WorkerProcess, family_loras: dict[str, list[Path]], tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    from darkroom.dev.tiny import make_tiny_lora
+
+    # Given LoRAs for every family in object storage (jobs name them by s3:// URI)
+    files = {model: paths[0] for model, paths in family_loras.items()}
+    files["tiny"] = make_tiny_lora(tiny_model, tmp_path / "tiny-lora.safetensors", seed=5)
+    uris = {model: client.upload(path, f"s3://darkroom/loras/{uuid.uuid4().hex}.safetensors")
+            for model, path in files.items()}
+    uri, _ = upload(client, 12)
+    # When jobs of every family, with and without their LoRA, arrive interleaved at one worker
+    jobs = [{"model": model, "image": uri, "seed": 2, **job_params(model),
+             **({"adapters": [{"uri": uris[model], "weight": 0.9}]} if with_lora else {})}
+            for with_lora in (True, False) for model in ("xl", "sd3", "flux", "tiny")]
+    results = [h.wait(timeout=300) for h in client.submit_many(jobs)]
+    # Then each ran with its own adapters (recorded), and a LoRA changed its family's output
+    for job, result in zip(jobs, results, strict=True):
+        assert len(result.parameters["adapters_resolved"]) == len(job.get("adapters", []))
+    for i in range(4):
+        assert not np.array_equal(fetch_image(client, results[i].uris[0]), fetch_image(client, results[i + 4].uris[0]))
+    (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == family_worker.name]
+    assert report.resident_bytes <= report.memory_budget
