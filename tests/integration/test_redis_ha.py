@@ -31,7 +31,7 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.aio import AsyncClient
 from darkroom.producer.client import Client, JobHandle
 
-from ..conftest import png_bytes
+from ..helpers import png_bytes
 
 pytestmark = pytest.mark.integration
 
