@@ -173,10 +173,13 @@ def test_the_catalog_knows_each_models_family(client: Client, family_worker: Wor
 def test_models_of_every_family_share_one_memory_budget(
     client: Client, services: object, settings: Settings, tiny_model: Path, family_models: dict[str, Path],
 ) -> None:
-    # Given a worker whose budget holds the SD model alone, SDXL with Flux, or SD3 with Flux (not SDXL with SD3)
-    args = ["--model", f"tiny={tiny_model}"]
+    # Given a worker whose budget holds the SD model alone, SDXL with Flux, or SD3 with Flux (not SDXL with SD3),
+    # serving them under ids of its own (no other worker takes their jobs)
+    tag = uuid.uuid4().hex[:6]
+    ids = {model: f"{model}-b{tag}" for model in ("tiny", "xl", "sd3", "flux")}
+    args = ["--model", f"{ids['tiny']}={tiny_model}"]
     for model in ("xl", "sd3", "flux"):
-        args += ["--model", f"{model}={family_models[model]}"]
+        args += ["--model", f"{ids[model]}={family_models[model]}"]
     worker = spawn_worker(services, settings, f"budget-{uuid.uuid4().hex[:6]}", *args, "--no-preload",
                           DARKROOM_MODEL_MEMORY_BUDGET_BYTES="8500000", DARKROOM_SAFETY_CHECKER="none",
                           DARKROOM_BATCH_MAX_WAIT_MS="0").start(timeout=180)
@@ -184,12 +187,12 @@ def test_models_of_every_family_share_one_memory_budget(
         uri, _ = upload(client, 3)
         # When jobs of every family arrive interleaved, one at a time
         for model in ("xl", "sd3", "flux", "xl", "tiny", "flux"):
-            result = client.submit({"model": model, "image": uri, "seed": 1, **job_params(model)}).wait(timeout=300)
-            assert result.uris
+            job = {"model": ids[model], "image": uri, "seed": 1, **job_params(model)}
+            assert client.submit(job).wait(timeout=300).worker == worker.name
             # Then after each, the resident weights stay within the budget
             (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
             assert 0 < report.resident_bytes <= report.memory_budget == 8_500_000
-            assert model in report.resident_models
+            assert ids[model] in report.resident_models
         # And models of other families were evicted to make room
         (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
         assert report.cache.evictions >= 3
@@ -225,9 +228,11 @@ def test_loras_on_every_family_equal_diffusers_and_run_one_call_per_set(
 ) -> None:
     # Given a worker that may read the LoRA files (local adapters by id) and batches
     _, family, _ = MODELS[model]
+    tag = uuid.uuid4().hex[:6]
+    served = f"{model}-l{tag}"  # an id of this worker's own: no other worker takes these jobs
     ids = [f"{model}-lora-{i}" for i in (1, 2)]
-    registry = settings.state_dir / f"registry-{model}-{uuid.uuid4().hex[:6]}.toml"
-    registry.write_text(f'[models.{model}]\nsource = "{family_models[model]}"\n' + "".join(
+    registry = settings.state_dir / f"registry-{model}-{tag}.toml"
+    registry.write_text(f'[models.{served}]\nsource = "{family_models[model]}"\n' + "".join(
         f'[adapters.{i}]\nsource = "{p}"\n' for i, p in zip(ids, family_loras[model], strict=True)))
     worker = spawn_worker(services, settings, f"lora-{model}-{uuid.uuid4().hex[:6]}", "--models-file",
                           str(registry), "--no-preload", DARKROOM_BATCH_MAX_IMAGES="4",
@@ -235,8 +240,8 @@ def test_loras_on_every_family_equal_diffusers_and_run_one_call_per_set(
     try:
         uri, image = upload(client, 4)
         params = job_params(model)
-        jobs = [{"model": model, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[0], "weight": 0.8}]},
-                {"model": model, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[1], "weight": 1.0}]}]
+        jobs = [{"model": served, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[0], "weight": 0.8}]},
+                {"model": served, "image": uri, "seed": 9, **params, "adapters": [{"uri": ids[1], "weight": 1.0}]}]
         # When two jobs with different LoRAs arrive together
         first, second = (h.wait(timeout=300) for h in client.submit_many(jobs))
         # Then each equals diffusers with that LoRA loaded and set at the job's weight
