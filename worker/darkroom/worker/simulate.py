@@ -250,12 +250,14 @@ class SimulatedExecutor(BatchExecutor):
 
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         started = time.monotonic()
+        misses = self.ctx.models.misses
         try:
             t0 = time.perf_counter()
             loaded = self.ctx.models.get(batch[0].job.model)
             model_load = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - the same model: the same error for all
             return [exc] * len(batch)
+        model_loads = self.ctx.models.misses - misses
         outcomes: list[Inference | BaseException | None] = [None] * len(batch)
         groups: dict[str | None, list[int]] = {}
         for index, request in enumerate(batch):
@@ -270,13 +272,17 @@ class SimulatedExecutor(BatchExecutor):
                     outcomes[index] = exc
                 continue
             switch = time.perf_counter() - t1
+            counts = {"model_loads": model_loads, "adapter_loads": activation.loaded + activation.hotswapped}
+            model_loads = 0
             for index, outcome in zip(indices, self._call([batch[i] for i in indices], loaded, activation.adapters,
-                                                          started, model_load, switch), strict=True):
+                                                          started, model_load, switch, counts), strict=True):
                 outcomes[index] = outcome
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
 
     def _call(self, requests: list[Request], loaded: LoadedModel, adapters: list[dict[str, Any]], started: float,
-              model_load: float, switch: float) -> list[Inference | BaseException]:
+              model_load: float, switch: float, counts: dict[str, int]) -> list[Inference | BaseException]:
+        """One simulated call; the first job's details carry the call's counts (``sim``: loads and busy
+        seconds of the call, once per call so that a fleet's totals add up)."""
         job = requests[0].job
         images = sum(r.images for r in requests)
         width, height = requests[0].item.image.size
@@ -300,7 +306,8 @@ class SimulatedExecutor(BatchExecutor):
             return [exc] * len(requests)
         elapsed = time.perf_counter() - t0
         results: list[Inference | BaseException] = []
-        for request in requests:
+        for position, request in enumerate(requests):
+            first = position == 0
             if request.cancelled:
                 results.append(JobCancelled(request.job.job_id or "?"))
                 continue
@@ -311,7 +318,11 @@ class SimulatedExecutor(BatchExecutor):
                          "model_sha256": loaded.weights_sha256, "adapters_resolved": adapters,
                          "adapter_routing": (Routing.SINGLE if len(requests) == 1 else Routing.IDENTICAL).value,
                          "batch": {"jobs": len(requests), "images": images, "adapter_sets": 1},
-                         "step_seconds": per_step * self.profile.time_scale},
+                         "step_seconds": per_step * self.profile.time_scale,
+                         "sim": {"model_loads": counts["model_loads"] if first else 0,
+                                 "adapter_loads": counts["adapter_loads"] if first else 0,
+                                 "call_seconds": elapsed if first else 0.0,
+                                 "load_seconds": (model_load if counts["model_loads"] else 0.0) if first else 0.0}},
                 batch_wait=max(0.0, started - request.enqueued), model_load=model_load, adapters=switch,
                 inference=elapsed,
             ))
