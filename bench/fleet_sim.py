@@ -14,6 +14,8 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
 
 ``darkroom``  the SDK's own routing: a model's hot queue while some worker holds it, else its cold queue;
               workers consume the hot queues of their resident models, then every cold queue.
+``spill``     darkroom's routing, but once a model's hot queue holds ``--spill`` jobs per worker holding the
+              model, further jobs go to its cold queue, where any worker may take them (and load the model).
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed (what Ray Serve's model
               multiplexing does without its routing hint).
@@ -216,10 +218,10 @@ class Fleet:
         self.workers = []
 
 
-def queued(client: Client, models: list[str]) -> int:
+def queued(client: Client, models: list[str], *, hot_only: bool = False) -> int:
     pipe = client.jobs.redis.pipeline(transaction=False)
     for model in models:
-        for queue in (hot_queue(model), cold_queue(model)):
+        for queue in (hot_queue(model),) if hot_only else (hot_queue(model), cold_queue(model)):
             for p in PRIORITY_STEPS:
                 pipe.llen(broker_list(queue, p))
     return sum(int(n) for n in pipe.execute())
@@ -279,7 +281,21 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         hot["hot"] += queue == hot_queue(model)
         return queue
 
-    client.fleet.queue_for = darkroom_route if policy == "darkroom" else cold_queue  # type: ignore[method-assign]
+    room: dict[str, int] = {}  # spill: jobs the hot queue of a model may still take in this arrival
+
+    def spill_route(model: str) -> str:
+        queue = darkroom_route(model)
+        if queue != hot_queue(model):
+            return queue
+        if model not in room:
+            holders = max(1, len(client.fleet.holders(model)))
+            depth = queued(client, [model], hot_only=True)
+            room[model] = args.spill * holders - depth
+        room[model] -= 1
+        return queue if room[model] >= 0 else cold_queue(model)
+
+    client.fleet.queue_for = {"darkroom": darkroom_route, "spill": spill_route,  # type: ignore[method-assign]
+                              "baseline": cold_queue}[policy]
     print(f"[{policy}] starting {args.workers} simulated workers ...", file=sys.stderr)
     t0 = time.monotonic()
     fleet.spawn(workload.preload)
@@ -307,6 +323,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         jobs = [{"model": m, "image": image, "prompt": "a harbour at dawn", "strength": STRENGTH,
                  "num_inference_steps": STEPS, "guidance_scale": 7.0, "priority": arrival.priority,
                  **({"adapters": [{"uri": lora, "weight": 1.0}]} if lora else {})} for m, lora in arrival.jobs]
+        room.clear()
         handles = [client.submit(jobs[0])] if arrival.priority == "interactive" else client.submit_many(jobs)
         now = time.monotonic()
         for h in handles:
@@ -436,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=0.8, help="offered load / batch-1 capacity")
     parser.add_argument("--time-scale", type=float, default=8.0, help="multiplies every simulated time")
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
-    parser.add_argument("--policies", default="darkroom,baseline")
+    parser.add_argument("--policies", default="darkroom,baseline",
+                        help="comma-separated: darkroom, baseline, spill (darkroom, but a hot queue deeper than "
+                             "--spill jobs per holder overflows to the model's cold queue)")
+    parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2)
     parser.add_argument("--keda-time", type=float, default=0.0,
