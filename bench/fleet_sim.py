@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -294,7 +295,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         room[model] -= 1
         return queue if room[model] >= 0 else cold_queue(model)
 
-    client.fleet.queue_for = {"darkroom": darkroom_route, "spill": spill_route,  # type: ignore[method-assign]
+    client.fleet.queue_for = {"darkroom": darkroom_route, "spill": spill_route,  # type: ignore[method-assign,assignment]
                               "baseline": cold_queue}[policy]
     print(f"[{policy}] starting {args.workers} simulated workers ...", file=sys.stderr)
     t0 = time.monotonic()
@@ -409,7 +410,7 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     }
 
 
-ROWS = [("succeeded / jobs", lambda f: f"{f['succeeded']} / {f['jobs']}"),
+ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [("succeeded / jobs", lambda f: f"{f['succeeded']} / {f['jobs']}"),
         ("hot-hit rate (model resident)", lambda f: f["hot_hit_rate"]),
         ("routed to a hot queue", lambda f: f["routed_to_hot_queue"]),
         ("cold loads / 1000 jobs", lambda f: f["cold_loads_per_1000"]),
