@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -394,6 +395,7 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     return {
         "policy": policy, "jobs": len(records), "succeeded": len(ok),
         "failed": len(records) - len(ok), "unfinished": len(submitted) - len(records),
+        "failed_codes": dict(Counter(r.error_code for r in records if r.result is None)),
         "hot_hit_rate": round(hits / n, 3),
         "routed_to_hot_queue": round(hot["hot"] / hot["all"], 3) if hot["all"] else None,
         "cold_loads_per_1000": round(1000 * model_loads / n, 1),
@@ -410,7 +412,9 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     }
 
 
-ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [("succeeded / jobs", lambda f: f"{f['succeeded']} / {f['jobs']}"),
+ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+        ("succeeded / jobs", lambda f: f"{f['succeeded']} / {f['jobs']}"),
+        ("failed by code", lambda f: ",".join(f"{k}:{v}" for k, v in f["failed_codes"].items()) or "-"),
         ("hot-hit rate (model resident)", lambda f: f["hot_hit_rate"]),
         ("routed to a hot queue", lambda f: f["routed_to_hot_queue"]),
         ("cold loads / 1000 jobs", lambda f: f["cold_loads_per_1000"]),
@@ -480,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from darkroom.common.settings import Settings
 
-            env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(folder / "state"), "DARKROOM_METRICS_PORT": "0"}
+            # run-time limits count wall seconds: slowed down by the time scale like everything simulated
+            env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(folder / "state"), "DARKROOM_METRICS_PORT": "0",
+                   "DARKROOM_JOB_TIME_BASE_SECONDS": str(120 * max(1.0, args.time_scale)),
+                   "DARKROOM_ENGINE_STALL_SECONDS": str(600 * max(1.0, args.time_scale))}
             settings = Settings(state_dir=folder / "state", redis_url=env["DARKROOM_REDIS_URL"],
                                 s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"],
                                 s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
