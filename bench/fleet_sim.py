@@ -238,6 +238,13 @@ class Keda:
         self.stop_event = threading.Event()
         self.trace: list[tuple[float, int, int]] = []
         self.rng = random.Random(args.seed + 1)
+        self.starting = 0
+
+    def _start(self, preload: list[str]) -> None:
+        try:
+            self.fleet.spawn(preload)
+        finally:
+            self.starting -= len(preload)
 
     def run(self, started: float) -> None:
         last_up = -1e9
@@ -248,13 +255,14 @@ class Keda:
             desired = math.ceil((queued(self.client, ids) + in_flight) / 1)
             desired = max(self.args.min_workers, min(self.args.workers, desired))
             now = time.monotonic()
-            current = len(self.fleet.workers)
+            current = len(self.fleet.workers) + self.starting  # pods being created count, as for the HPA
             self.trace.append((round(now - started, 1), current, desired))
             if desired > current and now - last_up >= 60 / self.speed:
                 last_up = now
                 add = min(4, desired - current)  # scaleUp policy: 4 pods per 60 s
                 preload = self.rng.choices(ids, self.workload.popularity, k=add)
-                threading.Thread(target=self.fleet.spawn, args=(preload,), daemon=True).start()
+                self.starting += add
+                threading.Thread(target=self._start, args=(preload,), daemon=True).start()
                 above_since = None
             elif desired < current:
                 above_since = above_since or now
