@@ -501,8 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                                 s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
                                 s3_secret_access_key=env["DARKROOM_S3_SECRET_ACCESS_KEY"],
                                 s3_region=env["DARKROOM_S3_REGION"])
-            results = [run_policy(p.strip(), args, workload, env, settings, folder)
-                       for p in args.policies.split(",") if p.strip()]
+            results = []
+            for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
+                results.append(run_policy(policy, args, workload, env, settings, folder))
+                print(json.dumps(results[-1], default=str), file=sys.stderr)  # each policy's figures as they come
         finally:
             services.down()
     text = report(results, args, workload)
