@@ -1,4 +1,4 @@
-"""Trained VAE vs the demo model's hand-built one (issue 19): is training worth it for the demo?
+"""Trained VAE vs the demo model's hand-built one: is training worth it for the demo?
 
     .venv/bin/python bench/demo_vae.py [--steps 600] [--lr 5e-3] [--no-recolour]
 

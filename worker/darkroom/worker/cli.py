@@ -41,9 +41,12 @@ def _quiet_libraries() -> None:
 @click.option("--log-level", "loglevel", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True)
 @click.option("--loglevel", "legacy_loglevel", hidden=True, default=None, help="Old spelling of --log-level.")
+@click.option("--simulate", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              metavar="PROFILE", help="Simulate the engine: sleep for the timings of PROFILE (JSON or TOML) instead "
+                                      "of running pipelines; no torch (fleet simulations, see bench/fleet_sim.py).")
 def worker(models: tuple[str, ...], models_file: Path | None, device: str | None, dtype: str | None,
            gpus: str | None, name: str | None, preload: bool, preload_models: tuple[str, ...],
-           loglevel: str, legacy_loglevel: str | None) -> None:
+           loglevel: str, legacy_loglevel: str | None, simulate: Path | None) -> None:
     """Run a worker: keep models resident and consume their queues.
 
     It takes jobs from the hot queues of the models it holds resident first, then from
@@ -65,7 +68,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     loglevel = (legacy_loglevel or loglevel).lower()
     if gpus is not None:
         _supervise(gpus, name, loglevel)
-    _quiet_libraries()
+    if simulate is None:
+        _quiet_libraries()
     from darkroom.common.clients import make_redis
     from darkroom.common.placeholders import check_secrets
 
@@ -81,8 +85,17 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         settings = WorkerSettings.load(**overrides)
         check_secrets(settings)  # a placeholder password (change-me...) stops the worker here, in one line
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
-        registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
-        ctx = WorkerContext.build(settings, registry)
+        if simulate is not None:
+            from .simulate import Profile, build_context, simulated_registry
+
+            profile = Profile.load(simulate)
+            given = (ModelRegistry.build(models_file or settings.models_file, models, settings.models)
+                     if models or models_file or settings.models_file or settings.models else None)
+            registry = simulated_registry(profile, given)
+            ctx = build_context(settings, registry, profile)
+        else:
+            registry = ModelRegistry.build(models_file or settings.models_file, models, settings.models)
+            ctx = WorkerContext.build(settings, registry)
         make_redis(settings).ping()  # settings checked: now fail at once, before loading models, if no services
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None

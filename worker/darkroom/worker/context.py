@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -37,6 +38,9 @@ from .routing import QueueSubscriptions
 from .screening import Screening
 from .settings import WorkerSettings
 from .tuning import Tuning
+
+if TYPE_CHECKING:
+    from .simulate import Simulation
 
 __all__ = ["WorkerContext", "WorkerState", "Heartbeat"]
 
@@ -164,6 +168,7 @@ class WorkerContext:
     queues: QueueSubscriptions = field(default_factory=QueueSubscriptions)
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     state: WorkerState = field(default_factory=WorkerState)
+    simulation: Simulation | None = None  # ``--simulate``: pipelines that only sleep (see :mod:`.simulate`)
 
     @functools.cached_property
     def lifecycle(self) -> Lifecycle:

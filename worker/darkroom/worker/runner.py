@@ -86,7 +86,8 @@ class JobRunner:
         self.ctx = ctx
         settings = ctx.settings
         self.latents = LatentCache(settings.latent_cache_bytes) if settings.latent_cache_bytes else None
-        self.executor = BatchExecutor(ctx, self.latents)
+        self.executor = (BatchExecutor(ctx, self.latents) if ctx.simulation is None
+                         else ctx.simulation.executor(ctx, self.latents))
         self.engine = engine or Engine(
             BatchPolicy(max_images=settings.batch_max_images, max_wait=settings.batch_max_wait_ms / 1000,
                         max_pixels=settings.batch_max_pixels),
