@@ -8,7 +8,7 @@ from typing import Any
 from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 
-__all__ = ["FamilyCall", "Row", "per_row"]
+__all__ = ["FamilyCall", "Row", "per_row", "sized_with_t5"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,16 @@ class Row:
 def per_row(rows: list[Row], field: str, fallback: list[str]) -> list[str]:
     """A per-image list of the jobs' ``field`` (a text), each falling back to that row's ``fallback``."""
     return [getattr(row.job, field) or default for row, default in zip(rows, fallback, strict=True)]
+
+
+def sized_with_t5(job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
+    """The call options of the transformer families (SD3, Flux): the input's size (they size their latents
+    from ``height``/``width``, not from the image) and the job's T5 sequence length when it sets one."""
+    width, height = size
+    options: dict[str, Any] = {"width": width, "height": height}
+    if job.max_sequence_length is not None:
+        options["max_sequence_length"] = job.max_sequence_length
+    return options
 
 
 class FamilyCall:

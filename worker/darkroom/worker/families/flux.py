@@ -12,7 +12,7 @@ from typing import Any
 from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 
-from .base import FamilyCall, Row, per_row
+from .base import FamilyCall, Row, per_row, sized_with_t5
 
 __all__ = ["FLUX"]
 
@@ -25,11 +25,7 @@ class _Flux(FamilyCall):
         return {"prompt": prompts, "prompt_2": per_row(rows, "prompt_2", prompts)}
 
     def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
-        width, height = size
-        options: dict[str, Any] = {"width": width, "height": height}
-        if job.max_sequence_length is not None:
-            options["max_sequence_length"] = job.max_sequence_length
-        return options
+        return sized_with_t5(job, size)
 
     def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
         return (job.max_sequence_length,)
