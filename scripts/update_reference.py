@@ -62,6 +62,8 @@ def cli_markdown() -> str:
         # parent's name left out of the usage line so each section reads as typed
         ctx = click.Context(command, info_name=" ".join(path), parent=None, max_content_width=100,
                             terminal_width=100, help_option_names=["-h", "--help"])
+        if hasattr(command, "_help_option"):  # click caches the help option of the first context that asked
+            command._help_option = None  # (a test that invoked the command alone): ask again with these names
         sections.append(f"### `{' '.join(path)}`\n\n```text\n{command.get_help(ctx)}\n```")
         if isinstance(command, click.Group):
             for name in command.list_commands(ctx):

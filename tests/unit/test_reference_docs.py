@@ -85,3 +85,15 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_cli_page_does_not_depend_on_what_ran_before() -> None:
+    """click caches a command's help option from the first context that asks; invoking a sub-command alone
+    (as CLI tests do) must not change the generated page."""
+    from click.testing import CliRunner
+
+    from darkroom.dev.cli import services
+
+    assert CliRunner().invoke(services, ["--help"]).exit_code == 0
+    page, body = _generator().blocks()["cli"]
+    assert body in (ROOT / "docs" / "reference" / page).read_text()
