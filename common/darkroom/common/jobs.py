@@ -136,6 +136,13 @@ def valid_id(value: str) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
+def checked_id(value: str) -> str:
+    """``value`` when it is a valid id (:func:`valid_id`), else ValueError naming what ids may hold."""
+    if not valid_id(value):
+        raise ValueError(f"must be {ID_ALLOWED}")
+    return value
+
+
 def _safetensors_uri(value: str) -> str:
     S3Uri.parse(value, strict=False)
     if not value.endswith(".safetensors"):
@@ -195,9 +202,7 @@ class JobOutputRef(BaseModel):
     @field_validator("job")
     @classmethod
     def _job(cls, v: str) -> str:
-        if not _ID.fullmatch(v):
-            raise ValueError(f"must be {ID_ALLOWED}")
-        return v
+        return checked_id(v)
 
 
 class Img2ImgJob(BaseModel):
@@ -396,9 +401,7 @@ class Img2ImgJob(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if not _ID.fullmatch(v):
-            raise ValueError(f"must be {ID_ALLOWED}")
-        return v
+        return checked_id(v)
 
     @field_validator("image")
     @classmethod
