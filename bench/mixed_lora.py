@@ -10,9 +10,11 @@ warm-up), timed from the first submit to the last committed result:
 
 - (a) sequential single jobs, switching adapters between them (DARKROOM_BATCH_MAX_IMAGES=1);
 - (b) batching only jobs with identical adapter sets (DARKROOM_MIXED_ADAPTERS=false, batch --batch);
-- (c) mixed-adapter batching (DARKROOM_MIXED_ADAPTERS=true, batch --batch).
+- (c) mixed-adapter batching (DARKROOM_MIXED_ADAPTERS=true, batch --batch), peft's LoRA layers routed by hooks;
+- (s) the same with adapters held in slots (DARKROOM_ADAPTER_LAYERS=slots, DARKROOM_LORA_MAX_RANK=4: the
+  LoRAs' rank), the path a compiled worker takes.
 
-Prints images/s, the ratios c/a and c/b, each worker's peak RSS, and where each job's time went
+Prints images/s, the ratios c/a, c/b and s/c (slots replace the hooks everywhere only if s/c >= 0.95), each worker's peak RSS, and where each job's time went
 (mean call size, inference, batch wait). Targets on a 2-core CPU machine (tiny model, 64x64):
 c/a >= 1.8, c/b >= 1.3.
 """
@@ -34,7 +36,7 @@ from _common import table
 
 TARGETS = {"c/a": 1.8, "c/b": 1.3}
 NAMES = {"a": "(a) single jobs, adapter switching", "b": "(b) batching identical adapter sets",
-         "c": "(c) mixed-adapter batching"}
+         "c": "(c) mixed-adapter batching", "s": "(s) mixed-adapter batching, adapters in slots"}
 
 
 def main() -> None:
@@ -79,7 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 warmup = [{**jobs[0], "adapters": [{"uri": uri}], "job_id": None} for uri in loras]
                 variants = {"a": {"DARKROOM_BATCH_MAX_IMAGES": "1"},
                             "b": {"DARKROOM_BATCH_MAX_IMAGES": str(args.batch), "DARKROOM_MIXED_ADAPTERS": "false"},
-                            "c": {"DARKROOM_BATCH_MAX_IMAGES": str(args.batch), "DARKROOM_MIXED_ADAPTERS": "true"}}
+                            "c": {"DARKROOM_BATCH_MAX_IMAGES": str(args.batch), "DARKROOM_MIXED_ADAPTERS": "true"},
+                            "s": {"DARKROOM_BATCH_MAX_IMAGES": str(args.batch), "DARKROOM_MIXED_ADAPTERS": "true",
+                                  "DARKROOM_ADAPTER_LAYERS": "slots", "DARKROOM_LORA_MAX_RANK": "4"}}
                 for label, extra in variants.items():
                     if label in args.skip:
                         continue
@@ -154,7 +158,8 @@ def rows(args: argparse.Namespace, measured: dict[str, dict[str, Any]]) -> list[
                                   f"jobs ({routing}); per job: inference {value['mean_inference']:.3f} s, "
                                   f"adapters {value['mean_adapters'] * 1000:.1f} ms, batch wait "
                                   f"{value['mean_batch_wait']:.3f} s)"))
-    out += _common.ratio_rows(rate, {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a")}, TARGETS)
+    out += _common.ratio_rows(rate, {"c/a": ("c", "a"), "c/b": ("c", "b"), "b/a": ("b", "a"), "s/c": ("s", "c")},
+                              TARGETS)
     return out
 
 

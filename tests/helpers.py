@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,3 +29,22 @@ def wait_until(probe: Callable[[], T], timeout: float = 60.0, what: str = "the c
         assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
         time.sleep(every)
     return value
+
+
+def conv_lora(model_dir: Path, path: Path) -> Path:
+    """A LoRA on the tiny UNet's ResNet convolutions (and its attention), rank 2, alpha 4, random weights."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                          requires_safety_checker=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(31)
+        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["conv1", "conv2", "to_q"])
+        inject_adapter_in_model(config, pipe.unet)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionImg2ImgPipeline.save_lora_weights(str(path.parent), weight_name=path.name,
+                                                     safe_serialization=True, unet_lora_layers=layers)
+    return path

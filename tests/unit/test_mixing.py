@@ -20,6 +20,8 @@ from darkroom.worker.inference.call import WorkItem, batch_key, run_batch
 from darkroom.worker.mixing import MixedAdapters, Routing, routed
 from darkroom.worker.pipelines import load_pipeline
 
+from ..helpers import conv_lora
+
 CPU = DeviceInfo("cpu", "float32", "cpu")
 CALL: dict[str, Any] = {"strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}
 
@@ -123,24 +125,6 @@ def test_after_a_mixed_call_single_jobs_are_unaffected(
     assert manager.activate_mixed(sets).combined == 0
 
 
-def conv_lora(model_dir: Path, path: Path) -> Path:
-    """A LoRA on the UNet's ResNet convolutions (and its attention), which routing hands to peft's own path."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(model_dir), safety_checker=None,
-                                                          requires_safety_checker=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(31)
-        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["conv1", "conv2", "to_q"])
-        inject_adapter_in_model(config, pipe.unet)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionImg2ImgPipeline.save_lora_weights(str(path.parent), weight_name=path.name,
-                                                     safe_serialization=True, unet_lora_layers=layers)
-    return path
-
-
 def test_convolution_loras_and_their_blends_are_routed_too(
     tiny_model: Path, loras: dict[str, AdapterFile], inputs: list[Image.Image], reference: Any,
     tmp_path: Path
@@ -190,7 +174,8 @@ def fake_file(name: str, *, dora: bool = False) -> AdapterFile:
 
 
 def manager(slots: int = 8, fused: bool = False) -> Any:
-    return SimpleNamespace(max_slots=slots, fused=fused)
+    """An adapter manager's planning surface: its slots, whether LoRAs are fused, what fits at once."""
+    return SimpleNamespace(max_slots=slots, fused=fused, fits=AdapterManager(SimpleNamespace(), max_slots=slots).fits)
 
 
 PIPE = SimpleNamespace(unet=torch.nn.Linear(2, 2))
@@ -237,6 +222,20 @@ def test_a_compiled_unet_is_never_routed_and_its_model_goes_back_to_identical_ke
     assert [c.routing for c in calls] == [Routing.SINGLE, Routing.SINGLE]
     assert all("compiled" in (c.reason or "") for c in calls)
     assert not policy.allows("m") and policy.allows("other")
+
+
+def test_with_adapters_in_slots_a_compiled_denoiser_is_routed_and_slots_count_files_not_sets() -> None:
+    from darkroom.worker.slotted import SlotAdapters
+
+    compiled = SimpleNamespace(unet=torch.nn.Linear(2, 2))
+    slots = SlotAdapters(compiled, max_slots=2, rank=2)
+    compiled.unet.compile()
+    policy = MixedAdapters()
+    # A, B and C need three files (a, b, c) in two slots: A and B mix, C (a blend of c and a) runs apart
+    calls = policy.plan("m", compiled, slots, {0: A, 1: (), 2: B, 3: C})
+    assert [(c.indices, c.routing, c.reason) for c in calls] == [((0, 1, 2), Routing.MIXED, None),
+                                                                ((3,), Routing.SINGLE, None)]
+    assert policy.allows("m")
 
 
 def test_fused_adapters_are_never_routed(tiny_model: Path, loras: dict[str, AdapterFile]) -> None:

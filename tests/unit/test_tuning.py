@@ -155,6 +155,30 @@ def test_options_that_bypass_lora_are_refused_while_models_accept_adapters(flag:
     assert "adapters = []" in message
     if flag == "fuse_qkv":  # no adapters anywhere: allowed (compile would run its compiler probe here)
         tuning.check(CPU, registry(tmp_path, tiny_model, adapters=()))
+    else:  # compile with adapters held in slots: allowed
+        assert "DARKROOM_ADAPTER_LAYERS=slots" in message
+        Tuning(compile=True, adapter_slots=True).check(CPU, registry(tmp_path, tiny_model))
+
+
+@pytest.mark.parametrize(("layers", "compile", "slots"), [("auto", False, False), ("auto", True, True),
+                                                           ("peft", True, False), ("slots", False, True)])
+def test_adapter_layers_auto_means_slots_exactly_when_compiling(layers: str, compile: bool, slots: bool) -> None:
+    from darkroom.worker.settings import WorkerSettings
+
+    settings = WorkerSettings(adapter_layers=layers, compile=compile,  # type: ignore[arg-type]
+                              compile_warmup_sizes="64x64, 512x768")  # type: ignore[arg-type]
+    tuning = Tuning.from_settings(settings)
+    assert tuning.adapter_slots is slots and tuning.warmup_sizes == ((64, 64), (512, 768))
+
+
+@pytest.mark.parametrize("sizes", ["512", "512x", "500x512", "0x0", "8192x512"])
+def test_a_warm_up_size_that_is_not_width_x_height_is_refused(sizes: str) -> None:
+    from pydantic import ValidationError
+
+    from darkroom.worker.settings import WorkerSettings
+
+    with pytest.raises(ValidationError, match="WIDTHxHEIGHT"):
+        WorkerSettings(compile_warmup_sizes=sizes)  # type: ignore[arg-type]
 
 
 def test_fused_qkv_with_another_attention_kernel_is_refused() -> None:
@@ -170,4 +194,5 @@ def test_every_problem_is_listed_at_once() -> None:
 def test_the_report_names_every_setting() -> None:
     assert Tuning(vae_tiling=True).describe() == {
         "attention": "sdpa", "vae_slicing": False, "vae_tiling": True, "fuse_qkv": False, "channels_last": False,
-        "compile": False, "cpu_offload": "none"}
+        "compile": False, "cpu_offload": "none", "adapter_slots": False, "lora_max_rank": 16,
+        "warmup_sizes": ["512x512"]}

@@ -144,6 +144,10 @@ class AdapterManager:
     def resident(self) -> list[str]:
         return list(self._slots)
 
+    def fits(self, sets: Sequence[AdapterSet]) -> bool:
+        """Whether the sets can be resident at once for a mixed call: one slot per distinct non-empty set."""
+        return len({k for s in sets if (k := set_key(s)) is not None}) <= self.max_slots
+
     @property
     def fused(self) -> bool:
         """Whether any LoRA is merged into the base weights (peft then refuses per-sample adapters)."""

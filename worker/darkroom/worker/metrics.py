@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 from darkroom.common.fleet import WorkerReport
 from darkroom.common.webhooks import STATS_KEY as WEBHOOK_STATS_KEY
 
+from . import recompiles
+
 if TYPE_CHECKING:
     from darkroom.common.jobstore import JobRecord
 
@@ -103,6 +105,8 @@ class _ReportCollector(Collector):
                                 value=float(report.memory_budget))
         yield CounterMetricFamily("darkroom_adapter_switches", "LoRA adapter activations",
                                   value=float(report.adapter_switches))
+        yield CounterMetricFamily("darkroom_recompiles", "torch.compile recompiles of a compiled denoiser after its "
+                                  "first compile (each logged with the guard that failed)", value=float(recompiles.total()))
         resident = GaugeMetricFamily("darkroom_model_resident", "1 when the model is resident", labels=["model"])
         for model in report.models:
             resident.add_metric([model], 1.0 if model in report.resident_models else 0.0)

@@ -34,8 +34,9 @@ from typing import Any
 
 from darkroom.common.families import Family
 
-from .adapters import AdapterManager, AdapterSet, lora_layers, set_key
+from .adapters import AdapterManager, AdapterSet, lora_layers
 from .families import family_of_pipeline
+from .slotted import SlotAdapters, slot_bank
 
 __all__ = ["CallPlan", "MixedAdapters", "Routing", "describe", "routed", "split"]
 
@@ -78,7 +79,7 @@ class MixedAdapters:
         """Whether ``model``'s jobs are batched across adapter sets (the adapters leave the batch key)."""
         return self.enabled and model not in self._refused
 
-    def plan(self, model: str, pipeline: Any, adapters: AdapterManager,
+    def plan(self, model: str, pipeline: Any, adapters: AdapterManager | SlotAdapters,
              sets: dict[int, AdapterSet]) -> list[CallPlan]:
         """The calls for a group's jobs (by position; jobs that already failed are left out)."""
         if not sets:
@@ -92,16 +93,18 @@ class MixedAdapters:
         dora = [s for s in order if any(f.dora for f, _ in s)]
         mixable = [s for s in order if s not in dora]
         calls = [_call([i for i, s in sets.items() if s in chunk], sets)
-                 for chunk in _chunks(mixable, adapters.max_slots)]
+                 for chunk in _chunks(mixable, adapters)]
         if dora:
             files = sorted({f.path.name for s in dora for f, _ in s if f.dora})
             why = f"{', '.join(files)}: DoRA adapters cannot be routed per sample (peft refuses adapter_names)"
             calls += split(_call([i for i, s in sets.items() if s in dora], sets), why)
         return calls
 
-    def _model_reason(self, model: str, pipeline: Any, adapters: AdapterManager) -> str | None:
+    def _model_reason(self, model: str, pipeline: Any, adapters: AdapterManager | SlotAdapters) -> str | None:
         if not self.enabled:
             return "mixed-adapter batching is off (DARKROOM_MIXED_ADAPTERS=false)"
+        if slot_bank(pipeline) is not None:
+            return None  # slots route any family, compiled or not, by a table of per-sample weights
         reason = self._refused.get(model)
         family = family_of_pipeline(pipeline)
         if reason is None and family is not Family.SD:
@@ -143,6 +146,11 @@ def routed(pipeline: Any, names: Sequence[str] | None) -> Iterator[None]:
     the block ends.
     """
     if names is None:
+        yield
+        return
+    bank = slot_bank(pipeline)
+    if bank is not None:  # adapters in slots: the per-sample weights are one table, read by every layer
+        bank.route([bank.routes[n] for n in names])
         yield
         return
     per_sample = list(names)
@@ -251,15 +259,15 @@ def _with_reason(call: CallPlan, reason: str) -> CallPlan:
     return CallPlan(call.indices, call.routing, call.sets, reason)
 
 
-def _chunks(order: list[AdapterSet], slots: int) -> list[list[AdapterSet]]:
-    """Consecutive runs of sets whose non-empty members fit in ``slots`` resident adapters."""
+def _chunks(order: list[AdapterSet], adapters: AdapterManager | SlotAdapters) -> list[list[AdapterSet]]:
+    """Consecutive runs of sets that can be resident at once (``adapters.fits``)."""
     chunks: list[list[AdapterSet]] = []
     current: list[AdapterSet] = []
-    for adapters in order:
-        if set_key(adapters) is not None and sum(set_key(s) is not None for s in current) >= slots:
+    for adapter_set in order:
+        if current and not adapters.fits([*current, adapter_set]):
             chunks.append(current)
             current = []
-        current.append(adapters)
+        current.append(adapter_set)
     return [*chunks, current] if current else chunks
 
 

@@ -43,6 +43,7 @@ from .filecache import FileCache, sha256_file
 from .ip_adapter import IPAdapterFiles, load_ip_adapter
 from .registry import ModelRegistry, ModelSpec, family_of_folder, family_of_spec
 from .schedulers import SchedulerSwitch
+from .slotted import SlotAdapters
 from .tuning import Tuning
 
 __all__ = ["EntryState", "LoadedModel", "PipelineCache", "load_pipeline", "module_bytes"]
@@ -67,7 +68,7 @@ class LoadedModel:
 
     spec: ModelSpec
     pipeline: Any
-    adapters: AdapterManager
+    adapters: AdapterManager | SlotAdapters
     path: Path
     load_seconds: float
     state: EntryState = EntryState.RESIDENT
@@ -275,9 +276,24 @@ class PipelineCache:
         seconds = time.perf_counter() - started
         log.info("loaded model %s from %s in %.2f s (%d MB, sharing %s)", spec.id, spec.source, seconds,
                  module_bytes_all(pipeline) // 2**20, ", ".join(reuse) or "nothing")
-        return LoadedModel(spec, pipeline, AdapterManager(pipeline, max_slots=self.max_adapters), path, seconds,
+        adapters = self._adapters(pipeline, spec)
+        self.tuning.warm_up(pipeline)  # with compile: the declared shapes now, not in the first jobs
+        seconds = time.perf_counter() - started
+        return LoadedModel(spec, pipeline, adapters, path, seconds,
                            shared=fingerprints, weights_sha256=self._identity(path),
                            family=family_of_class(type(pipeline).__name__) or Family.SD)
+
+    def _adapters(self, pipeline: Any, spec: ModelSpec) -> AdapterManager | SlotAdapters:
+        """The pipeline's adapter slots: peft's layers, or fixed slot buffers (compiled workers, see :mod:`.slotted`).
+
+        Slots wrap the usual LoRA targets now, before any compile, when the model takes adapters at all.
+        """
+        if not self.tuning.adapter_slots:
+            return AdapterManager(pipeline, max_slots=self.max_adapters)
+        slots = SlotAdapters(pipeline, max_slots=self.max_adapters, rank=self.tuning.lora_max_rank)
+        if spec.allowed_adapters is None or spec.allowed_adapters:
+            slots.bank.prewrap()
+        return slots
 
     def _local_path(self, spec: ModelSpec) -> Path:
         if not spec.is_s3:

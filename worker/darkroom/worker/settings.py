@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from darkroom.common.safety import SafetyPolicy
 from darkroom.common.settings import Settings
@@ -35,8 +37,8 @@ class WorkerSettings(Settings):
                                               "and models without adapters.")
     channels_last: bool = Field(False, description="Keep the UNet in channels-last memory format (faster convs on "
                                                    "many GPUs).")
-    compile: bool = Field(False, description="torch.compile the UNet (slow first job per shape); checked at start-up; "
-                                             "needs models without adapters.")
+    compile: bool = Field(False, description="torch.compile the denoiser (slow first job per shape); checked at "
+                                             "start-up; adapters are then held in slots (DARKROOM_ADAPTER_LAYERS).")
     cpu_offload: Literal["none", "model", "sequential"] = Field(
         "none", description="Keep weights in CPU memory for small GPUs: model (one model on the GPU at a time) or "
                             "sequential (layer by layer, slowest); CUDA only.",
@@ -97,6 +99,22 @@ class WorkerSettings(Settings):
                                         "workers); past it the least recently used go. 0: no bound.",
     )
     max_adapters: int = Field(8, ge=1, le=256, description="LoRA adapters kept loaded per model (LRU).")
+    adapter_layers: Literal["auto", "peft", "slots"] = Field(
+        "auto", description="How LoRA layers run: peft (one module per adapter, switched in Python), slots (every "
+                            "adapter in fixed stacked buffers with per-sample weights: no recompiles, any mix in "
+                            "one call; no DoRA); auto: slots when DARKROOM_COMPILE is on, else peft.",
+    )
+    compile_warmup_sizes: Annotated[list[str], NoDecode] = Field(
+        ["512x512"], description="With DARKROOM_COMPILE: image sizes (WIDTHxHEIGHT) each model is compiled for as "
+                                 "it loads (preloaded models: before /readyz), at batch 1 and 2, after which the "
+                                 "batch size is a dynamic dimension; another size compiles once more (counted in "
+                                 "darkroom_recompiles_total).",
+    )
+    lora_max_rank: int = Field(
+        16, ge=1, le=512, description="With adapter slots: the largest LoRA rank a slot holds (lower ranks are "
+                                      "padded; higher ones fail adapter_invalid). Slots x rank is the width of "
+                                      "the extra product on every adapted layer.",
+    )
     mixed_adapters: bool = Field(
         True, description="Batch jobs that differ only in their LoRA adapters into one call, each sample routed to "
                           "its own adapters; false: only jobs with identical adapter sets share a call.",
@@ -158,6 +176,28 @@ class WorkerSettings(Settings):
     safety_policy: SafetyPolicy = Field(
         SafetyPolicy.BLUR, description="What to do with a flagged image when the job does not say: flag, blur, block."
     )
+
+    @field_validator("compile_warmup_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("compile_warmup_sizes")
+    @classmethod
+    def _check_sizes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            match = re.fullmatch(r"(\d+)x(\d+)", entry)
+            if match is None or not all(8 <= int(side) <= 4096 and int(side) % 8 == 0 for side in match.groups()):
+                raise ValueError(f"compile_warmup_sizes entry {entry!r} is not WIDTHxHEIGHT (multiples of 8, "
+                                 "8..4096), e.g. 512x512,768x768")
+        return value
+
+    @property
+    def warmup_sizes(self) -> tuple[tuple[int, int], ...]:
+        """``compile_warmup_sizes`` as (width, height) pairs."""
+        return tuple((int(w), int(h)) for w, h in (entry.split("x") for entry in self.compile_warmup_sizes))
 
     @property
     def slots(self) -> int:

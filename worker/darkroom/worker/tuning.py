@@ -12,9 +12,11 @@ Compatibility with LoRA adapters (and mixed-adapter batching):
 * ``fuse_qkv``: diffusers' ``FusedAttnProcessor2_0`` reads new ``to_qkv``/``to_kv`` projections made
   from the base weights; LoRA layers on ``to_q``/``to_k``/``to_v`` are never called, so adapters would
   be silently ignored. Allowed only when every model refuses adapters (registry ``adapters = []``).
-* ``compile``: a compiled UNet recompiles whenever the active adapters or their scales change (dynamo
-  guards on peft's state), and forward hooks added after compiling (mixed-adapter batching) are not
-  seen. Same rule: only with models that take no adapters.
+* ``compile``: a compiled denoiser with peft's LoRA layers recompiles whenever the active adapters or
+  their scales change (dynamo guards on peft's state), and forward hooks added after compiling
+  (mixed-adapter batching) are not seen. So a compiled worker holds adapters in slots (:mod:`.slotted`:
+  fixed buffers, per-sample weights as a tensor), where switching, blending and mixing never recompile;
+  ``DARKROOM_ADAPTER_LAYERS=peft`` with compile is allowed only for models that take no adapters.
 """
 
 from __future__ import annotations
@@ -64,15 +66,22 @@ class Tuning:
     channels_last: bool = False
     compile: bool = False
     cpu_offload: Offload = Offload.NONE
+    adapter_slots: bool = False  # LoRA layers in fixed slot buffers (:mod:`.slotted`) rather than peft's
+    lora_max_rank: int = 16  # with slots: the rank each slot holds
+    warmup_sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # with compile: compiled as each model loads
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Tuning:
+        slots = settings.adapter_layers == "slots" or (settings.adapter_layers == "auto" and settings.compile)
         return cls(Attention(settings.attention), settings.vae_slicing, settings.vae_tiling, settings.fuse_qkv,
-                   settings.channels_last, settings.compile, Offload(settings.cpu_offload))
+                   settings.channels_last, settings.compile, Offload(settings.cpu_offload), slots,
+                   settings.lora_max_rank, settings.warmup_sizes)
 
     def describe(self) -> dict[str, Any]:
         """The options as the worker reports them (``darkroom workers``)."""
-        return {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
+        described = {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
+        described["warmup_sizes"] = [f"{w}x{h}" for w, h in self.warmup_sizes]
+        return described
 
     # -- start-up ----------------------------------------------------------------------------------
     def check(self, device: DeviceInfo, registry: ModelRegistry | None = None) -> None:
@@ -116,9 +125,9 @@ class Tuning:
         takes_adapters = [m.id for m in registry or () if m.allowed_adapters is None or m.allowed_adapters]
         for flag, why in (("fuse_qkv", "fused QKV projections bypass LoRA layers (adapters would be silently "
                                        "ignored)"),
-                          ("compile", "a compiled UNet recompiles at every adapter change and ignores hooks added "
-                                      "after compiling")):
-            if getattr(self, flag) and takes_adapters:
+                          ("compile", "a compiled denoiser with peft's LoRA layers recompiles at every adapter "
+                                      "change (use DARKROOM_ADAPTER_LAYERS=slots or auto)")):
+            if getattr(self, flag) and takes_adapters and not (flag == "compile" and self.adapter_slots):
                 problems.append(f"DARKROOM_{flag.upper()}=true: {why}, and models {', '.join(takes_adapters)} "
                                 "accept adapters; give each model `adapters = []` in the registry file (jobs with "
                                 f"adapters then fail with adapter_not_allowed) or turn {flag} off")
@@ -147,8 +156,34 @@ class Tuning:
             pipe.fuse_qkv_projections()
         if self.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
-        if self.compile:
-            pipe.unet.compile()  # in place: the module (and its config, adapters API) stays a UNet
+        if self.compile:  # in place: the module (its config, its adapters API) keeps its class
+            (pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer).compile()
+
+    def warm_up(self, pipe: Any) -> float:
+        """Compile ``pipe``'s denoiser now for every warm-up size at batch 1 and 2 (seconds taken).
+
+        Two batch sizes make dynamo mark the batch dimension dynamic, so later batches of any size run the
+        same graph; the recompiles this causes are expected and not counted (:func:`.recompiles.baseline`).
+        """
+        import time
+
+        from PIL import Image
+
+        from . import recompiles
+
+        if not self.compile:
+            return 0.0
+        started = time.perf_counter()
+        for width, height in self.warmup_sizes:
+            image = Image.new("RGB", (width, height), (127, 127, 127))
+            for batch in (1, 2):
+                pipe(prompt=["warm-up"] * batch, image=[image] * batch, strength=1.0, num_inference_steps=2,
+                     output_type="latent")
+        recompiles.baseline()
+        seconds = time.perf_counter() - started
+        log.info("compiled %s for %s at batch 1 and 2 in %.1f s", type(pipe).__name__,
+                 ", ".join(f"{w}x{h}" for w, h in self.warmup_sizes), seconds)
+        return seconds
 
     @property
     def shares_components(self) -> bool:

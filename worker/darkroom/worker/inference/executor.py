@@ -21,6 +21,7 @@ from darkroom.common.errors import ErrorCode, JobCancelled, JobError, ObjectNotF
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.storage import S3Uri
 
+from .. import recompiles
 from ..adapters import AdapterFile, AdapterSet
 from ..context import WorkerContext
 from ..families import check_family
@@ -107,6 +108,7 @@ class BatchExecutor:
                         routed(loaded.pipeline, names):
                     output = run_batch(loaded.pipeline, [r.item for r in requests], on_step=_fan_out(requests),
                                        latents=self.latents)
+                recompiles.check(loaded.spec.id)
             except JobCancelled:
                 output = None
             except Exception as exc:  # noqa: BLE001 - retried job by job when it was a batch
