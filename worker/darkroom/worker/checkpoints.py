@@ -53,13 +53,17 @@ def load_single_file(file: Path, config: Path, dtype: Any, components: dict[str,
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
             extra = {"safety_checker": None, "requires_safety_checker": False} \
                 if pipeline_class == "StableDiffusionImg2ImgPipeline" else {}
-            return getattr(diffusers, pipeline_class).from_single_file(
+            pipe = getattr(diffusers, pipeline_class).from_single_file(
                 str(file), config=str(config), local_files_only=True, torch_dtype=dtype, **extra,
                 **(components or {}),
             )
     except (SingleFileComponentError, KeyError, RuntimeError, NotImplementedError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         raise ValueError(f"{file.name} does not fit the architecture of {config}: {message.splitlines()[0]}") from exc
+    for component in pipe.components.values():  # diffusers leaves a T5 read from the file in training mode
+        if hasattr(component, "eval"):  # (dropout on): every model serves in eval mode, as from_pretrained's do
+            component.eval()
+    return pipe
 
 
 def copy_config_folder(model_dir: Path, dest: Path) -> Path:
