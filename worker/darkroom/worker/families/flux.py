@@ -24,7 +24,9 @@ class _Flux(FamilyCall):
     single_file_refusal = (
         "single-file Flux checkpoints are not loaded (diffusers converts only full-width Flux.1 transformers, "
         "and Flux files usually lack the VAE and text encoders); use a diffusers folder as the source instead "
-        "(convert once: FluxPipeline.from_single_file(FILE, config=FOLDER).save_pretrained(NEW_FOLDER))"
+        "(for a Flux transformer file: FluxTransformer2DModel.from_single_file(FILE, config=FLUX_FOLDER, "
+        "subfolder='transformer'), then FluxPipeline.from_pretrained(FLUX_FOLDER, transformer=it)"
+        ".save_pretrained(NEW_FOLDER))"
     )
 
     def text(self, rows: list[Row]) -> dict[str, Any]:
