@@ -123,3 +123,21 @@ def test_a_registry_file_names_single_files_with_relative_paths(single: dict[str
     assert (one.source, one.config) == (str(single["file"]), str(single["config"]))
     assert one.is_single_file and two.is_single_file and two.config == "s3://models/sd-config"
     assert not is_single_file("s3://models/sd15") and is_single_file("/m/model.CKPT")
+
+
+def test_single_file_flux_checkpoints_are_refused_naming_the_family_and_the_alternative(tmp_path: Path) -> None:
+    from darkroom.worker.pipelines import load_pipeline
+
+    # Given a Flux config folder (only its model_index.json is read) and a file beside it
+    config = tmp_path / "flux-config"
+    config.mkdir()
+    (config / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    file = tmp_path / "flux.safetensors"
+    file.write_bytes(b"{}")
+    # Then the registry refuses the entry (a local config: at start-up) ...
+    with pytest.raises(ConfigurationError, match="model 'f': .*flux.safetensors is a single-file flux checkpoint: "
+                                                 ".*use a diffusers folder as the source"):
+        ModelRegistry().add(ModelSpec("f", str(file), config=str(config)))
+    # ... and so does loading (an s3:// config is only known once fetched), before reading the file
+    with pytest.raises(ValueError, match="flux.safetensors is a single-file flux checkpoint"):
+        load_pipeline(file, CPU, "float32", config=config)

@@ -204,8 +204,13 @@ def make_tiny(directory: Path, seed: int, overwrite: bool, family: str) -> None:
 @click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated strengths.")
 @click.option("--prompt", default=None,
               help="Default: 'red' for the demo model (it knows colour words), a lighthouse painting with --model-dir.")
-def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str | None) -> None:
+@click.option("--families/--no-families", default=True, show_default=True,
+              help="Also serve a tiny SDXL model (random weights) from the same worker and run one SDXL job.")
+def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt: str | None, families: bool) -> None:
     """Run the whole path once: services, model, worker, jobs at several strengths, contact sheet.
+
+    By default the worker also serves a tiny SDXL model (random weights: noise, not quality) and runs one
+    SDXL job, shown last on the contact sheet.
 
     Exit codes: 0 every job succeeded; 1 something failed (the reason is printed); 130 interrupted.
     """
@@ -214,4 +219,4 @@ def demo(state_dir: Path | None, model_dir: Path | None, strengths: str, prompt:
 
     values = [float(s) for s in strengths.split(",") if s.strip()]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(run_demo(state_dir=state_dir, model_dir=model_dir, strengths=values, prompt=prompt))
+    sys.exit(run_demo(state_dir=state_dir, model_dir=model_dir, strengths=values, prompt=prompt, families=families))

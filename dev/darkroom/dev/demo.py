@@ -5,6 +5,10 @@ once and cached, a worker), submits
 one job per strength on a picture drawn in code, waits, prints the output URIs
 and writes a contact sheet (input beside the outputs, labelled by strength) to
 the output bucket and to a local file. Stops what it started.
+
+With ``families`` (the default) the same worker also serves a tiny SDXL model (random weights, built
+offline once and cached beside the demo model) and one SDXL job with an SDXL-only field runs too: its
+output joins the contact sheet. It shows the family path works end to end, not image quality.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["run_demo", "sample_image", "contact_sheet"]
 
 MODEL_ID = "tiny"
+#: The second family's model: a tiny SDXL base with random weights (``darkroom models make-tiny --family sdxl``).
+SDXL_MODEL_ID = "tiny-sdxl"
+SDXL_STRENGTH = 0.6
 #: The demo model knows colour words ("red", "blue stripes", ...); a real model gets a real prompt.
 DEMO_MODEL_PROMPT = "red"
 REAL_MODEL_PROMPT = "a watercolor painting of a lighthouse at dusk"
@@ -38,7 +45,8 @@ DEMO_MODEL_GUIDANCE = 3.0
 DEMO_MODEL_SIZE = 128
 
 
-def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[float], prompt: str | None) -> int:
+def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[float], prompt: str | None,
+             families: bool = True) -> int:
     settings = Settings.load(**({"state_dir": state_dir} if state_dir else {}))
     state = settings.state_dir
     embedded = EmbeddedServices(state)
@@ -50,9 +58,12 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
     worker: WorkerProcess | None = None
     try:
         model_path = model_dir or _demo_model(state / "models" / "demo", step)
-        step(f"starting a worker for model {MODEL_ID!r} ({model_path})")
+        models = {MODEL_ID: model_path}
+        if families:
+            models[SDXL_MODEL_ID] = _sdxl_model(state / "models" / "demo-sdxl", step)
+        step(f"starting a worker for {' and '.join(f'model {m!r} ({p})' for m, p in models.items())}")
         worker = WorkerProcess(
-            f"demo-{uuid.uuid4().hex[:6]}", ["--model", f"{MODEL_ID}={model_path}"],
+            f"demo-{uuid.uuid4().hex[:6]}", [arg for m, p in models.items() for arg in ("--model", f"{m}={p}")],
             env={**endpoints.as_env(), "DARKROOM_STATE_DIR": str(state)},
             redis_url=endpoints.redis_url, log_path=state / "logs" / "demo-worker.log",
         ).start()
@@ -60,7 +71,7 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
             guidance = 7.5 if model_dir else DEMO_MODEL_GUIDANCE
             text = prompt or (REAL_MODEL_PROMPT if model_dir else DEMO_MODEL_PROMPT)
             source = sample_image(256 if model_dir else DEMO_MODEL_SIZE)
-            return _run_jobs(client, settings, strengths, text, guidance, source, state, step)
+            return _run_jobs(client, settings, strengths, text, guidance, source, state, step, families=families)
     except DarkroomError as exc:
         click.echo(f"demo failed: {exc}", err=True)
         return 1
@@ -74,7 +85,7 @@ def run_demo(*, state_dir: Path | None, model_dir: Path | None, strengths: list[
 
 
 def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt: str, guidance: float,
-              source: Image, state: Path, step: _Steps) -> int:
+              source: Image, state: Path, step: _Steps, *, families: bool = False) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S")
     input_uri = client.upload(source, f"s3://darkroom/inputs/demo-{run_id}.png")
     step(f"uploaded a sample picture drawn in code to {input_uri}")
@@ -84,14 +95,27 @@ def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt
                        "num_inference_steps": 20, "guidance_scale": guidance, "seed": 1234, "output_prefix": prefix})
         for s in strengths
     ]
-    step(f"submitted {len(handles)} jobs (strengths {', '.join(map(str, strengths))}); waiting")
+    sdxl = client.submit({"model": SDXL_MODEL_ID, "image": input_uri, "prompt": prompt, "prompt_2": "blue stripes",
+                          "strength": SDXL_STRENGTH, "num_inference_steps": 10, "guidance_scale": 5.0, "seed": 1234,
+                          "output_prefix": prefix}) if families else None
+    count = len(handles) + (sdxl is not None)
+    step(f"submitted {count} jobs (strengths {', '.join(map(str, strengths))}"
+         + (f"; one SDXL job, strength {SDXL_STRENGTH}, prompt_2 'blue stripes'" if sdxl else "") + "); waiting")
     outputs = []
     for strength, handle in zip(strengths, handles, strict=True):
         result = handle.wait(timeout=300)
         outputs.append((strength, client.open_images(result)[0]))
         click.echo(f"  strength {strength:.2f}: {result.uris[0]}  "
                    f"({result.timings.inference:.2f} s inference, seed {result.seeds[0]})")
-    sheet = contact_sheet(source, outputs, prompt)
+    extra = []
+    if sdxl is not None:
+        result = sdxl.wait(timeout=300)
+        family = client.fleet.catalog().get(SDXL_MODEL_ID)
+        extra.append(("sdxl (untrained)", client.open_images(result)[0]))
+        click.echo(f"  {SDXL_MODEL_ID} (family {family}, strength {SDXL_STRENGTH:.2f}): {result.uris[0]}  "
+                   f"({result.timings.inference:.2f} s inference, {result.timings.total:.2f} s on the worker, "
+                   f"seed {result.seeds[0]})")
+    sheet = contact_sheet(source, outputs, prompt, extra)
     local = state / "demo" / f"contact-sheet-{run_id}.png"
     local.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(local)
@@ -103,6 +127,12 @@ def _run_jobs(client: Client, settings: Settings, strengths: list[float], prompt
         "      the picture, high strength repaints it in the prompt's colour. For real pictures run:\n"
         "      darkroom demo --model-dir /path/to/stable-diffusion-v1-5 (a diffusers folder)."
     )
+    if families:
+        click.echo(
+            f"note: {SDXL_MODEL_ID} is a tiny SDXL model with random weights (never trained): its picture is noise.\n"
+            "      It shows a second family (SDXL's own pipeline and fields) served by the same worker, not\n"
+            "      image quality. Run the demo without it: darkroom demo --no-families."
+        )
     return 0
 
 
@@ -132,12 +162,13 @@ def sample_image(size: int = 256) -> Image:
     return image
 
 
-def contact_sheet(source: Image, outputs: list[tuple[float, Image]], prompt: str) -> Image:
-    """The input beside each output, labelled ('input', 'strength 0.30', ...)."""
+def contact_sheet(source: Image, outputs: list[tuple[float, Image]], prompt: str,
+                  extra: list[tuple[str, Image]] | None = None) -> Image:
+    """The input beside each output, labelled ('input', 'strength 0.30', ...), then ``extra`` (label, image)."""
     from PIL import Image as PILImage
     from PIL import ImageDraw, ImageFont
 
-    tiles = [("input", source)] + [(f"strength {s:.2f}", im) for s, im in outputs]
+    tiles = [("input", source)] + [(f"strength {s:.2f}", im) for s, im in outputs] + list(extra or [])
     scale = max(1, 256 // max(source.size))  # small pictures are shown at least 256 px wide
     w, h = source.width * scale, source.height * scale
     pad, label_h, title_h = 8, 22, 26
@@ -160,6 +191,16 @@ def _demo_model(path: Path, step: _Steps) -> Path:
     else:
         step(f"training the tiny demo model into {path} (once; it is cached there)")
     return make_demo_model(path, log=lambda message: click.echo(f"    {message}"))
+
+
+def _sdxl_model(path: Path, step: _Steps) -> Path:
+    from .tiny import is_tiny_model_dir, make_tiny_model
+
+    if is_tiny_model_dir(path):
+        step(f"using the tiny SDXL model {path}")
+    else:
+        step(f"building a tiny SDXL model (random weights) into {path} (once; it is cached there)")
+    return make_tiny_model(path, family="sdxl")
 
 
 def _running(embedded: EmbeddedServices) -> bool:

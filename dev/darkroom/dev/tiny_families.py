@@ -19,6 +19,9 @@ __all__ = ["FAMILIES", "build_tiny_family"]
 FAMILIES = ("sd2-v", "sdxl", "sdxl-refiner", "sd3", "flux")
 T5_HIDDEN_SIZE = 64
 T5_MAX_TOKENS = 64
+SDXL_TEXT_2_HIDDEN_SIZE = 48
+SD3_CLIP_L_HIDDEN_SIZE = 16
+SD3_CLIP_G_HIDDEN_SIZE = 48
 
 
 def _clip_text(tokenizer: Any, *, projection: bool, hidden: int = TEXT_HIDDEN_SIZE) -> Any:
@@ -89,9 +92,11 @@ def _sdxl(refiner: bool) -> Any:
 
     tokenizer = _build_tokenizer()
     text_encoder = None if refiner else _clip_text(tokenizer, projection=False)
-    text_encoder_2 = _clip_text(tokenizer, projection=True)
-    width = TEXT_HIDDEN_SIZE if refiner else 2 * TEXT_HIDDEN_SIZE  # the refiner conditions on encoder 2 only
-    unet = _sdxl_unet(width, 5 if refiner else 6, TEXT_HIDDEN_SIZE)
+    # As in SDXL (768 and 1280 wide), the base's two encoders differ in width: single-file loaders tell
+    # them apart by it. The refiner conditions on encoder 2 only.
+    width_2 = TEXT_HIDDEN_SIZE if refiner else SDXL_TEXT_2_HIDDEN_SIZE
+    text_encoder_2 = _clip_text(tokenizer, projection=True, hidden=width_2)
+    unet = _sdxl_unet(width_2 if refiner else TEXT_HIDDEN_SIZE + width_2, 5 if refiner else 6, width_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     return StableDiffusionXLImg2ImgPipeline(
@@ -102,18 +107,24 @@ def _sdxl(refiner: bool) -> Any:
 
 
 def _sd3() -> Any:
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline
 
     tokenizer, tokenizer_3 = _build_tokenizer(), build_t5_tokenizer()
+    # As in SD3: CLIP-L and CLIP-G differ in width (768 and 1280; single-file loaders tell them apart by it),
+    # their widths add up to at most T5's, and CLIP-L's projection is the identity (SD3 files carry none).
+    clip_l = _clip_text(tokenizer, projection=True, hidden=SD3_CLIP_L_HIDDEN_SIZE)
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(SD3_CLIP_L_HIDDEN_SIZE))
+    clip_g = _clip_text(tokenizer, projection=True, hidden=SD3_CLIP_G_HIDDEN_SIZE)
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=T5_HIDDEN_SIZE, caption_projection_dim=32, pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,
-        out_channels=16, pos_embed_max_size=64,
+        joint_attention_dim=T5_HIDDEN_SIZE, caption_projection_dim=32,
+        pooled_projection_dim=SD3_CLIP_L_HIDDEN_SIZE + SD3_CLIP_G_HIDDEN_SIZE, out_channels=16, pos_embed_max_size=64,
     ).eval()
     return StableDiffusion3Img2ImgPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(16, 4, flow=True),
-        text_encoder=_clip_text(tokenizer, projection=True), tokenizer=tokenizer,
-        text_encoder_2=_clip_text(tokenizer, projection=True), tokenizer_2=_build_tokenizer(),
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=_build_tokenizer(),
         text_encoder_3=_t5(tokenizer_3), tokenizer_3=tokenizer_3,
     )
 

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "PICKLE_SUFFIXES", "is_single_file", "load_single_file", "ldm_state_dict",
-           "copy_config_folder"]
+           "ldm_unet_state_dict", "ldm_vae_state_dict", "copy_config_folder"]
 
 #: Files diffusers reads as one whole-pipeline checkpoint.
 SINGLE_FILE_SUFFIXES = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin"})
 #: Of those, the ones that are Python pickles (arbitrary code on load in general; refused by default).
 PICKLE_SUFFIXES = SINGLE_FILE_SUFFIXES - {".safetensors"}
 #: Files of a diffusers folder that ``config`` needs: configs, tokenizer, scheduler (no weights).
-CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "feature_extractor/*")
+CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "feature_extractor/*")
 
 
 def is_single_file(source: str) -> bool:
@@ -53,13 +53,17 @@ def load_single_file(file: Path, config: Path, dtype: Any, components: dict[str,
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
             extra = {"safety_checker": None, "requires_safety_checker": False} \
                 if pipeline_class == "StableDiffusionImg2ImgPipeline" else {}
-            return getattr(diffusers, pipeline_class).from_single_file(
+            pipe = getattr(diffusers, pipeline_class).from_single_file(
                 str(file), config=str(config), local_files_only=True, torch_dtype=dtype, **extra,
                 **(components or {}),
             )
     except (SingleFileComponentError, KeyError, RuntimeError, NotImplementedError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         raise ValueError(f"{file.name} does not fit the architecture of {config}: {message.splitlines()[0]}") from exc
+    for component in pipe.components.values():  # diffusers leaves a T5 read from the file in training mode
+        if hasattr(component, "eval"):  # (dropout on): every model serves in eval mode, as from_pretrained's do
+            component.eval()
+    return pipe
 
 
 def copy_config_folder(model_dir: Path, dest: Path) -> Path:
@@ -81,6 +85,7 @@ def copy_config_folder(model_dir: Path, dest: Path) -> Path:
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -90,20 +95,30 @@ def ldm_state_dict(pipeline: Any) -> dict[str, Any]:
 
     Covers the SD 1.x layout (cross-attention UNet with conv projections, a KL VAE, a CLIP text encoder).
     """
-    unet = _unet_keys(dict(pipeline.unet.config))
-    vae = _vae_keys(len(pipeline.vae.config.up_block_types))
-    out: dict[str, Any] = {}
-    for key, tensor in pipeline.unet.state_dict().items():
-        out["model.diffusion_model." + unet(key)] = tensor
-    for key, tensor in pipeline.vae.state_dict().items():
-        new = vae(key)
-        if ".mid.attn_1." in new and tensor.ndim == 2:  # LDM's VAE attention uses 1x1 convolutions
-            tensor = tensor[:, :, None, None]
-        out["first_stage_model." + new] = tensor
+    out = {"model.diffusion_model." + k: v for k, v in ldm_unet_state_dict(pipeline.unet).items()}
+    out.update({"first_stage_model." + k: v for k, v in ldm_vae_state_dict(pipeline.vae).items()})
     for key, tensor in pipeline.text_encoder.state_dict().items():
         inner = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 is flattened
         out["cond_stage_model.transformer." + inner] = tensor
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def ldm_unet_state_dict(unet: Any) -> dict[str, Any]:
+    """A diffusers UNet's weights under LDM names (no prefix); SDXL's ``add_embedding`` included."""
+    rename = _unet_keys(dict(unet.config))
+    return {rename(key): tensor for key, tensor in unet.state_dict().items()}
+
+
+def ldm_vae_state_dict(vae: Any) -> dict[str, Any]:
+    """A diffusers KL VAE's weights under LDM names (no prefix)."""
+    rename = _vae_keys(len(vae.config.up_block_types))
+    out = {}
+    for key, tensor in vae.state_dict().items():
+        new = rename(key)
+        if ".mid.attn_1." in new and tensor.ndim == 2:  # LDM's VAE attention uses 1x1 convolutions
+            tensor = tensor[:, :, None, None]
+        out[new] = tensor
+    return out
 
 
 def _unet_keys(config: dict[str, Any]) -> Callable[[str], str]:

@@ -39,6 +39,7 @@ from darkroom.common.storage import S3Uri
 from .adapters import AdapterManager
 from .checkpoints import PICKLE_SUFFIXES, load_single_file
 from .device import DeviceInfo, resolve_dtype
+from .families import check_single_file
 from .filecache import FileCache, sha256_file
 from .ip_adapter import IPAdapterFiles, load_ip_adapter
 from .registry import ModelRegistry, ModelSpec, family_of_folder, family_of_spec
@@ -102,6 +103,7 @@ def load_pipeline(path: Path, device: DeviceInfo, dtype: str, *, allow_pickle: b
     family = family or family_of_folder(config if config is not None else path) or Family.SD
     cls = getattr(diffusers, img2img_class(family))
     if config is not None:
+        check_single_file(family, path.name)
         pipe = load_single_file(path, config, getattr(torch, dtype), components, img2img_class(family))
     else:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype

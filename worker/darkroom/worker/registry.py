@@ -45,6 +45,7 @@ from darkroom.common.jobs import ID_ALLOWED, valid_id
 from darkroom.common.storage import InvalidUri, S3Uri
 
 from .checkpoints import is_single_file
+from .families import check_single_file
 
 __all__ = ["AdapterSpec", "IPAdapterSpec", "ModelSpec", "ModelRegistry"]
 
@@ -114,6 +115,11 @@ class ModelRegistry:
         _check_id("model", spec.id)
         if spec.is_single_file:
             _check_single_file(spec)
+            if (family := family_of_spec(spec)) is not None:  # an s3:// config: checked when it loads
+                try:
+                    check_single_file(family, f"model {spec.id!r}: {spec.source}")
+                except ValueError as exc:
+                    raise ConfigurationError(str(exc)) from None
         elif spec.config is not None:
             raise ConfigurationError(f"model {spec.id!r}: 'config' is only for single-file checkpoints; "
                                      f"{spec.source} is a folder with its own configs")

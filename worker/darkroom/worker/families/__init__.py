@@ -19,7 +19,7 @@ from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL
 
-__all__ = ["CALLS", "FamilyCall", "Row", "call_for", "check_family", "family_of_pipeline"]
+__all__ = ["CALLS", "FamilyCall", "Row", "call_for", "check_family", "check_single_file", "family_of_pipeline"]
 
 CALLS: dict[Family, FamilyCall] = {Family.SD: SD, Family.SDXL: SDXL, Family.SD3: SD3, Family.FLUX: FLUX}
 
@@ -39,3 +39,10 @@ def check_family(job: Img2ImgJob, family: Family) -> None:
     errors = refused_fields(job.model_dump(), family, job.model)
     if errors:
         raise JobError(ErrorCode.INVALID_JOB, "; ".join(str(e) for e in errors))
+
+
+def check_single_file(family: Family, where: str) -> None:
+    """Refuse (``ValueError``) a single-file checkpoint of a family that cannot load from one, saying what to use."""
+    refusal = CALLS[family].single_file_refusal
+    if refusal is not None:
+        raise ValueError(f"{where} is a single-file {family.value} checkpoint: {refusal}")

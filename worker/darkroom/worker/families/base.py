@@ -40,6 +40,9 @@ class FamilyCall:
 
     family: Family = Family.SD
     latent_cache = False  # whether the worker's VAE-latent cache (SD's VAE scaling) applies
+    #: Why a single-file checkpoint of this family is refused, and what to use instead (None: it loads
+    #: through diffusers' ``from_single_file`` with a local config folder, offline).
+    single_file_refusal: str | None = None
 
     def text(self, rows: list[Row]) -> dict[str, Any]:
         """The call's text arguments, one entry per image row."""
