@@ -16,7 +16,10 @@ Sections, in order (``--list`` prints them with their estimated GPU seconds):
 - ``darkroom_eager`` / ``darkroom_compiled``: the worker's own code in this process (the model registry,
   ``PipelineCache`` with the worker's ``Tuning``, the batching ``Engine`` and ``BatchExecutor``, the latent
   cache): (c) batching off and (d) batching on, each ÷ bare at the same batch size. No queue, storage or
-  encoding: ``bench/throughput.py`` measures those through a real worker;
+  encoding: ``bench/throughput.py`` measures those through a real worker. ``darkroom_compiled`` holds the
+  adapters in slots (as a compiled worker does), compiles at model load for the suite's size at batch 1 and 2,
+  adds mixed-adapter batches of the ``--loras`` LoRAs inside the compiled graph (÷ its own (d)), and reports
+  the recompiles after that warm-up (target 0);
 - ``mixed_lora``: ``--loras`` resident LoRAs (every third also on the text encoder), one per job at random,
   mixed-adapter batches through the engine: images/s, ÷ darkroom_eager (d), how calls were routed;
 - ``lora_switch``: ``AdapterManager.activate``: first load of each LoRA, then switches between resident ones;
@@ -413,11 +416,14 @@ def _measure_darkroom(suite: Suite, models: Any, batch: int, jobs: int, *, adapt
 
 
 def _darkroom_section(suite: Suite, *, compiled: bool) -> dict[str, Any]:
+    from darkroom.worker import recompiles
     from darkroom.worker.tuning import Tuning
 
     c = suite.config
-    tuning = Tuning(compile=compiled)
-    registry = suite.registry({"bench": suite.model_path}, adapters=not compiled)  # compile: models without adapters
+    # compiled: adapters held in slots (the worker's choice with DARKROOM_COMPILE), compiled for the suite's size
+    tuning = Tuning(compile=compiled, adapter_slots=compiled, lora_max_rank=c.lora_rank,
+                    warmup_sizes=((c.size, c.size),))
+    registry = suite.registry({"bench": suite.model_path})
     with compile_backend(c):
         if compiled and not c.dry_run:
             tuning.check(suite.device_info(), registry)  # the worker's start-up check (probes inductor)
@@ -429,6 +435,11 @@ def _darkroom_section(suite: Suite, *, compiled: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"model_load_s": load, "tuning": tuning.describe(),
                "c": _measure_darkroom(suite, models, 1, max(c.calls, 4)),
                "d": _measure_darkroom(suite, models, c.batch, jobs)}
+        if compiled and suite.loras:  # resident LoRAs in slots, mixed batches, inside the compiled graph
+            names = [f"lora{i}" for i in range(len(suite.loras))]
+            out["mixed"] = _measure_darkroom(suite, models, c.batch, jobs, adapters=names)
+            out["mixed/d"] = out["mixed"]["images_per_s"] / out["d"]["images_per_s"]
+        out["recompiles_after_warmup"] = recompiles.check("gpu suite")
         _release(models)
     bare = suite.result("bare_compiled" if compiled else "bare_eager")
     if bare:
@@ -442,10 +453,7 @@ def section_darkroom_eager(suite: Suite) -> dict[str, Any]:
 
 
 def section_darkroom_compiled(suite: Suite) -> dict[str, Any]:
-    out = _darkroom_section(suite, compiled=True)
-    out["note"] = ("models without adapters: the worker refuses DARKROOM_COMPILE for models that take adapters "
-                   "until adapters live inside the compiled graph")
-    return out
+    return _darkroom_section(suite, compiled=True)
 
 
 def section_mixed_lora(suite: Suite) -> dict[str, Any]:
@@ -600,7 +608,7 @@ SECTIONS = [
     Section("attention", 25, section_attention),
     Section("offload", 40, section_offload),
     Section("bare_compiled", 120, section_bare_compiled),
-    Section("darkroom_compiled", 90, section_darkroom_compiled),
+    Section("darkroom_compiled", 150, section_darkroom_compiled),
 ]
 
 

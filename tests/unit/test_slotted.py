@@ -204,3 +204,40 @@ def test_a_compiled_denoiser_runs_switches_blends_hot_swaps_and_mixed_batches_wi
     # And nothing recompiled after the warm-up, though slots were hot-swapped
     assert pairs[0].hotswaps >= 1
     assert recompiles.check("test") == 0 and recompiles.total() == 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_every_family_mixes_adapters_in_slots(family: str, tmp_path: Path, inputs: list[Image.Image]) -> None:
+    from darkroom.dev.tiny import make_tiny_model
+
+    # Given a tiny model of the family, a denoiser LoRA and one also on the (first) text encoder
+    model = make_tiny_model(tmp_path / family, family=family)
+    files = [AdapterFile.inspect(make_tiny_lora(model, tmp_path / f"l{i}.safetensors", seed=40 + i, text_encoder=te))
+             for i, te in enumerate((False, True))]
+    sets: list[AdapterSet] = [((files[0], 1.0),), (), ((files[0], 0.5), (files[1], 0.8))]
+    call = {"strength": 0.7, "num_inference_steps": 4, "guidance_scale": 5.0}
+    prompts = [f"a harbour, take {i}" for i in range(len(sets))]
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(80 + i) for i in range(len(sets))]
+
+    # When the three jobs run as one mixed call with slots
+    pipe = load_pipeline(model, CPU, "float32")
+    slots = SlotAdapters(pipe, max_slots=4, rank=4)
+    assert [c.routing for c in MixedAdapters().plan("m", pipe, slots, dict(enumerate(sets)))] == [Routing.MIXED]
+    with routed(pipe, slots.activate_mixed(sets).routes):
+        mixed = pipe(prompt=prompts, image=inputs[:3], generator=generators(), **call).images
+    # Then each equals the family's diffusers pipeline with peft's set_adapters, one job at a time
+    reference = load_pipeline(model, CPU, "float32")
+    for i, file in enumerate(files):
+        reference.load_lora_weights(str(file.path), adapter_name=f"l{i}")
+    names = {file: f"l{i}" for i, file in enumerate(files)}
+    for index, adapters in enumerate(sets):
+        if adapters:
+            reference.enable_lora()
+            reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
+        else:
+            reference.disable_lora()
+        single = reference(prompt=[prompts[index]], image=[inputs[index]], generator=[generators()[index]],
+                           **call).images[0]
+        assert np.abs(np.asarray(mixed[index]).astype(int) - np.asarray(single).astype(int)).max() <= 1, index

@@ -12,7 +12,10 @@ each group into calls:
   (stacked ranks masked per sample; peft's ``adapter_names`` for layers other than ``Linear``). At most
   ``DARKROOM_MAX_ADAPTERS`` sets fit in one call; more make several mixed calls.
 
-Where routing cannot apply the group runs as one call per adapter set (``identical``) and each job's
+With adapters held in slots (:mod:`.slotted`) there are no hooks: :func:`routed` fills the pipeline's
+per-sample weight table, and any family, compiled or not, mixes; slots count files, not sets.
+
+Otherwise, where routing cannot apply the group runs as one call per adapter set (``identical``) and each job's
 record says why (``adapter_routing_reason``): mixing is off, the UNet is compiled (hooks added after
 torch.compile are not seen), adapters are fused into the weights or use DoRA (peft refuses
 ``adapter_names`` for both), or a combined adapter cannot be built. A model-wide reason is
