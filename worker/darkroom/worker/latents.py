@@ -7,9 +7,11 @@ bytes, least recently used out first.
 
 What diffusers does with an input, and so what this must reproduce exactly:
 ``latent_dist.sample(generator)`` with the job's generator (which consumes the generator's first
-numbers), times ``vae.config.scaling_factor``; the pipeline accepts the result as ``image``
-(4 channels: used as the initial latents as-is) and draws its noise from the same generator next.
-So a cached encoding gives the same image as a fresh one, bit for bit.
+numbers), scaled as the family's ``prepare_latents`` scales it (``scaling_factor``; SDXL's optional
+latents mean and std and its float32 encode; SD3's and Flux's ``shift_factor``: the family module's
+``scale_latents``); the pipeline accepts the result as ``image`` (as many channels as the VAE's latents:
+used as the initial latents as-is) and draws its noise from the same generator next. So a cached
+encoding gives the same image as a fresh one, bit for bit, in every family.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from .families.base import FamilyCall
 
 __all__ = ["LatentCache", "pixel_digest"]
 
@@ -53,23 +57,41 @@ class LatentCache:
         return len(self._entries)
 
     def initial_latents(self, pipeline: Any, images: Sequence[Image], digests: Sequence[str | None],
-                        generators: Sequence[Any]) -> Any:
+                        generators: Sequence[Any], family: FamilyCall) -> Any:
         """The scaled initial latents of each image, sampled with its generator (one per image)."""
         import torch
 
         vae = pipeline.vae
         device = pipeline._execution_device
-        dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else pipeline.unet.dtype
+        encoder = pipeline.text_encoder if pipeline.text_encoder is not None else None
+        dtype = encoder.dtype if encoder is not None else (pipeline.unet if hasattr(pipeline, "unet")
+                                                           else pipeline.transformer).dtype
         samples = []
         with torch.no_grad():
             for image, digest, generator in zip(images, digests, generators, strict=True):
                 dist = self._get(vae, digest)
                 if dist is None:
-                    pixels = pipeline.image_processor.preprocess(image).to(device=device, dtype=dtype)
-                    dist = vae.encode(pixels).latent_dist
+                    dist = self._encode(pipeline, image, family, device, dtype)
                     self._put(vae, digest, dist)
                 samples.append(dist.sample(generator=generator))
-            return vae.config.scaling_factor * torch.cat(samples, dim=0)
+            return family.scale_latents(vae, torch.cat(samples, dim=0), dtype)
+
+    @staticmethod
+    def _encode(pipeline: Any, image: Image, family: FamilyCall, device: Any, dtype: Any) -> Any:
+        """The VAE's latent distribution of ``image``, encoded as the family's pipeline encodes it."""
+        import torch
+
+        vae = pipeline.vae
+        pixels = pipeline.image_processor.preprocess(image, **family.encode_size(image.size))
+        pixels = pixels.to(device=device, dtype=dtype)
+        upcast = family.upcast_vae and getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32
+        if not upcast:
+            return vae.encode(pixels).latent_dist
+        vae.to(dtype=torch.float32)  # as the pipeline does: the VAE overflows in float16
+        try:
+            return vae.encode(pixels.float()).latent_dist
+        finally:
+            vae.to(dtype)
 
     def clear(self) -> None:
         with self._lock:

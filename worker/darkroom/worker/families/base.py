@@ -8,7 +8,7 @@ from typing import Any
 from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 
-__all__ = ["FamilyCall", "Row", "per_row", "sized_with_t5"]
+__all__ = ["FamilyCall", "Row", "per_row", "shifted_latents", "sized_with_t5"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,17 @@ def sized_with_t5(job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
     return options
 
 
+def shifted_latents(vae: Any, sample: Any) -> Any:
+    """The transformer families' initial latents (SD3, Flux): ``(sample - shift_factor) * scaling_factor``."""
+    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 class FamilyCall:
     """The family's part of a pipeline call. Subclasses override what their pipeline takes."""
 
     family: Family = Family.SD
-    latent_cache = False  # whether the worker's VAE-latent cache (SD's VAE scaling) applies
+    latent_cache = True  # whether the worker's VAE-latent cache applies (it needs :meth:`scale_latents` exact)
+    upcast_vae = False  # the pipeline encodes its input with the VAE in float32 when the VAE asks (force_upcast)
     #: Why a single-file checkpoint of this family is refused, and what to use instead (None: it loads
     #: through diffusers' ``from_single_file`` with a local config folder, offline).
     single_file_refusal: str | None = None
@@ -57,3 +63,12 @@ class FamilyCall:
     def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
         """What, beyond the common batch key, jobs must share to run in one call."""
         return ()
+
+    def encode_size(self, size: tuple[int, int]) -> dict[str, int]:
+        """The size arguments the pipeline's ``image_processor.preprocess`` gets for an input of ``size``."""
+        return {}
+
+    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
+        """The pipeline's initial latents from a VAE sample, exactly as its ``prepare_latents`` makes them
+        (SD 1.x/2.x: ``scaling_factor * sample``)."""
+        return vae.config.scaling_factor * sample

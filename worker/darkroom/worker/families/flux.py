@@ -12,7 +12,7 @@ from typing import Any
 from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 
-from .base import FamilyCall, Row, per_row, sized_with_t5
+from .base import FamilyCall, Row, per_row, shifted_latents, sized_with_t5
 
 __all__ = ["FLUX"]
 
@@ -35,6 +35,12 @@ class _Flux(FamilyCall):
 
     def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
         return sized_with_t5(job, size)
+
+    def encode_size(self, size: tuple[int, int]) -> dict[str, int]:
+        return {"width": size[0], "height": size[1]}  # what the call names (see ``options``)
+
+    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
+        return shifted_latents(vae, sample)
 
     def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
         return (job.max_sequence_length,)

@@ -11,7 +11,6 @@ __all__ = ["SD"]
 
 class _SD(FamilyCall):
     family = Family.SD
-    latent_cache = True
 
 
 SD = _SD()

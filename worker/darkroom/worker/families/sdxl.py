@@ -24,6 +24,18 @@ _CALL_FIELDS = ("original_size", "target_size", "crops_coords_top_left", "aesthe
 
 class _SDXL(FamilyCall):
     family = Family.SDXL
+    upcast_vae = True
+
+    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
+        import torch
+
+        sample = sample.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(device=sample.device, dtype=dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(device=sample.device, dtype=dtype)
+            return (sample - mean) * vae.config.scaling_factor / std
+        return vae.config.scaling_factor * sample
 
     def text(self, rows: list[Row]) -> dict[str, Any]:
         text = super().text(rows)

@@ -224,7 +224,7 @@ def run_batch(pipeline: Any, items: Sequence[WorkItem], on_step: StepCallback | 
     if items[0].latent_input is not None:  # an ensemble's second half: the upstream's latents are the input
         image_argument: Any = torch.cat(latent_inputs).to(pipeline._execution_device)
     elif cached and latents is not None:
-        image_argument = latents.initial_latents(pipeline, images, digests, generators)
+        image_argument = latents.initial_latents(pipeline, images, digests, generators, family)
     else:
         image_argument = images
     output = pipeline(
