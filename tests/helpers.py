@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -48,3 +48,26 @@ def conv_lora(model_dir: Path, path: Path) -> Path:
     StableDiffusionImg2ImgPipeline.save_lora_weights(str(path.parent), weight_name=path.name,
                                                      safe_serialization=True, unet_lora_layers=layers)
     return path
+
+
+def peft_reference(model_dir: Path, loras: dict[str, Any]) -> Any:
+    """A CPU pipeline of ``model_dir`` (any family) with every LoRA of ``loras`` (name -> file with a ``path``)
+    loaded by diffusers itself (peft's layers) under its name: what routed and slot outputs are compared with."""
+    from darkroom.worker.device import DeviceInfo
+    from darkroom.worker.pipelines import load_pipeline
+
+    pipe = load_pipeline(model_dir, DeviceInfo("cpu", "float32", "cpu"), "float32")
+    for name, file in loras.items():
+        pipe.load_lora_weights(str(file.path), adapter_name=name)
+    return pipe
+
+
+def use_adapters(reference: Any, loras: dict[str, Any], adapters: Sequence[tuple[Any, float]]) -> None:
+    """Make ``adapters`` ((file, weight) pairs) the reference's active LoRAs with diffusers' ``set_adapters``
+    (none: LoRA disabled)."""
+    names = {file: name for name, file in loras.items()}
+    if adapters:
+        reference.enable_lora()
+        reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
+    else:
+        reference.disable_lora()

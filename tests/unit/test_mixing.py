@@ -20,7 +20,7 @@ from darkroom.worker.inference.call import WorkItem, batch_key, run_batch
 from darkroom.worker.mixing import MixedAdapters, Routing, routed
 from darkroom.worker.pipelines import load_pipeline
 
-from ..helpers import conv_lora
+from ..helpers import conv_lora, peft_reference, use_adapters
 
 CPU = DeviceInfo("cpu", "float32", "cpu")
 CALL: dict[str, Any] = {"strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}
@@ -51,25 +51,13 @@ def job(index: int, **fields: Any) -> Img2ImgJob:
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, loras: dict[str, AdapterFile]) -> Any:
     """Plain diffusers with every test LoRA loaded under its own name."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for name, file in loras.items():
-        pipe.load_lora_weights(str(file.path), adapter_name=name)
-    return pipe
+    return peft_reference(tiny_model, loras)
 
 
 def direct(reference: Any, loras: dict[str, AdapterFile], adapters: AdapterSet, image: Image.Image,
            j: Img2ImgJob) -> np.ndarray:
     """The job alone through plain diffusers (``set_adapters``, or LoRA disabled for no adapter), one generator."""
-    names = {file: name for name, file in loras.items()}
-    if adapters:
-        reference.enable_lora()
-        reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
-    else:
-        reference.disable_lora()
+    use_adapters(reference, loras, adapters)
     out = reference(prompt=[j.prompt], image=[image], generator=[torch.Generator("cpu").manual_seed(j.seeds()[0])],
                     num_images_per_prompt=1, **CALL)
     return np.asarray(out.images[0]).astype(int)

@@ -24,7 +24,7 @@ from darkroom.worker.pipelines import load_pipeline
 from darkroom.worker.slotted import SlotAdapters, slot_bank
 from darkroom.worker.tuning import Tuning
 
-from ..helpers import conv_lora
+from ..helpers import conv_lora, peft_reference, use_adapters
 
 CPU = DeviceInfo("cpu", "float32", "cpu")
 CALL: dict[str, Any] = {"strength": 0.75, "num_inference_steps": 6, "guidance_scale": 6.0}
@@ -46,14 +46,7 @@ def loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, loras: dict[str, AdapterFile]) -> Any:
     """Plain diffusers with every test LoRA loaded under its own name (peft's layers)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model), safety_checker=None,
-                                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for name, file in loras.items():
-        pipe.load_lora_weights(str(file.path), adapter_name=name)
-    return pipe
+    return peft_reference(tiny_model, loras)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +63,7 @@ def job(index: int) -> Img2ImgJob:
 def direct(reference: Any, loras: dict[str, AdapterFile], adapters: AdapterSet, image: Image.Image,
            j: Img2ImgJob) -> np.ndarray:
     """The job alone through plain diffusers (``set_adapters``, or LoRA disabled), one generator."""
-    names = {file: name for name, file in loras.items()}
-    if adapters:
-        reference.enable_lora()
-        reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
-    else:
-        reference.disable_lora()
+    use_adapters(reference, loras, adapters)
     out = reference(prompt=[j.prompt], image=[image], generator=[torch.Generator("cpu").manual_seed(j.seeds()[0])],
                     **CALL)
     return np.asarray(out.images[0]).astype(int)
@@ -228,16 +216,10 @@ def test_every_family_mixes_adapters_in_slots(family: str, tmp_path: Path, input
     with routed(pipe, slots.activate_mixed(sets).routes):
         mixed = pipe(prompt=prompts, image=inputs[:3], generator=generators(), **call).images
     # Then each equals the family's diffusers pipeline with peft's set_adapters, one job at a time
-    reference = load_pipeline(model, CPU, "float32")
-    for i, file in enumerate(files):
-        reference.load_lora_weights(str(file.path), adapter_name=f"l{i}")
-    names = {file: f"l{i}" for i, file in enumerate(files)}
+    named = {f"l{i}": file for i, file in enumerate(files)}
+    reference = peft_reference(model, named)
     for index, adapters in enumerate(sets):
-        if adapters:
-            reference.enable_lora()
-            reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
-        else:
-            reference.disable_lora()
+        use_adapters(reference, named, adapters)
         single = reference(prompt=[prompts[index]], image=[inputs[index]], generator=[generators()[index]],
                            **call).images[0]
         assert np.abs(np.asarray(mixed[index]).astype(int) - np.asarray(single).astype(int)).max() <= 1, index

@@ -194,5 +194,11 @@ def test_every_problem_is_listed_at_once() -> None:
 def test_the_report_names_every_setting() -> None:
     assert Tuning(vae_tiling=True).describe() == {
         "attention": "sdpa", "vae_slicing": False, "vae_tiling": True, "fuse_qkv": False, "channels_last": False,
-        "compile": False, "cpu_offload": "none", "adapter_slots": False, "lora_max_rank": 16,
-        "warmup_sizes": ["512x512"]}
+        "compile": False, "cpu_offload": "none", "adapter_slots": False}
+
+
+def test_the_report_names_slot_and_compile_settings_only_where_they_apply() -> None:
+    described = Tuning(compile=True, adapter_slots=True, lora_max_rank=8,
+                       warmup_sizes=((512, 512), (768, 512))).describe()
+    assert described["lora_max_rank"] == 8 and described["warmup_sizes"] == "512x512,768x512"
+    assert "warmup_sizes" not in Tuning(adapter_slots=True).describe()

@@ -16,9 +16,18 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "DEFAULT_STATE_DIR"]
+__all__ = ["Settings", "DEFAULT_STATE_DIR", "comma_list"]
 
 DEFAULT_STATE_DIR = Path(".darkroom")
+
+
+def comma_list(value: Any) -> Any:
+    """A list setting from its environment form: ``a, b`` (comma-separated) or a JSON list; lists pass."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        return json.loads(value)
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -110,11 +119,7 @@ class Settings(BaseSettings):
     @field_validator("redis_sentinels", mode="before")
     @classmethod
     def _split_sentinels(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            return json.loads(value)  # a JSON list works too
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return comma_list(value)
 
     @field_validator("redis_sentinels")
     @classmethod

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from darkroom.common.safety import SafetyPolicy
-from darkroom.common.settings import Settings
+from darkroom.common.settings import Settings, comma_list
 
 __all__ = ["WorkerSettings"]
 
@@ -180,9 +180,7 @@ class WorkerSettings(Settings):
     @field_validator("compile_warmup_sizes", mode="before")
     @classmethod
     def _split_sizes(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return comma_list(value)
 
     @field_validator("compile_warmup_sizes")
     @classmethod

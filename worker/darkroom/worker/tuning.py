@@ -80,7 +80,11 @@ class Tuning:
     def describe(self) -> dict[str, Any]:
         """The options as the worker reports them (``darkroom workers``)."""
         described = {k: v.value if isinstance(v, StrEnum) else v for k, v in asdict(self).items()}
-        described["warmup_sizes"] = [f"{w}x{h}" for w, h in self.warmup_sizes]
+        described["warmup_sizes"] = ",".join(f"{w}x{h}" for w, h in self.warmup_sizes)
+        if not self.adapter_slots:  # these two only mean something on the path that uses them
+            del described["lora_max_rank"]
+        if not self.compile:
+            del described["warmup_sizes"]
         return described
 
     # -- start-up ----------------------------------------------------------------------------------
