@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps (int(steps x strength) run)")
     parser.add_argument("--strength", type=float, default=0.75)
     parser.add_argument("--size", type=int, default=64, help="input side in pixels")
+    parser.add_argument("--full-size", action="store_true",
+                        help="SD 1.5's architecture with random weights (about 2 GB of fp16 files, loaded as float32 "
+                             "on a CPU) instead of the tiny model; try --steps 2 --strength 0.5 on a CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="DARKROOM_CPU_THREADS of the workers (default: all cores)")
     parser.add_argument("--safety", default="opennsfw", choices=["opennsfw", "none"],
@@ -114,7 +117,8 @@ def main() -> None:
 
 # -- the run ------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
-    from darkroom.dev.tiny import make_tiny_model
+    from _models import make_model
+
     from darkroom.producer.client import Client
 
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
@@ -123,8 +127,9 @@ def run(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
         tmp = args.keep or Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         with _common.embedded_services(tmp) as (endpoints, settings):
-            print("building the tiny model ...", file=sys.stderr)
-            model = make_tiny_model(tmp / "model")
+            print(f"building the {'full-size' if args.full_size else 'tiny'} model ...", file=sys.stderr)
+            model = make_model(tmp / ("model-full" if args.full_size else "model"), full_size=args.full_size,
+                               device="cpu")
             registry = tmp / "registry.toml"
             registry.write_text(f'[models.{MODEL_ID}]\nsource = "{model}"\nadapters = []\n')
             with Client(settings) as client:
@@ -311,7 +316,7 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def rows(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
     loads = [r["load"] for results in runs.values() for r in results]
-    out = [("job", f"tiny model, {args.size}x{args.size}, {int(args.steps * args.strength)} denoising steps, "
+    out = [("job", f"{'SD 1.5 shapes' if args.full_size else 'tiny model'}, {args.size}x{args.size}, {int(args.steps * args.strength)} denoising steps, "
                    f"safety {args.safety}, {args.rounds} round(s) interleaved"
                    f"{f', {args.threads} torch thread(s)' if args.threads else ''}; load average (1 min) "
                    f"{min(loads):.2f}-{max(loads):.2f}, {os.cpu_count()} CPUs")]
