@@ -33,8 +33,8 @@ def test_process_start_is_read_from_proc(tmp_path: Path) -> None:
     # comm may hold spaces and parentheses; starttime is field 22 (clock ticks since boot)
     fields = ["S"] + ["0"] * 18 + [str(250 * os.sysconf("SC_CLK_TCK"))] + ["0"] * 10
     (tmp_path / "42" / "stat").write_text(f"42 (python (x) y) {' '.join(fields)}\n")
-    (tmp_path / "stat").write_text("cpu  1 2 3\nbtime 1700000000\nprocesses 9\n")
-    assert process_started_at(42, proc=str(tmp_path)) == pytest.approx(1700000250.0)
+    (tmp_path / "uptime").write_text("262.50 500.00\n")  # seconds since boot: the process is 12.5 s old
+    assert process_started_at(42, proc=str(tmp_path), now=lambda: 1000.0) == pytest.approx(987.5)
     assert process_started_at(43, proc=str(tmp_path)) is None  # no such process: None, not an error
 
 

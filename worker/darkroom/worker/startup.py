@@ -29,17 +29,22 @@ _READY = re.compile(r"ready (\d+\.\d+) s after the process started: ([^\"]*)")
 _STAGE = re.compile(r"([a-z][a-z +/-]*?) (\d+\.\d+) s")
 
 
-def process_started_at(pid: int | str = "self", *, proc: str = "/proc") -> float | None:
-    """When process ``pid`` started (epoch seconds, 1/CLK_TCK resolution), or None where ``/proc`` cannot say."""
+def process_started_at(pid: int | str = "self", *, proc: str = "/proc",
+                       now: Callable[[], float] = time.time) -> float | None:
+    """When process ``pid`` started (epoch seconds, 1/CLK_TCK resolution), or None where ``/proc`` cannot say.
+
+    Its age is the system's uptime minus the process's start (both counted from boot, so neither the
+    boot time's whole-second rounding nor clock adjustments since boot blur it), subtracted from now.
+    """
     try:
         with open(f"{proc}/{pid}/stat") as handle:
             stat = handle.read()
-        with open(f"{proc}/stat") as handle:
-            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
+        with open(f"{proc}/uptime") as handle:
+            uptime = float(handle.read().split()[0])
         ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22 (starttime), after "pid (comm) "
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return None
+    return now() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class StartupClock:
