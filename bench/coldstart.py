@@ -174,7 +174,9 @@ class ColdStart:
     def env(self, variant: str, state: Path) -> dict[str, str]:
         env = {**os.environ, **self.service_env, "DARKROOM_STATE_DIR": str(state),
                "DARKROOM_METRICS_PORT": str(free_port()), "DARKROOM_SAFETY_CHECKER": self.args.safety,
-               "DARKROOM_COMPILE": "true" if variant.startswith("compile") else "false"}
+               "DARKROOM_COMPILE": "true" if variant.startswith("compile") else "false",
+               # a first compiled call on a loaded CPU can outlast the default job time limit (120 s base)
+               "DARKROOM_JOB_TIME_BASE_SECONDS": str(self.args.timeout)}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the worker's own cache folder, under its state folder
         if variant == "baseline":
             tree = self.args.baseline_tree.resolve()
