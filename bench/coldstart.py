@@ -9,8 +9,9 @@ to the moment the SDK's `JobHandle.wait` returns the job's result; then stops th
 Variants, interleaved within each round so that a change in the machine's load hits all of them alike:
 
 - eager: `darkroom worker --model cold=<tiny model>`, a fresh state folder (nothing cached);
-- compile-cold: DARKROOM_COMPILE=true (a registry file with `adapters = []`: the worker refuses
-  compile for models that take adapters), a fresh state folder: torch.compile's cache is empty;
+- compile-cold: DARKROOM_COMPILE=true with DARKROOM_COMPILE_WARMUP_SIZES set to the job's size (the
+  worker compiles that shape as the model loads, before it is ready), a fresh state folder:
+  torch.compile's cache is empty;
 - compile-warm: the same, restarted on the state folder compile-cold just used, so the worker finds
   the kernels compile-cold built in its cache folder (<state>/cache/torch-compile);
 - baseline (only with --baseline-tree DIR): eager, but the worker runs the sources of another checkout
@@ -24,9 +25,9 @@ result timings:
   interpreter  process start -> the `worker` command runs (Python, click, the darkroom CLI)
   imports      libraries (torch, diffusers, Celery, boto3, ...) and the worker's modules
   services     settings, device, S3/Redis clients, safety checker, start-up checks, Redis ping
-  models       preloading the model (pipeline classes, weights, placement)
+  models       preloading the model (pipeline classes, weights, placement; compiled: the warm-up)
   consumer     heartbeat, fair-share feeder, metrics server, Celery start until ready
-  first call   the job's pipeline call (timings.inference; a compiled worker compiles here)
+  first call   the job's pipeline call (timings.inference; compiles here for a shape not warmed up)
   upload       encoding and storing the image, its thumbnail and result.json
   rest of job  download, decode, safety check, batch wait
   remainder    spawning the process, the message's pickup, the result's notification to the SDK
@@ -49,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -107,6 +109,7 @@ def main() -> None:
                      f"allowed: {', '.join(VARIANTS)}")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the worker and the services on the way out
     report = run(args, variants)
     print(table(report["rows"]))
     if report.get("imports"):
@@ -130,11 +133,9 @@ def run(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
             print(f"building the {'full-size' if args.full_size else 'tiny'} model ...", file=sys.stderr)
             model = make_model(tmp / ("model-full" if args.full_size else "model"), full_size=args.full_size,
                                device="cpu")
-            registry = tmp / "registry.toml"
-            registry.write_text(f'[models.{MODEL_ID}]\nsource = "{model}"\nadapters = []\n')
             with Client(settings) as client:
                 source = upload_input(client, args.size)
-                bench = ColdStart(args, client, endpoints.as_env(), model, registry, source, tmp)
+                bench = ColdStart(args, client, endpoints.as_env(), model, source, tmp)
                 if "compile-warm" in variants and "compile-cold" not in variants:
                     bench.once("compile-cold", tmp / "state-compile-0")  # fills the cache compile-warm starts with
                 for round_ in range(args.rounds):
@@ -166,17 +167,18 @@ def upload_input(client: Any, size: int) -> str:
 class ColdStart:
     """One measured cold start: queue a job, spawn a worker, wait for the result, stop the worker."""
 
-    def __init__(self, args: argparse.Namespace, client: Any, service_env: dict[str, str], model: Path,
-                 registry: Path, source: str, tmp: Path) -> None:
+    def __init__(self, args: argparse.Namespace, client: Any, service_env: dict[str, str], model: Path, source: str,
+                 tmp: Path) -> None:
         self.args, self.client, self.service_env = args, client, service_env
-        self.model, self.registry, self.source, self.tmp = model, registry, source, tmp
+        self.model, self.source, self.tmp = model, source, tmp
 
     def env(self, variant: str, state: Path) -> dict[str, str]:
         env = {**os.environ, **self.service_env, "DARKROOM_STATE_DIR": str(state),
                "DARKROOM_METRICS_PORT": str(free_port()), "DARKROOM_SAFETY_CHECKER": self.args.safety,
                "DARKROOM_COMPILE": "true" if variant.startswith("compile") else "false",
                # a first compiled call on a loaded CPU can outlast the default job time limit (120 s base)
-               "DARKROOM_JOB_TIME_BASE_SECONDS": str(self.args.timeout)}
+               "DARKROOM_JOB_TIME_BASE_SECONDS": str(self.args.timeout),
+               "DARKROOM_COMPILE_WARMUP_SIZES": f"{self.args.size}x{self.args.size}"}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the worker's own cache folder, under its state folder
         if variant == "baseline":
             tree = self.args.baseline_tree.resolve()
@@ -185,9 +187,8 @@ class ColdStart:
             env["DARKROOM_CPU_THREADS"] = str(self.args.threads)
         return env
 
-    def argv(self, variant: str) -> list[str]:
-        models = ["--model", f"{MODEL_ID}={self.model}"] if variant in ("eager", "baseline") else ["--models-file", str(self.registry)]
-        return ["-m", "darkroom.worker", "worker", *models, "--log-level", "info"]
+    def argv(self) -> list[str]:
+        return ["-m", "darkroom.worker", "worker", "--model", f"{MODEL_ID}={self.model}", "--log-level", "info"]
 
     def submit(self) -> Any:
         return self.client.submit({"model": MODEL_ID, "image": self.source, "prompt": "a lighthouse at dusk",
@@ -206,7 +207,7 @@ class ColdStart:
         load = os.getloadavg()[0]
         with open(log_path, "wb") as log:
             spawned = time.time()
-            proc = subprocess.Popen([sys.executable, *python_flags, *self.argv(variant)], env=env, stdout=log,
+            proc = subprocess.Popen([sys.executable, *python_flags, *self.argv()], env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
         try:
             started = process_started_at(proc.pid)
