@@ -4,6 +4,8 @@ memory, and byte-identical components loaded once."""
 from __future__ import annotations
 
 import gc
+import hashlib
+import threading
 import weakref
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from darkroom.common.errors import ErrorCode, JobError
 from darkroom.dev.tiny import make_tiny_model
 from darkroom.worker.device import DeviceInfo
-from darkroom.worker.filecache import FileCache
+from darkroom.worker.filecache import FileCache, sha256_file
 from darkroom.worker.pipelines import PipelineCache, module_bytes_all
 from darkroom.worker.registry import ModelRegistry
 
@@ -91,3 +93,39 @@ def test_loaded_bytes_read_each_tensors_stored_type(tmp_path: Path) -> None:
     garbage = tmp_path / "broken.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     assert _loaded_bytes(garbage, "float16") == 64
+
+
+def test_the_weights_identity_is_hashed_beside_the_load(models: dict[str, Path], tmp_path: Path) -> None:
+    cache = cache_for(models, tmp_path, 10**12)
+    threads: list[str] = []
+    file_hash = cache._file_hash
+
+    def recording(file: Path) -> str:
+        threads.append(threading.current_thread().name)
+        return file_hash(file)
+
+    cache._file_hash = recording  # type: ignore[method-assign]
+    a, twin, b = cache.get("a"), cache.get("a_twin"), cache.get("b")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in models["a"].rglob("*") if p.is_file()):
+        digest.update(file.relative_to(models["a"]).as_posix().encode())
+        digest.update(sha256_file(file).encode())
+    assert a.weights_sha256 == twin.weights_sha256 == digest.hexdigest()  # what result.json names the model by
+    assert b.weights_sha256 != a.weights_sha256
+    assert "darkroom-model-hash" in threads  # on its own thread, while the pipeline loaded
+
+
+def test_a_model_whose_files_cannot_be_hashed_fails_its_load(models: dict[str, Path], tmp_path: Path) -> None:
+    cache = cache_for(models, tmp_path, 10**12)
+
+    file_hash = cache._file_hash
+
+    def broken(file: Path) -> str:  # fails on the hashing thread only (the VAE's fingerprint is taken before)
+        if threading.current_thread().name == "darkroom-model-hash":
+            raise PermissionError(f"cannot read {file}")
+        return file_hash(file)
+
+    cache._file_hash = broken  # type: ignore[method-assign]
+    with pytest.raises(PermissionError):
+        cache.get("c")
+    assert cache.resident == []

@@ -68,6 +68,10 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     loglevel = (legacy_loglevel or loglevel).lower()
     if gpus is not None:
         _supervise(gpus, name, loglevel)
+    from .startup import StartupClock
+
+    clock = StartupClock()
+    clock.mark("interpreter")  # from the process's start: the interpreter and the command line
     if simulate is None:
         _quiet_libraries()
     from darkroom.common.clients import make_redis
@@ -75,16 +79,19 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
 
     from .app import create_app
     from .cancels import CancelListener
+    from .compile_cache import use_worker_compile_cache
     from .context import Heartbeat, WorkerContext
     from .registry import ModelRegistry
     from .routing import FairFeeder
     from .settings import WorkerSettings
 
+    clock.mark("imports")
     overrides = {k: v for k, v in {"device": device, "dtype": dtype, "worker_name": name}.items() if v}
     try:
         settings = WorkerSettings.load(**overrides)
         check_secrets(settings)  # a placeholder password (change-me...) stops the worker here, in one line
         configure_logging(loglevel, settings.log_format, settings.worker_name or "worker")
+        use_worker_compile_cache(settings.state_dir, settings.compile)  # before anything compiles
         if simulate is not None:
             from .simulate import Profile, build_context, simulated_registry
 
@@ -99,6 +106,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         make_redis(settings).ping()  # settings checked: now fail at once, before loading models, if no services
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
+    clock.mark("services")
     log = logging.getLogger("darkroom.worker")
     log.info("worker %s on %s (%s, %s), models: %s", ctx.name, ctx.device.device, ctx.device.name,
              ctx.device.dtype, ", ".join(registry.ids))
@@ -111,6 +119,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
                 raise click.ClickException(f"cannot preload {model_id}: {exc.message}") from None
             if ctx.models.evictions > evictions:
                 break
+    clock.mark("models")
     ctx.refresh_report()
     heartbeat = Heartbeat(ctx)
     heartbeat.start()
@@ -123,6 +132,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
         ctx.metrics.watch(ctx)
         serve_metrics(ctx, ctx.metrics, settings.metrics_host, settings.metrics_port)
     app = create_app(ctx)
+    clock.log_when_ready(app)  # one line: where the start-up seconds went
     queues = ctx.queues.initial(ctx.models.resident)
     celery_worker = app.Worker(
         hostname=ctx.name, pool_cls="threads", concurrency=settings.slots, queues=queues, loglevel=loglevel.upper(),

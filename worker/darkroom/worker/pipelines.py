@@ -22,11 +22,13 @@ import gc
 import hashlib
 import json
 import logging
+import threading
 import time
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -267,6 +269,7 @@ class PipelineCache:
                            f"model {spec.id!r} needs about {estimate} bytes; the budget is {self.budget_bytes}")
         self._make_room(estimate)
         ip_adapter = self._ip_adapter_files(spec)
+        identity = self._identity_beside(path)  # hashing every file runs while the pipeline loads
         try:
             pipeline = load_pipeline(path, self.device, dtype, allow_pickle=self.allow_pickle, components=reuse,
                                      scheduler=spec.scheduler, config=config, tuning=self.tuning,
@@ -282,7 +285,7 @@ class PipelineCache:
         self.tuning.warm_up(pipeline)  # with compile: the declared shapes now, not in the first jobs
         seconds = time.perf_counter() - started
         return LoadedModel(spec, pipeline, adapters, path, seconds,
-                           shared=fingerprints, weights_sha256=self._identity(path),
+                           shared=fingerprints, weights_sha256=identity(),
                            family=family_of_class(type(pipeline).__name__) or Family.SD)
 
     def _adapters(self, pipeline: Any, spec: ModelSpec) -> AdapterManager | SlotAdapters:
@@ -366,6 +369,21 @@ class PipelineCache:
             digest.update((file.name if file == path else file.relative_to(path).as_posix()).encode())
             digest.update(self._file_hash(file).encode())
         return digest.hexdigest()
+
+    def _identity_beside(self, path: Path) -> Callable[[], str]:
+        """Start :meth:`_identity` on its own thread and return the call that waits for it. sha256 releases the
+        GIL while it hashes, so a large model's files are hashed on another core while this one imports and
+        loads the pipeline (and the hashing reads the files into the page cache the load reads them from)."""
+        future: Future[str] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._identity(path))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting load, which raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="darkroom-model-hash", daemon=True).start()
+        return future.result
 
     def _file_hash(self, file: Path) -> str:
         stat = file.stat()

@@ -1,0 +1,88 @@
+"""torch.compile's on-disk caches in the worker's own cache folder, so a restarted worker starts warm.
+
+Inductor keeps what it compiled (the FX graph cache: generated code and built kernels; the AOTAutograd
+cache; dynamo's recorded dynamic-shape decisions) under ``TORCHINDUCTOR_CACHE_DIR``, by default a
+per-user folder in the system temp directory, which containers and reboots often wipe. A worker puts it
+under its state folder instead (``<state_dir>/cache/torch-compile``, beside the model file cache), so the
+next worker on the host (after a restart, a scale-up from zero) finds the kernels already built and its
+first compiled call costs tracing, not code generation. Both caches are keyed on the graph, the shapes,
+the torch version and the configuration, so a stale entry is never used; several workers of a host share
+the folder safely (inductor writes entries atomically).
+
+An operator's own ``TORCHINDUCTOR_CACHE_DIR`` wins (e.g. a shared volume), unless it names torch's
+default folder: torch writes that default into the environment itself once it resolves the folder (importing
+``torch._dynamo`` does), so that value cannot be told from an operator's and is replaced. This must run before torch
+compiles anything (the worker's start-up check compiles a probe), which :func:`use_worker_compile_cache`
+does from ``darkroom worker`` right after the settings load; the FX graph and AOTAutograd caches are on by
+default in torch 2.4 and later, and their own switches (``TORCHINDUCTOR_FX_GRAPH_CACHE``,
+``TORCHINDUCTOR_AUTOGRAD_CACHE``) are left as the operator set them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import tempfile
+from collections.abc import MutableMapping
+from pathlib import Path
+
+__all__ = ["CACHE_ENV", "compile_cache_dir", "use_worker_compile_cache"]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+FOLDER = "torch-compile"
+
+
+def torch_default_cache_dir() -> Path:
+    """The folder torch.compile uses when ``TORCHINDUCTOR_CACHE_DIR`` is unset (``<tmp>/torchinductor_<user>``)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return Path(default_cache_dir()).absolute()
+    except (ImportError, AttributeError):  # moved in another torch: its documented default
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}"
+        return Path(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)).absolute()
+
+
+def compile_cache_dir(state_dir: Path, environ: MutableMapping[str, str] | None = None,
+                      torch_default: Path | None = None) -> tuple[Path, bool]:
+    """The folder torch.compile's caches should use, and whether the operator chose it (``TORCHINDUCTOR_CACHE_DIR``
+    naming another folder than ``torch_default``, torch's own default)."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(CACHE_ENV, "").strip()
+    if chosen:
+        folder = Path(chosen).expanduser().absolute()
+        if folder != (torch_default if torch_default is not None else torch_default_cache_dir()):
+            return folder, True
+    return (Path(state_dir) / "cache" / FOLDER).expanduser().absolute(), False
+
+
+def use_worker_compile_cache(state_dir: Path, compile_enabled: bool = True,
+                             environ: MutableMapping[str, str] | None = None,
+                             torch_default: Path | None = None) -> Path | None:
+    """Point torch.compile's caches at the worker's cache folder (unless the operator chose one); return it.
+
+    Does nothing (returns None) when the worker does not compile. The folder is created here, so a
+    folder that cannot be written stops the worker at start-up with its path, not mid-job.
+    """
+    if not compile_enabled:
+        return None
+    env = os.environ if environ is None else environ
+    folder, chosen = compile_cache_dir(state_dir, env, torch_default)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from darkroom.common.errors import ConfigurationError
+
+        source = CACHE_ENV if chosen else "DARKROOM_STATE_DIR"
+        raise ConfigurationError(f"torch.compile cache folder {folder} cannot be created ({exc.strerror}); make it "
+                                 f"writable or point {source} elsewhere") from None
+    env[CACHE_ENV] = str(folder)
+    log.info("torch.compile cache: %s (%s)", folder, f"from {CACHE_ENV}" if chosen else "the worker's cache folder")
+    return folder
