@@ -21,8 +21,11 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               multiplexing does without its routing hint).
 
 Printed per policy: hot-hit rate (jobs whose model was resident when their call ran), cold loads and adapter
-loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk throughput
-/ ideal (busy pipeline seconds / worker seconds available while bulk work was queued) and memory per worker.
+loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk-backlog
+utilization (while some bulk job waited, submitted and its call not begun: busy worker-seconds, in calls or model
+loads, over the fleet's worker-seconds; the issue's "bulk throughput / ideal"), bulk jobs/s over the fleet's
+batch-1 capacity (bounded by the arrival rate: it measures the workload as much as the fleet), the planned and
+achieved arrival rates (the submitter can fall behind on a busy box) and memory per worker.
 
 Times: the profile's timings are multiplied by ``--time-scale`` (> 1 slows the simulated GPUs down so that the
 Redis, S3 and Celery work of 50 workers fits on a small box); figures in seconds are wall seconds, ratios
@@ -59,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.dev.fleetstats import backlog_utilization
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
@@ -326,10 +330,12 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     fleet.settle()
     if keda is not None:
         threading.Thread(target=keda.run, args=(started,), daemon=True).start()
+    lag = 0.0  # the most an arrival was submitted after its planned time (the submitter fell behind)
     for arrival in workload.arrivals:
         delay = started + arrival.at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        lag = max(lag, -delay)
         jobs = [{"model": m, "image": image, "prompt": "a harbour at dawn", "strength": STRENGTH,
                  "num_inference_steps": STEPS, "guidance_scale": 7.0, "priority": arrival.priority,
                  **({"adapters": [{"uri": lora, "weight": 1.0}]} if lora else {})} for m, lora in arrival.jobs]
@@ -338,6 +344,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         now = time.monotonic()
         for h in handles:
             submitted[h.job_id] = (arrival.priority, now)
+    submit_span = time.monotonic() - started
     records = wait_all(client, list(submitted), timeout=args.timeout)
     ended = time.monotonic()
     if keda is not None:
@@ -347,7 +354,11 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     fleet.stop()
     client.close()
     figures = summarize(records, submitted, args, ended - started, worker_seconds, hot, policy)
+    planned = workload.arrivals[-1].at
     figures.update({
+        "arrival_rate_planned": round(workload.jobs / planned, 2) if planned else None,
+        "arrival_rate_achieved": round(len(submitted) / submit_span, 2) if submit_span else None,
+        "submit_lag_max_s": round(lag, 1),
         "workers": args.workers, "startup_seconds": round(startup, 1),
         "worker_rss_mb": round(statistics.mean(r for r, _ in memory) / 2**20, 1),
         "worker_pss_mb": round(statistics.mean(p for _, p in memory) / 2**20, 1),
@@ -400,6 +411,15 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         last = max(r.result.finished_at for r in bulk)
         bulk_window = (last - first).total_seconds()
     ideal_bulk_jobs_per_s = args.workers / batch1  # every worker busy at batch 1
+    # bulk-backlog utilization: while some bulk job waits (submitted, its call not begun), busy worker-seconds
+    # (calls and model loads, wall clock from the simulated executor) over the fleet's worker-seconds
+    calls: dict[str, list[tuple[float, float]]] = {}
+    for r, s in zip(ok, sims, strict=True):
+        if s.get("first") and "busy_from" in s:
+            calls.setdefault(r.result.worker, []).append((s["busy_from"], s["busy_to"]))
+    waits = [(r.created_at.timestamp(), s["busy_from"]) for r, s in zip(ok, sims, strict=True)
+             if submitted[r.job_id][0] == "bulk" and "busy_from" in s]
+    backlog = backlog_utilization(waits, calls, args.workers)
     return {
         "policy": policy, "jobs": len(records), "succeeded": len(ok),
         "failed": len(records) - len(ok), "unfinished": len(submitted) - len(records),
@@ -416,6 +436,8 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "load_share": round(loading / worker_seconds, 3) if worker_seconds else None,
         "bulk_jobs_per_s": round(len(bulk) / bulk_window, 2) if bulk_window else None,
         "bulk_over_ideal": round(len(bulk) / bulk_window / ideal_bulk_jobs_per_s, 3) if bulk_window else None,
+        "bulk_backlog_seconds": round(backlog.backlog_seconds, 1),
+        "bulk_backlog_utilization": round(backlog.fraction, 3) if backlog.fraction is not None else None,
         "elapsed_s": round(elapsed, 1), "worker_seconds": round(worker_seconds, 1),
     }
 
@@ -433,7 +455,13 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("busy / available GPU-s", lambda f: f["utilization"]),
         ("loading / available GPU-s", lambda f: f["load_share"]),
         ("bulk jobs/s", lambda f: f["bulk_jobs_per_s"]),
-        ("bulk throughput / ideal", lambda f: f["bulk_over_ideal"]),
+        ("bulk jobs/s / fleet capacity (bounded by arrivals)", lambda f: f["bulk_over_ideal"]),
+        ("bulk backlog: seconds with bulk work waiting", lambda f: f["bulk_backlog_seconds"]),
+        ("bulk-backlog utilization (busy / available while bulk work waits)",
+         lambda f: f["bulk_backlog_utilization"]),
+        ("arrivals jobs/s planned / achieved", lambda f: f"{f['arrival_rate_planned']} / {f['arrival_rate_achieved']}"),
+        ("submitter lag, most (s)", lambda f: f["submit_lag_max_s"]),
+        ("elapsed incl. drain (s)", lambda f: f["elapsed_s"]),
         ("evictions", lambda f: f["evictions"]),
         ("worker RSS / PSS (MB)", lambda f: f"{f['worker_rss_mb']} / {f['worker_pss_mb']}"),
         ("workers up in (s)", lambda f: f["startup_seconds"])]
