@@ -16,6 +16,8 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               workers consume the hot queues of their resident models, then every cold queue.
 ``spill``     darkroom's routing, but once a model's hot queue holds ``--spill`` jobs per worker holding the
               model, further jobs go to its cold queue, where any worker may take them (and load the model).
+``static``    darkroom's routing with assist off (``DARKROOM_ASSIST=false``: no idle worker joins a flood's
+              holders), i.e. hot/cold routing alone.
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed (what Ray Serve's model
               multiplexing does without its routing hint).
@@ -282,6 +284,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
                folder: Path) -> dict[str, Any]:
     profile = folder / "profile.json"
     profile.write_text(json.dumps(profile_for(args, workload)))
+    if policy == "static":
+        env = {**env, "DARKROOM_ASSIST": "false"}
     fleet = Fleet(env, profile, folder / policy / "logs")
     client = Client(settings)
     client.jobs.redis.flushall()
@@ -308,7 +312,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         room[model] -= 1
         return queue if room[model] >= 0 else cold_queue(model)
 
-    client.fleet.queue_for = {"darkroom": darkroom_route, "spill": spill_route,  # type: ignore[method-assign,assignment]
+    client.fleet.queue_for = {"darkroom": darkroom_route, "static": darkroom_route,  # type: ignore[method-assign,assignment]
+                              "spill": spill_route,
                               "baseline": cold_queue}[policy]
     print(f"[{policy}] starting {args.workers} simulated workers ...", file=sys.stderr)
     t0 = time.monotonic()
@@ -495,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=8.0, help="multiplies every simulated time")
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
-                        help="comma-separated: darkroom, baseline, spill (darkroom, but a hot queue deeper than "
-                             "--spill jobs per holder overflows to the model's cold queue)")
+                        help="comma-separated: darkroom, baseline, static (darkroom without assist), spill (darkroom, "
+                             "but a hot queue deeper than --spill jobs per holder overflows to the model's cold queue)")
     parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
