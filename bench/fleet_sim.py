@@ -419,12 +419,15 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     # bulk-backlog utilization: while some bulk job waits (submitted, its call not begun), busy worker-seconds
     # (calls and model loads, wall clock from the simulated executor) over the fleet's worker-seconds
     calls: dict[str, list[tuple[float, float]]] = {}
+    pipeline: dict[str, list[tuple[float, float]]] = {}  # the calls without their model loads
     for r, s in zip(ok, sims, strict=True):
         if s.get("first") and "busy_from" in s:
             calls.setdefault(r.result.worker, []).append((s["busy_from"], s["busy_to"]))
+            pipeline.setdefault(r.result.worker, []).append((s["busy_to"] - s["call_seconds"], s["busy_to"]))
     waits = [(r.created_at.timestamp(), s["busy_from"]) for r, s in zip(ok, sims, strict=True)
              if submitted[r.job_id][0] == "bulk" and "busy_from" in s]
     backlog = backlog_utilization(waits, calls, args.workers)
+    in_calls = backlog_utilization(waits, pipeline, args.workers).fraction
     return {
         "policy": policy, "jobs": len(records), "succeeded": len(ok),
         "failed": len(records) - len(ok), "unfinished": len(submitted) - len(records),
@@ -443,6 +446,7 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "bulk_over_ideal": round(len(bulk) / bulk_window / ideal_bulk_jobs_per_s, 3) if bulk_window else None,
         "bulk_backlog_seconds": round(backlog.backlog_seconds, 1),
         "bulk_backlog_utilization": round(backlog.fraction, 3) if backlog.fraction is not None else None,
+        "bulk_backlog_in_calls": round(in_calls, 3) if in_calls is not None else None,
         "elapsed_s": round(elapsed, 1), "worker_seconds": round(worker_seconds, 1),
     }
 
@@ -464,6 +468,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("bulk backlog: seconds with bulk work waiting", lambda f: f["bulk_backlog_seconds"]),
         ("bulk-backlog utilization (busy / available while bulk work waits)",
          lambda f: f["bulk_backlog_utilization"]),
+        ("  of which in pipeline calls (not loading)", lambda f: f.get("bulk_backlog_in_calls")),
         ("arrivals jobs/s planned / achieved", lambda f: f"{f['arrival_rate_planned']} / {f['arrival_rate_achieved']}"),
         ("submitter lag, most (s)", lambda f: f["submit_lag_max_s"]),
         ("elapsed incl. drain (s)", lambda f: f["elapsed_s"]),
