@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
     parser.add_argument("--keda-time", type=float, default=0.0,
                         help="KEDA seconds per wall second (default: 1 / time scale)")
+    parser.add_argument("--lease", type=float, default=60, help="workers' job lease seconds (wall; default 60)")
+    parser.add_argument("--heartbeat", type=float, default=10,
+                        help="workers' heartbeat seconds (wall; a report lives 3 heartbeats; default 10)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a policy may take before it is cut short")
     parser.add_argument("--seed", type=int, default=22, help="seed of the workload (same jobs for every policy)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -533,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             # run-time limits count wall seconds: slowed down by the time scale like everything simulated
             env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(folder / "state"), "DARKROOM_METRICS_PORT": "0",
                    "DARKROOM_JOB_TIME_BASE_SECONDS": str(120 * max(1.0, args.time_scale)),
-                   "DARKROOM_ENGINE_STALL_SECONDS": str(600 * max(1.0, args.time_scale))}
+                   "DARKROOM_ENGINE_STALL_SECONDS": str(600 * max(1.0, args.time_scale)),
+                   # 50 processes on a small shared box: a lease renewal or heartbeat thread can starve for over
+                   # 10 s, which requeues live jobs and hides holders; no worker dies here, so longer is harmless
+                   "DARKROOM_LEASE_SECONDS": str(args.lease), "DARKROOM_HEARTBEAT_SECONDS": str(args.heartbeat)}
             settings = Settings(state_dir=folder / "state", redis_url=env["DARKROOM_REDIS_URL"],
                                 s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"],
                                 s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],
