@@ -16,13 +16,18 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               workers consume the hot queues of their resident models, then every cold queue.
 ``spill``     darkroom's routing, but once a model's hot queue holds ``--spill`` jobs per worker holding the
               model, further jobs go to its cold queue, where any worker may take them (and load the model).
+``static``    darkroom's routing with assist off (``DARKROOM_ASSIST=false``: no idle worker joins a flood's
+              holders), i.e. hot/cold routing alone.
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed (what Ray Serve's model
               multiplexing does without its routing hint).
 
 Printed per policy: hot-hit rate (jobs whose model was resident when their call ran), cold loads and adapter
-loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk throughput
-/ ideal (busy pipeline seconds / worker seconds available while bulk work was queued) and memory per worker.
+loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk-backlog
+utilization (while some bulk job waited, submitted and its call not begun: busy worker-seconds, in calls or model
+loads, over the fleet's worker-seconds; the issue's "bulk throughput / ideal"), bulk jobs/s over the fleet's
+batch-1 capacity (bounded by the arrival rate: it measures the workload as much as the fleet), the planned and
+achieved arrival rates (the submitter can fall behind on a busy box) and memory per worker.
 
 Times: the profile's timings are multiplied by ``--time-scale`` (> 1 slows the simulated GPUs down so that the
 Redis, S3 and Celery work of 50 workers fits on a small box); figures in seconds are wall seconds, ratios
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.dev.fleetstats import backlog_utilization
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
@@ -278,6 +284,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
                folder: Path) -> dict[str, Any]:
     profile = folder / "profile.json"
     profile.write_text(json.dumps(profile_for(args, workload)))
+    if policy == "static":
+        env = {**env, "DARKROOM_ASSIST": "false"}
     fleet = Fleet(env, profile, folder / policy / "logs")
     client = Client(settings)
     client.jobs.redis.flushall()
@@ -304,7 +312,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         room[model] -= 1
         return queue if room[model] >= 0 else cold_queue(model)
 
-    client.fleet.queue_for = {"darkroom": darkroom_route, "spill": spill_route,  # type: ignore[method-assign,assignment]
+    client.fleet.queue_for = {"darkroom": darkroom_route, "static": darkroom_route,  # type: ignore[method-assign,assignment]
+                              "spill": spill_route,
                               "baseline": cold_queue}[policy]
     print(f"[{policy}] starting {args.workers} simulated workers ...", file=sys.stderr)
     t0 = time.monotonic()
@@ -326,10 +335,12 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     fleet.settle()
     if keda is not None:
         threading.Thread(target=keda.run, args=(started,), daemon=True).start()
+    lag = 0.0  # the most an arrival was submitted after its planned time (the submitter fell behind)
     for arrival in workload.arrivals:
         delay = started + arrival.at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        lag = max(lag, -delay)
         jobs = [{"model": m, "image": image, "prompt": "a harbour at dawn", "strength": STRENGTH,
                  "num_inference_steps": STEPS, "guidance_scale": 7.0, "priority": arrival.priority,
                  **({"adapters": [{"uri": lora, "weight": 1.0}]} if lora else {})} for m, lora in arrival.jobs]
@@ -338,6 +349,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         now = time.monotonic()
         for h in handles:
             submitted[h.job_id] = (arrival.priority, now)
+    submit_span = time.monotonic() - started
     records = wait_all(client, list(submitted), timeout=args.timeout)
     ended = time.monotonic()
     if keda is not None:
@@ -347,7 +359,11 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     fleet.stop()
     client.close()
     figures = summarize(records, submitted, args, ended - started, worker_seconds, hot, policy)
+    planned = workload.arrivals[-1].at
     figures.update({
+        "arrival_rate_planned": round(workload.jobs / planned, 2) if planned else None,
+        "arrival_rate_achieved": round(len(submitted) / submit_span, 2) if submit_span else None,
+        "submit_lag_max_s": round(lag, 1),
         "workers": args.workers, "startup_seconds": round(startup, 1),
         "worker_rss_mb": round(statistics.mean(r for r, _ in memory) / 2**20, 1),
         "worker_pss_mb": round(statistics.mean(p for _, p in memory) / 2**20, 1),
@@ -400,6 +416,18 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         last = max(r.result.finished_at for r in bulk)
         bulk_window = (last - first).total_seconds()
     ideal_bulk_jobs_per_s = args.workers / batch1  # every worker busy at batch 1
+    # bulk-backlog utilization: while some bulk job waits (submitted, its call not begun), busy worker-seconds
+    # (calls and model loads, wall clock from the simulated executor) over the fleet's worker-seconds
+    calls: dict[str, list[tuple[float, float]]] = {}
+    pipeline: dict[str, list[tuple[float, float]]] = {}  # the calls without their model loads
+    for r, s in zip(ok, sims, strict=True):
+        if s.get("first") and "busy_from" in s:
+            calls.setdefault(r.result.worker, []).append((s["busy_from"], s["busy_to"]))
+            pipeline.setdefault(r.result.worker, []).append((s["busy_to"] - s["call_seconds"], s["busy_to"]))
+    waits = [(r.created_at.timestamp(), s["busy_from"]) for r, s in zip(ok, sims, strict=True)
+             if submitted[r.job_id][0] == "bulk" and "busy_from" in s]
+    backlog = backlog_utilization(waits, calls, args.workers)
+    in_calls = backlog_utilization(waits, pipeline, args.workers).fraction
     return {
         "policy": policy, "jobs": len(records), "succeeded": len(ok),
         "failed": len(records) - len(ok), "unfinished": len(submitted) - len(records),
@@ -416,6 +444,9 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "load_share": round(loading / worker_seconds, 3) if worker_seconds else None,
         "bulk_jobs_per_s": round(len(bulk) / bulk_window, 2) if bulk_window else None,
         "bulk_over_ideal": round(len(bulk) / bulk_window / ideal_bulk_jobs_per_s, 3) if bulk_window else None,
+        "bulk_backlog_seconds": round(backlog.backlog_seconds, 1),
+        "bulk_backlog_utilization": round(backlog.fraction, 3) if backlog.fraction is not None else None,
+        "bulk_backlog_in_calls": round(in_calls, 3) if in_calls is not None else None,
         "elapsed_s": round(elapsed, 1), "worker_seconds": round(worker_seconds, 1),
     }
 
@@ -433,7 +464,14 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("busy / available GPU-s", lambda f: f["utilization"]),
         ("loading / available GPU-s", lambda f: f["load_share"]),
         ("bulk jobs/s", lambda f: f["bulk_jobs_per_s"]),
-        ("bulk throughput / ideal", lambda f: f["bulk_over_ideal"]),
+        ("bulk jobs/s / fleet capacity (bounded by arrivals)", lambda f: f["bulk_over_ideal"]),
+        ("bulk backlog: seconds with bulk work waiting", lambda f: f["bulk_backlog_seconds"]),
+        ("bulk-backlog utilization (busy / available while bulk work waits)",
+         lambda f: f["bulk_backlog_utilization"]),
+        ("  of which in pipeline calls (not loading)", lambda f: f.get("bulk_backlog_in_calls")),
+        ("arrivals jobs/s planned / achieved", lambda f: f"{f['arrival_rate_planned']} / {f['arrival_rate_achieved']}"),
+        ("submitter lag, most (s)", lambda f: f["submit_lag_max_s"]),
+        ("elapsed incl. drain (s)", lambda f: f["elapsed_s"]),
         ("evictions", lambda f: f["evictions"]),
         ("worker RSS / PSS (MB)", lambda f: f"{f['worker_rss_mb']} / {f['worker_pss_mb']}"),
         ("workers up in (s)", lambda f: f["startup_seconds"])]
@@ -467,13 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=8.0, help="multiplies every simulated time")
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
-                        help="comma-separated: darkroom, baseline, spill (darkroom, but a hot queue deeper than "
-                             "--spill jobs per holder overflows to the model's cold queue)")
+                        help="comma-separated: darkroom, baseline, static (darkroom without assist), spill (darkroom, "
+                             "but a hot queue deeper than --spill jobs per holder overflows to the model's cold queue)")
     parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
     parser.add_argument("--keda-time", type=float, default=0.0,
                         help="KEDA seconds per wall second (default: 1 / time scale)")
+    parser.add_argument("--lease", type=float, default=60, help="workers' job lease seconds (wall; default 60)")
+    parser.add_argument("--heartbeat", type=float, default=10,
+                        help="workers' heartbeat seconds (wall; a report lives 3 heartbeats; default 10)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a policy may take before it is cut short")
     parser.add_argument("--seed", type=int, default=22, help="seed of the workload (same jobs for every policy)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -495,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             # run-time limits count wall seconds: slowed down by the time scale like everything simulated
             env = {**endpoints.as_env(), "DARKROOM_STATE_DIR": str(folder / "state"), "DARKROOM_METRICS_PORT": "0",
                    "DARKROOM_JOB_TIME_BASE_SECONDS": str(120 * max(1.0, args.time_scale)),
-                   "DARKROOM_ENGINE_STALL_SECONDS": str(600 * max(1.0, args.time_scale))}
+                   "DARKROOM_ENGINE_STALL_SECONDS": str(600 * max(1.0, args.time_scale)),
+                   # 50 processes on a small shared box: a lease renewal or heartbeat thread can starve for over
+                   # 10 s, which requeues live jobs and hides holders; no worker dies here, so longer is harmless
+                   "DARKROOM_LEASE_SECONDS": str(args.lease), "DARKROOM_HEARTBEAT_SECONDS": str(args.heartbeat)}
             settings = Settings(state_dir=folder / "state", redis_url=env["DARKROOM_REDIS_URL"],
                                 s3_endpoint_url=env["DARKROOM_S3_ENDPOINT_URL"],
                                 s3_access_key_id=env["DARKROOM_S3_ACCESS_KEY_ID"],

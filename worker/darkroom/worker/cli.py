@@ -78,6 +78,7 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     from darkroom.common.placeholders import check_secrets
 
     from .app import create_app
+    from .assist import Assist
     from .cancels import CancelListener
     from .compile_cache import use_worker_compile_cache
     from .context import Heartbeat, WorkerContext
@@ -126,6 +127,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     cancels = CancelListener(ctx).start()  # signed cancel requests (darkroom.common.cancels)
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
                         interval=settings.fair_share_interval_seconds).start()
+    assist = (Assist(ctx, queue_depth=settings.assist_queue_depth, interval=settings.assist_interval_seconds,
+                     hold=settings.assist_hold_seconds).start() if settings.assist else None)
     if settings.metrics_port:
         from .metrics import serve_metrics
 
@@ -142,6 +145,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     try:
         celery_worker.start()
     finally:
+        if assist is not None:
+            assist.stop()
         feeder.stop()
         cancels.stop()
         heartbeat.stop()

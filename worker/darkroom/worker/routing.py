@@ -37,15 +37,20 @@ def priority_keys(queue: str) -> list[str]:
 
 
 class QueueSubscriptions:
-    """The consumer's queue set: hot queues of resident models, then cold queues of served models."""
+    """The consumer's queue set: hot queues of resident models, then cold queues of served models, plus the
+    hot queues of models this worker assists with (:mod:`darkroom.common.assist`) and does not hold yet."""
 
     def __init__(self, served: Iterable[str] = ()) -> None:
         self.consumer: Any | None = None
         self.served = list(served)
         self.current: set[str] = set()
+        self.adopted: dict[str, float] = {}  # model assisted with, not resident yet -> since (monotonic)
+        self.resident: list[str] = []
+        self._lock = threading.Lock()
 
     def initial(self, resident: Iterable[str]) -> list[str]:
-        queues = [hot_queue(m) for m in resident] + [cold_queue(m) for m in self.served]
+        self.resident = list(resident)
+        queues = [hot_queue(m) for m in self.resident] + [cold_queue(m) for m in self.served]
         self.current = set(queues)
         return queues
 
@@ -54,14 +59,39 @@ class QueueSubscriptions:
 
     def sync(self, resident: Iterable[str]) -> None:
         """Start consuming newly resident models' queues; stop for evicted ones."""
-        if self.consumer is None:
-            return
-        wanted = {hot_queue(m) for m in resident} | {cold_queue(m) for m in self.served}
-        for queue in sorted(wanted - self.current):
-            self.consumer.add_task_queue(queue)
-        for queue in sorted(self.current - wanted):
-            self.consumer.cancel_task_queue(queue)
-        self.current = wanted
+        with self._lock:
+            self.resident = list(resident)
+            for model in self.resident:  # a model assisted with that has loaded: a holder like any other
+                self.adopted.pop(model, None)
+            if self.consumer is None:
+                return
+            wanted = ({hot_queue(m) for m in self.resident} | {cold_queue(m) for m in self.served}
+                      | {hot_queue(m) for m in self.adopted})
+            for queue in sorted(wanted - self.current):
+                self.consumer.add_task_queue(queue)
+            for queue in sorted(self.current - wanted):
+                self.consumer.cancel_task_queue(queue)
+            self.current = wanted
+
+    def adopt(self, model: str) -> None:
+        """Consume ``model``'s hot queue before holding the model (its first job loads it)."""
+        with self._lock:
+            self.adopted[model] = time.monotonic()
+            resident = list(self.resident)
+        self.sync(resident)
+
+    def drop_stale(self, hold_seconds: float) -> list[str]:
+        """Stop consuming the hot queues of models assisted with more than ``hold_seconds`` ago and still not
+        resident (no job came: others drained the queue); return them."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [m for m, since in self.adopted.items() if now - since > hold_seconds]
+            for model in stale:
+                del self.adopted[model]
+            resident = list(self.resident)
+        if stale:
+            self.sync(resident)
+        return stale
 
 
 def sweep_orphaned_queues(client: redis.Redis, fleet: Fleet, model_ids: Iterable[str]) -> int:

@@ -66,6 +66,21 @@ class WorkerSettings(Settings):
     fair_share_interval_seconds: float = Field(
         0.1, gt=0, le=10, description="How often the worker releases held bulk jobs of the models it serves.",
     )
+    assist: bool = Field(
+        True, description="An idle worker with free memory budget joins the holders of a model whose hot queue "
+                          "(plus held bulk work) is at least assist_queue_depth deep (docs: Scaling).",
+    )
+    assist_queue_depth: int = Field(
+        16, ge=1, le=100_000, description="Waiting messages of one model, not yet reserved by a holder, per idle "
+                                          "worker that comes to help with it.",
+    )
+    assist_interval_seconds: float = Field(
+        2.0, gt=0, le=600, description="How often an idle worker looks for a model to assist with.",
+    )
+    assist_hold_seconds: float = Field(
+        30.0, gt=0, le=3600, description="How long a worker helping with a model it does not hold yet consumes "
+                                         "the model's hot queue without receiving a job before it stops.",
+    )
     model_memory_budget_bytes: int | None = Field(
         None, ge=1, description="Bytes of model weights kept resident; auto: 70% of GPU memory or 50% of RAM."
     )

@@ -250,6 +250,7 @@ class SimulatedExecutor(BatchExecutor):
 
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         started = time.monotonic()
+        since = time.time()  # wall clock: the fleet simulator lines calls up with submission times
         misses = self.ctx.models.misses
         try:
             t0 = time.perf_counter()
@@ -275,14 +276,18 @@ class SimulatedExecutor(BatchExecutor):
             counts = {"model_loads": model_loads, "adapter_loads": activation.loaded + activation.hotswapped}
             model_loads = 0
             for index, outcome in zip(indices, self._call([batch[i] for i in indices], loaded, activation.adapters,
-                                                          started, model_load, switch, counts), strict=True):
+                                                          started, model_load, switch, counts, since),
+                                      strict=True):
                 outcomes[index] = outcome
+            since = time.time()
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
 
     def _call(self, requests: list[Request], loaded: LoadedModel, adapters: list[dict[str, Any]], started: float,
-              model_load: float, switch: float, counts: dict[str, int]) -> list[Inference | BaseException]:
+              model_load: float, switch: float, counts: dict[str, int],
+              since: float) -> list[Inference | BaseException]:
         """One simulated call; the first job's details carry the call's counts (``sim``: loads and busy
-        seconds of the call, once per call so that a fleet's totals add up)."""
+        seconds of the call, once per call so that a fleet's totals add up); every job's carry the call's
+        wall-clock span (``busy_from``: the call's model load or adapter switch began, ``busy_to``: it ended)."""
         job = requests[0].job
         images = sum(r.images for r in requests)
         width, height = requests[0].item.image.size
@@ -305,6 +310,7 @@ class SimulatedExecutor(BatchExecutor):
                 mark_batch_wide(exc)
             return [exc] * len(requests)
         elapsed = time.perf_counter() - t0
+        until = time.time()
         results: list[Inference | BaseException] = []
         for position, request in enumerate(requests):
             first = position == 0
@@ -322,7 +328,8 @@ class SimulatedExecutor(BatchExecutor):
                          "sim": {"model_loads": counts["model_loads"] if first else 0,
                                  "adapter_loads": counts["adapter_loads"] if first else 0,
                                  "call_seconds": elapsed if first else 0.0,
-                                 "load_seconds": (model_load if counts["model_loads"] else 0.0) if first else 0.0}},
+                                 "load_seconds": (model_load if counts["model_loads"] else 0.0) if first else 0.0,
+                                 "busy_from": since, "busy_to": until, "first": first}},
                 batch_wait=max(0.0, started - request.enqueued), model_load=model_load, adapters=switch,
                 inference=elapsed,
             ))

@@ -1,0 +1,94 @@
+"""Assist: an idle worker joins the holders of a model whose hot queue is deeper than its holders can take.
+
+Routing sends a model's jobs to its hot queue while any worker holds the model, and only holders consume
+it, so a bulk flood for one model keeps its few holders busy while the rest of the fleet idles. Each idle
+worker therefore looks, every ``assist_interval_seconds``, at the hot queues of the models it serves:
+the messages no holder has reserved yet (every priority) plus the model's held fair-share backlog. A model
+whose backlog is at least ``assist_queue_depth`` deep, that some worker holds, and that fits in the
+worker's free memory budget without evicting anything (its size estimated as the smallest resident bytes
+of a worker holding it) is a candidate; the deepest candidate first. The worker then claims one helper
+place in Redis: a model has ``backlog // assist_queue_depth`` places at a time, so a fleet of idle
+workers does not stampede onto one flood. With a place, the worker consumes the model's hot queue (its
+first job cold-loads the model; from then on it is a holder like any other); if no job comes within
+``assist_hold_seconds``, it stops.
+
+The policy knows nothing of model families: only queue depths, memory bytes and the fleet's reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
+
+from .fairness import backlog_key
+from .fleet import WorkerInfo
+from .queues import PRIORITY_STEPS, broker_list, hot_queue
+
+__all__ = ["Candidate", "candidates", "claim", "hot_backlogs", "assist_key"]
+
+_CLAIM = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return 0
+end
+return n
+"""
+
+
+def assist_key(model_id: str) -> str:
+    """Helper places taken on ``model_id`` lately (a counter that expires)."""
+    return f"darkroom:assist:{model_id}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model: str
+    backlog: int  # messages waiting that no holder has reserved (hot queue, every priority, plus held bulk)
+    holders: int
+    places: int  # helpers the backlog asks for: backlog // queue depth per helper
+
+
+def hot_backlogs(client: redis.Redis, models: Iterable[str]) -> dict[str, int]:
+    """Per model: messages in its hot queue (every priority) plus its held fair-share backlog; one round trip."""
+    models = list(models)
+    pipe = client.pipeline(transaction=False)
+    for model in models:
+        for priority in PRIORITY_STEPS:
+            pipe.llen(broker_list(hot_queue(model), priority))
+        pipe.llen(backlog_key(model))
+    counts = [int(n) for n in pipe.execute()]
+    step = len(PRIORITY_STEPS) + 1
+    return {model: sum(counts[i * step:(i + 1) * step]) for i, model in enumerate(models)}
+
+
+def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, free_bytes: int,
+               queue_depth: int) -> list[Candidate]:
+    """Models this worker may help with, deepest backlog first (a pure decision; see the module docs).
+
+    ``backlogs``: from :func:`hot_backlogs`; ``workers``: the fleet's reports; ``me``: this worker's name (a
+    model it holds is not a candidate); ``free_bytes``: its memory budget minus its resident bytes;
+    ``queue_depth``: backlog per helper place (``assist_queue_depth``).
+    """
+    found = []
+    for model, depth in backlogs.items():
+        if depth < queue_depth:
+            continue
+        holders = [w for w in workers if model in w.resident_models]
+        if not holders or any(w.name == me for w in holders):
+            continue  # resident nowhere: the sweep moves its jobs to the cold queue, which every worker reads
+        size = min(w.report.resident_bytes for w in holders)
+        if size <= 0 or size > free_bytes:
+            continue  # size unknown, or it would evict a model of ours: leave it to the holders
+        found.append(Candidate(model, depth, len(holders), depth // queue_depth))
+    return sorted(found, key=lambda c: (-c.backlog / c.holders, c.model))
+
+
+def claim(client: redis.Redis, candidate: Candidate, ttl_seconds: float) -> bool:
+    """Take one of the candidate model's helper places for ``ttl_seconds`` (False: all taken lately)."""
+    taken = client.eval(_CLAIM, 1, assist_key(candidate.model), candidate.places,
+                        max(1, int(ttl_seconds * 1000)))
+    return bool(taken)

@@ -1,0 +1,65 @@
+"""Fleet figures computed from job records (used by ``bench/fleet_sim.py``; pure functions, no I/O).
+
+*Bulk-backlog utilization* is the fleet's "bulk throughput / ideal": while some bulk job waits (submitted and
+its pipeline call not begun yet), which fraction of the fleet's worker-seconds are busy (in a pipeline call
+or loading a model). 1.0 means no worker idled while bulk work was waiting; it does not depend on how fast
+the work arrives, only on whether the fleet used its capacity while there was work to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["Interval", "merge", "overlap", "BacklogUtilization", "backlog_utilization"]
+
+Interval = tuple[float, float]
+
+
+def merge(intervals: Iterable[Interval]) -> list[Interval]:
+    """The union of ``intervals`` as sorted, disjoint intervals (empty and reversed ones dropped)."""
+    out: list[Interval] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def overlap(a: list[Interval], b: list[Interval]) -> float:
+    """Seconds two sorted, disjoint interval lists have in common."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if end > start:
+            total += end - start
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+@dataclass(frozen=True)
+class BacklogUtilization:
+    backlog_seconds: float  # wall seconds during which some bulk job was waiting
+    busy_seconds: float  # worker-seconds busy inside those seconds
+    available_seconds: float  # workers x backlog seconds
+
+    @property
+    def fraction(self) -> float | None:
+        return self.busy_seconds / self.available_seconds if self.available_seconds > 0 else None
+
+
+def backlog_utilization(waits: Iterable[Interval], busy: Mapping[str, Iterable[Interval]],
+                        workers: int) -> BacklogUtilization:
+    """Busy worker-seconds over available worker-seconds while bulk work waits.
+
+    ``waits``: per bulk job, (submitted, its call began); ``busy``: per worker, its calls and model loads as
+    (start, end), overlapping ones counted once; ``workers``: the fleet's size during the run.
+    """
+    backlog = merge(waits)
+    span = sum(end - start for start, end in backlog)
+    used = sum(overlap(merge(calls), backlog) for calls in busy.values())
+    return BacklogUtilization(span, used, workers * span)

@@ -1,0 +1,78 @@
+"""Assist's decision: which model an idle worker may help with (the Redis side is in tests/integration)."""
+
+from __future__ import annotations
+
+from darkroom.common.assist import Candidate, candidates
+from darkroom.common.fleet import WorkerInfo, WorkerReport
+
+GB = 10**9
+
+
+def worker(name: str, resident: dict[str, int]) -> WorkerInfo:
+    return WorkerInfo(name, WorkerReport(name=name, resident_models=list(resident),
+                                         resident_bytes=sum(resident.values()), memory_budget=16 * GB))
+
+
+FLEET = [worker("w1", {"sd": 2 * GB}), worker("w2", {"xl": 7 * GB}), worker("w3", {"sd": 2 * GB, "xl": 7 * GB}),
+         worker("me", {"other": 2 * GB})]
+
+
+def test_a_deep_hot_queue_of_a_model_that_fits_is_a_candidate_with_places_by_depth() -> None:
+    found = candidates({"sd": 40, "xl": 3}, FLEET, me="me", free_bytes=10 * GB, queue_depth=16)
+    # sd: held by w1 and w3; its size is the smallest holder's resident bytes (w1: 2 GB)
+    assert found == [Candidate("sd", 40, 2, 2)]
+
+
+def test_deepest_backlog_per_holder_first() -> None:
+    found = candidates({"sd": 40, "xl": 60}, FLEET, me="me", free_bytes=10 * GB, queue_depth=16)
+    assert [(c.model, c.places) for c in found] == [("xl", 3), ("sd", 2)]  # 60 / 2 holders before 40 / 2
+
+
+def test_no_candidate_below_the_depth_when_it_does_not_fit_or_when_nobody_holds_it() -> None:
+    assert candidates({"sd": 15}, FLEET, me="me", free_bytes=10 * GB, queue_depth=16) == []
+    # xl (7 GB) would evict one of this worker's models: left to its holders
+    assert candidates({"xl": 100}, FLEET, me="me", free_bytes=6 * GB, queue_depth=16) == []
+    # resident nowhere: the sweep moves its jobs to the cold queue, which every worker reads anyway
+    assert candidates({"new": 100}, FLEET, me="me", free_bytes=10 * GB, queue_depth=16) == []
+
+
+def test_a_model_this_worker_holds_is_never_a_candidate() -> None:
+    assert candidates({"sd": 100}, FLEET, me="w1", free_bytes=10 * GB, queue_depth=16) == []
+
+
+def test_unknown_holder_size_is_not_taken_over() -> None:
+    fleet = [WorkerInfo("w1", WorkerReport(name="w1", resident_models=["sd"], resident_bytes=0))]
+    assert candidates({"sd": 100}, fleet, me="me", free_bytes=10 * GB, queue_depth=16) == []
+
+
+class Consumer:
+    """Records what the subscriptions ask of Celery's consumer."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def add_task_queue(self, queue: str) -> None:
+        self.calls.append(("add", queue))
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.calls.append(("cancel", queue))
+
+
+def test_a_model_assisted_with_is_consumed_until_it_loads_or_goes_stale() -> None:
+    from darkroom.common.queues import hot_queue
+    from darkroom.worker.routing import QueueSubscriptions
+
+    subs = QueueSubscriptions(["a", "b"])
+    subs.initial(["a"])
+    consumer = Consumer()
+    subs.attach(consumer)
+    subs.adopt("b")
+    assert consumer.calls == [("add", hot_queue("b"))]
+    subs.sync(["a", "b"])  # b loaded: kept, now as a resident model's queue
+    assert subs.adopted == {} and consumer.calls == [("add", hot_queue("b"))]
+    subs.sync(["a"])  # evicted later: dropped as usual
+    assert consumer.calls[-1] == ("cancel", hot_queue("b"))
+    subs.adopt("b")
+    assert subs.drop_stale(hold_seconds=3600) == []
+    assert subs.drop_stale(hold_seconds=0) == ["b"]  # no job came: stop consuming it
+    assert consumer.calls[-2:] == [("add", hot_queue("b")), ("cancel", hot_queue("b"))]

@@ -1,0 +1,37 @@
+"""Bulk-backlog utilization: busy worker-seconds over available ones while bulk work waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from darkroom.dev.fleetstats import backlog_utilization, merge, overlap
+
+
+def test_merge_joins_overlapping_and_touching_intervals_and_drops_empty_ones() -> None:
+    assert merge([(5, 6), (0, 2), (1, 3), (3, 4), (7, 7), (9, 8)]) == [(0, 4), (5, 6)]
+
+
+def test_overlap_of_two_interval_lists() -> None:
+    assert overlap([(0, 4), (6, 10)], [(2, 7), (9, 12)]) == pytest.approx(2 + 1 + 1)
+    assert overlap([], [(0, 1)]) == 0
+
+
+def test_only_the_seconds_with_bulk_work_waiting_count() -> None:
+    # bulk work waits in [0, 10] and [20, 30]; two workers
+    waits = [(0, 6), (4, 10), (20, 30)]
+    busy = {"a": [(0, 10), (10, 20), (20, 25)],  # busy through both backlogs but for 25..30
+            "b": [(12, 18), (2, 3)]}  # idle while bulk work waits, but for one second
+    result = backlog_utilization(waits, busy, workers=2)
+    assert result.backlog_seconds == pytest.approx(20)
+    assert result.available_seconds == pytest.approx(40)
+    assert result.busy_seconds == pytest.approx(10 + 5 + 1)
+    assert result.fraction == pytest.approx(16 / 40)
+
+
+def test_a_workers_overlapping_calls_count_once_and_idle_workers_count_as_available() -> None:
+    result = backlog_utilization([(0, 10)], {"a": [(0, 10), (5, 10)]}, workers=4)
+    assert result.fraction == pytest.approx(10 / 40)
+
+
+def test_no_bulk_work_waiting_gives_no_figure() -> None:
+    assert backlog_utilization([], {"a": [(0, 1)]}, workers=1).fraction is None

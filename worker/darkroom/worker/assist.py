@@ -1,0 +1,68 @@
+"""The worker's side of assist (policy: :mod:`darkroom.common.assist`): a daemon thread that, while the
+worker is idle, looks for a model whose hot queue its holders cannot keep up with and starts consuming it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from darkroom.common.assist import candidates, claim, hot_backlogs
+from darkroom.common.fleet import Fleet
+
+from .context import WorkerContext
+
+__all__ = ["Assist"]
+
+log = logging.getLogger(__name__)
+
+
+class Assist:
+    """Every ``interval`` seconds, while no job runs here: drop a stale assist, else start one if due."""
+
+    def __init__(self, ctx: WorkerContext, *, queue_depth: int, interval: float, hold: float) -> None:
+        self.ctx = ctx
+        self.fleet = Fleet(ctx.redis)
+        self.queue_depth = queue_depth
+        self.interval = interval
+        self.hold = hold
+        self.assisted = 0  # models assisted since start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="darkroom-assist", daemon=True)
+
+    def step(self) -> str | None:
+        """One look; the model this worker starts assisting now, if any."""
+        queues = self.ctx.queues
+        if self.ctx.state.current_jobs():
+            return None  # busy: only idle capacity helps elsewhere
+        queues.drop_stale(self.hold)
+        report = self.ctx.state.report
+        if queues.adopted or report is None:
+            return None  # one model at a time, until it loads or goes stale
+        others = [m for m in report.models if m not in report.resident_models]
+        backlogs = hot_backlogs(self.ctx.redis, others)
+        if max(backlogs.values(), default=0) < self.queue_depth:
+            return None
+        free = max(0, report.memory_budget - report.resident_bytes)
+        for candidate in candidates(backlogs, self.fleet.workers(), me=self.ctx.name, free_bytes=free,
+                                    queue_depth=self.queue_depth):
+            if claim(self.ctx.redis, candidate, ttl_seconds=2 * self.interval):
+                log.info("assisting with model %s: %d messages wait for %d holder(s)", candidate.model,
+                         candidate.backlog, candidate.holders)
+                queues.adopt(candidate.model)
+                self.assisted += 1
+                return candidate.model
+        return None
+
+    def start(self) -> Assist:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a Redis blip must not end the thread
+                log.warning("assist check failed: %s", exc)
