@@ -37,6 +37,14 @@ def spawn_worker(services: object, settings: Settings, name: str, *args: str, st
                          log_path=state / "logs" / f"{name}.log")
 
 
+def simulated_workers(services: object, settings: Settings, profile: Path, prefix: str, models: list[str],
+                      **env: str) -> list[WorkerProcess]:
+    """One started ``darkroom worker --simulate PROFILE`` per model of ``models``, each preloading its model."""
+    return [spawn_worker(services, settings, f"{prefix}{i}-{uuid.uuid4().hex[:6]}", "--simulate", str(profile),
+                         "--preload-model", model, DARKROOM_METRICS_PORT="0", **env).start(timeout=60)
+            for i, model in enumerate(models)]
+
+
 def start_worker(services: object, settings: Settings, tiny_model: Path, *extra: str) -> WorkerProcess:
     """A started worker serving the tiny model as ``tiny`` (plus ``extra`` arguments)."""
     name = f"test-{uuid.uuid4().hex[:8]}"

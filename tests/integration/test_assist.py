@@ -17,7 +17,7 @@ from darkroom.dev.demo import sample_image
 from darkroom.producer.client import Client
 
 from ..helpers import png_bytes
-from .helpers import spawn_worker
+from .helpers import simulated_workers
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,9 @@ def pair(tmp_path: Any, services: Any, settings: Settings) -> Iterator[dict[str,
         "step_seconds": {"64x64": {"1": 0.02}},
     }))
     # one job at a time per worker, so that a flood stays in the broker; an assist look every 0.2 s
-    workers = [spawn_worker(services, settings, f"to{i}-{uuid.uuid4().hex[:6]}", "--simulate", str(profile),
-                            "--preload-model", model, DARKROOM_METRICS_PORT="0", DARKROOM_TASK_SLOTS="2",
-                            DARKROOM_BATCH_MAX_IMAGES="1", DARKROOM_ASSIST_QUEUE_DEPTH="4",
-                            DARKROOM_ASSIST_INTERVAL_SECONDS="0.2").start(timeout=60)
-               for i, model in enumerate([a, b])]
+    workers = simulated_workers(services, settings, profile, "to", [a, b], DARKROOM_TASK_SLOTS="2",
+                                DARKROOM_BATCH_MAX_IMAGES="1", DARKROOM_ASSIST_QUEUE_DEPTH="4",
+                                DARKROOM_ASSIST_INTERVAL_SECONDS="0.2")
     try:
         yield {"a": a, "b": b, "workers": workers}
     finally:

@@ -24,7 +24,7 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
 from ..helpers import png_bytes
-from .helpers import spawn_worker
+from .helpers import simulated_workers, spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +58,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory, services: Any, settings: Setti
     import os
 
     path = os.pathsep.join([str(root / "blocker"), os.environ.get("PYTHONPATH", "")])
-    workers = [spawn_worker(services, settings, f"sim{i}-{uuid.uuid4().hex[:6]}", "--simulate", str(profile),
-                            "--preload-model", model, PYTHONPATH=path, DARKROOM_METRICS_PORT="0").start(timeout=60)
-               for i, model in enumerate([a, b])]
+    workers = simulated_workers(services, settings, profile, "sim", [a, b], PYTHONPATH=path)
     try:
         yield {"a": a, "b": b, "workers": workers}
     finally:
