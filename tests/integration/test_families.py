@@ -7,6 +7,7 @@ of their single runs; a field the model's family does not take is refused at sub
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -385,3 +386,11 @@ def test_one_worker_runs_an_interleaved_mix_of_families_with_loras(
         assert not np.array_equal(fetch_image(client, results[i].uris[0]), fetch_image(client, results[i + 4].uris[0]))
     (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == family_worker.name]
     assert report.resident_bytes <= report.memory_budget
+    # every model that ran reports its load and per-image seconds (what idle workers weigh before helping)
+    ran = [m for m in ("xl", "sd3", "flux", "tiny") if m in report.resident_models]
+    deadline = time.monotonic() + 30  # the report is announced by the heartbeat thread
+    while not all(report.model_times.get(m) and report.model_times[m].image_seconds for m in ran):
+        assert time.monotonic() < deadline, f"no per-image seconds in {report.model_times}"
+        time.sleep(0.5)
+        (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == family_worker.name]
+    assert ran and all(report.model_times[m].load_seconds > 0 for m in ran)

@@ -94,6 +94,9 @@ def test_simulated_workers_run_jobs_load_and_evict_by_bytes(client: Client, sim:
     assert report.cache.evictions == 1 and report.cache.misses == 2  # a at start-up, then b
     assert len(report.resident_adapters[b]) == 1
     assert report.jobs_done == 3
+    # and b's times, which idle workers weigh before loading it to help (load 0.3 s; 4 steps of 0.005 s)
+    times = report.model_times[b]
+    assert times.load_seconds >= 0.3 and times.image_seconds is not None and 0.02 <= times.image_seconds < 5
     assert report.device == "sim"
     assert "ModuleNotFoundError" not in workers[0].tail(400)
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from darkroom.common.assist import Candidate, candidates
-from darkroom.common.fleet import WorkerInfo, WorkerReport
+from darkroom.common.assist import Candidate, candidates, helper_places
+from darkroom.common.fleet import ModelTimes, WorkerInfo, WorkerReport
 
 GB = 10**9
 
 
-def worker(name: str, resident: dict[str, int]) -> WorkerInfo:
+def worker(name: str, resident: dict[str, int], times: dict[str, ModelTimes] | None = None) -> WorkerInfo:
     return WorkerInfo(name, WorkerReport(name=name, resident_models=list(resident),
-                                         resident_bytes=sum(resident.values()), memory_budget=16 * GB))
+                                         resident_bytes=sum(resident.values()), memory_budget=16 * GB,
+                                         model_times=times or {}))
 
 
 FLEET = [worker("w1", {"sd": 2 * GB}), worker("w2", {"xl": 7 * GB}), worker("w3", {"sd": 2 * GB, "xl": 7 * GB}),
@@ -34,6 +35,20 @@ def test_no_candidate_below_the_depth_when_it_does_not_fit_or_when_nobody_holds_
     assert candidates({"xl": 100}, FLEET, me="me", free_bytes=6 * GB, queue_depth=16) == []
     # resident nowhere: the sweep moves its jobs to the cold queue, which every worker reads anyway
     assert candidates({"new": 100}, FLEET, me="me", free_bytes=10 * GB, queue_depth=16) == []
+
+
+def test_helpers_stop_where_the_backlog_would_drain_before_their_load_ends() -> None:
+    # 0.5 s per image, a 3 s load: 60 waiting images take 30 s for one holder; with n more workers 30 / (1 + n)
+    # stays at least one load (3 s) up to n = 9
+    holder = [worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=3.0, image_seconds=0.5)})]
+    assert helper_places("sd", 60, holder, queue_depth=4) == 9
+    assert helper_places("sd", 60, holder, queue_depth=16) == 3  # the depth per helper still bounds it
+    # a slow load against quick images: not worth a single helper
+    slow = [worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=40.0, image_seconds=0.5)})]
+    assert helper_places("sd", 60, slow, queue_depth=4) == 0
+    assert candidates({"sd": 60}, slow, me="me", free_bytes=10 * GB, queue_depth=4) == []
+    # times not reported yet (no call so far): the depth alone decides
+    assert helper_places("sd", 60, [worker("w1", {"sd": 2 * GB})], queue_depth=4) == 15
 
 
 def test_a_model_this_worker_holds_is_never_a_candidate() -> None:

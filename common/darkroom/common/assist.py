@@ -7,8 +7,9 @@ the messages no holder has reserved yet (every priority) plus the model's held f
 whose backlog is at least ``assist_queue_depth`` deep, that some worker holds, and that fits in the
 worker's free memory budget without evicting anything (its size estimated as the smallest resident bytes
 of a worker holding it) is a candidate; the deepest candidate first. The worker then claims one helper
-place in Redis: a model has ``backlog // assist_queue_depth`` places at a time, so a fleet of idle
-workers does not stampede onto one flood. With a place, the worker consumes the model's hot queue (its
+place in Redis: a model has ``backlog // assist_queue_depth`` places at a time, and no more than keep the
+backlog's drain at least one model load long (from the load and per-image seconds its holders report), so
+a fleet of idle workers does not stampede onto a flood it would drain before their loads end. With a place, the worker consumes the model's hot queue (its
 first job cold-loads the model; from then on it is a holder like any other); if no job comes within
 ``assist_hold_seconds``, it stops.
 
@@ -17,6 +18,7 @@ The policy knows nothing of model families: only queue depths, memory bytes and 
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from .fairness import backlog_key
 from .fleet import WorkerInfo
 from .queues import PRIORITY_STEPS, broker_list, hot_queue
 
-__all__ = ["Candidate", "candidates", "claim", "hot_backlogs", "assist_key"]
+__all__ = ["Candidate", "candidates", "claim", "helper_places", "hot_backlogs", "assist_key"]
 
 _CLAIM = """
 local n = redis.call('INCR', KEYS[1])
@@ -49,7 +51,7 @@ class Candidate:
     model: str
     backlog: int  # messages waiting that no holder has reserved (hot queue, every priority, plus held bulk)
     holders: int
-    places: int  # helpers the backlog asks for: backlog // queue depth per helper
+    places: int  # helpers the backlog is worth (:func:`helper_places`)
 
 
 def hot_backlogs(client: redis.Redis, models: Iterable[str]) -> dict[str, int]:
@@ -83,8 +85,27 @@ def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, 
         size = min(w.report.resident_bytes for w in holders)
         if size <= 0 or size > free_bytes:
             continue  # size unknown, or it would evict a model of ours: leave it to the holders
-        found.append(Candidate(model, depth, len(holders), depth // queue_depth))
+        places = helper_places(model, depth, holders, queue_depth)
+        if places > 0:
+            found.append(Candidate(model, depth, len(holders), places))
     return sorted(found, key=lambda c: (-c.backlog / c.holders, c.model))
+
+
+def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_depth: int) -> int:
+    """How many more workers are worth a load of ``model`` for ``backlog`` waiting messages.
+
+    At most one per ``queue_depth`` messages; and where the holders report the model's times (load seconds,
+    pipeline seconds per image), no more than keep the backlog's drain, shared by holders and helpers, at
+    least as long as one load: a helper whose load outlasts the drain only adds loading.
+    """
+    places = backlog // queue_depth
+    times = [t for t in (w.report.model_times.get(model) for w in holders) if t is not None]
+    loads = [t.load_seconds for t in times if t.load_seconds > 0]
+    images = [t.image_seconds for t in times if t.image_seconds]
+    if loads and images:
+        worth = int(backlog * statistics.median(images) / statistics.median(loads)) - len(holders)
+        places = min(places, worth)
+    return max(0, places)
 
 
 def claim(client: redis.Redis, candidate: Candidate, ttl_seconds: float) -> bool:

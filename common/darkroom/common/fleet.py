@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .families import Family
 from .queues import cold_queue, hot_queue
 
-__all__ = ["WorkerReport", "CurrentJob", "CacheCounts", "WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
+__all__ = ["WorkerReport", "CurrentJob", "CacheCounts", "ModelTimes", "WorkerInfo", "Fleet", "AsyncFleet", "worker_key", "route", "WORKER_PREFIX", "CATALOG_KEY"]
 
 WORKER_PREFIX = "darkroom:worker:"
 WORKERS_KEY = "darkroom:workers"  # names of workers that announced themselves (no keyspace SCAN needed)
@@ -52,6 +52,13 @@ class CacheCounts(BaseModel):
     evictions: int = 0
 
 
+class ModelTimes(BaseModel):
+    """How long one resident model took to load here, and how long its recent pipeline calls took per image."""
+
+    load_seconds: float = 0.0
+    image_seconds: float | None = None  # moving average over calls; None before the first call
+
+
 class WorkerReport(BaseModel):
     """What a worker announces on every heartbeat (``darkroom:worker:{name}``, JSON, a short TTL).
 
@@ -77,6 +84,7 @@ class WorkerReport(BaseModel):
     memory_budget: int = 0
     resident_adapters: dict[str, list[str]] = Field(default_factory=dict)
     cache: CacheCounts = Field(default_factory=CacheCounts)
+    model_times: dict[str, ModelTimes] = Field(default_factory=dict, description="Per resident model.")
     adapter_switches: int = 0
     jobs_done: int = 0
     started_at: float = 0.0

@@ -20,7 +20,7 @@ import redis
 
 from darkroom.common.boundaries import ReferencePolicy
 from darkroom.common.clients import make_redis, make_s3_client
-from darkroom.common.fleet import CacheCounts, CurrentJob, Fleet, WorkerReport
+from darkroom.common.fleet import CacheCounts, CurrentJob, Fleet, ModelTimes, WorkerReport
 from darkroom.common.identity import Gate
 from darkroom.common.jobstore import JobStore
 from darkroom.common.lifecycle import Lifecycle
@@ -211,14 +211,17 @@ class WorkerContext:
     def refresh_report(self) -> WorkerReport:
         """Recompute what the worker reports (on the job thread: the heartbeat thread never touches models)."""
         models = self.models
+        entries = {m: models.get_entry(m) for m in models.resident}
         report = WorkerReport(
             name=self.name, pid=os.getpid(), host=socket.gethostname(), device=self.device.device,
             device_name=self.device.name, dtype=self.device.dtype, tuning=models.tuning.describe(),
             total_memory=self.device.total_memory, models=models.registry.ids, resident_models=models.resident,
             resident_bytes=models.resident_bytes(), memory_budget=models.budget_bytes,
-            resident_adapters={m: models.get_entry(m).adapters.resident for m in models.resident},
+            resident_adapters={m: e.adapters.resident for m, e in entries.items()},
             cache=CacheCounts(hits=models.hits, misses=models.misses, evictions=models.evictions),
-            adapter_switches=sum(models.get_entry(m).adapters.switches for m in models.resident),
+            model_times={m: ModelTimes(load_seconds=round(e.load_seconds, 3), image_seconds=e.image_seconds)
+                         for m, e in entries.items()},
+            adapter_switches=sum(e.adapters.switches for e in entries.values()),
             jobs_done=self.state.jobs_done, started_at=self.state.started_at,
         )
         self.state.set_report(report)

@@ -80,10 +80,17 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     weights_sha256: str | None = None  # of every file of the model (content, not paths or dates)
     family: Family = Family.SD  # of the loaded pipeline (its class)
+    image_seconds: float | None = None  # pipeline seconds per image, a moving average over its calls
     schedulers: SchedulerSwitch = field(init=False)
 
     def __post_init__(self) -> None:
         self.schedulers = SchedulerSwitch(getattr(self.pipeline, "scheduler", None))
+
+    def timed_call(self, seconds: float, images: int) -> None:
+        """Fold one pipeline call into :attr:`image_seconds` (reported, so that idle workers can weigh a load)."""
+        per_image = seconds / max(1, images)
+        previous = self.image_seconds
+        self.image_seconds = per_image if previous is None else 0.7 * previous + 0.3 * per_image
 
 
 def module_bytes(module: Any) -> int:

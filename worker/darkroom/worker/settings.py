@@ -71,8 +71,9 @@ class WorkerSettings(Settings):
                           "(plus held bulk work) is at least assist_queue_depth deep (docs: Scaling).",
     )
     assist_queue_depth: int = Field(
-        16, ge=1, le=100_000, description="Waiting messages of one model, not yet reserved by a holder, per idle "
-                                          "worker that comes to help with it.",
+        4, ge=1, le=100_000, description="Waiting messages of one model, not yet reserved by a holder, per idle "
+                                         "worker that comes to help with it (fewer helpers where the holders' "
+                                         "load and per-image times say the backlog drains before a load ends).",
     )
     assist_interval_seconds: float = Field(
         2.0, gt=0, le=600, description="How often an idle worker looks for a model to assist with.",

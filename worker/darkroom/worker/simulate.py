@@ -310,6 +310,7 @@ class SimulatedExecutor(BatchExecutor):
                 mark_batch_wide(exc)
             return [exc] * len(requests)
         elapsed = time.perf_counter() - t0
+        loaded.timed_call(elapsed, images)
         until = time.time()
         results: list[Inference | BaseException] = []
         for position, request in enumerate(requests):

@@ -119,6 +119,8 @@ class BatchExecutor:
                 return [o if o is not None else exc for o in outcomes]
             elapsed = time.perf_counter() - t3
             total_images = sum(r.images for r in requests)
+            if output is not None:
+                loaded.timed_call(elapsed, total_images)
             for position, (index, request) in enumerate(zip(runnable, requests, strict=True)):
                 if output is None or request.cancelled:
                     outcomes[index] = JobCancelled(request.job.job_id or "?")
