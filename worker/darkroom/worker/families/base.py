@@ -8,7 +8,7 @@ from typing import Any
 from darkroom.common.families import Family
 from darkroom.common.jobs import Img2ImgJob
 
-__all__ = ["FamilyCall", "Row", "per_row", "shifted_latents", "sized_with_t5"]
+__all__ = ["FamilyCall", "Row", "TransformerFamilyCall", "per_row"]
 
 
 @dataclass(frozen=True)
@@ -23,21 +23,6 @@ class Row:
 def per_row(rows: list[Row], field: str, fallback: list[str]) -> list[str]:
     """A per-image list of the jobs' ``field`` (a text), each falling back to that row's ``fallback``."""
     return [getattr(row.job, field) or default for row, default in zip(rows, fallback, strict=True)]
-
-
-def sized_with_t5(job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
-    """The call options of the transformer families (SD3, Flux): the input's size (they size their latents
-    from ``height``/``width``, not from the image) and the job's T5 sequence length when it sets one."""
-    width, height = size
-    options: dict[str, Any] = {"width": width, "height": height}
-    if job.max_sequence_length is not None:
-        options["max_sequence_length"] = job.max_sequence_length
-    return options
-
-
-def shifted_latents(vae: Any, sample: Any) -> Any:
-    """The transformer families' initial latents (SD3, Flux): ``(sample - shift_factor) * scaling_factor``."""
-    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 class FamilyCall:
@@ -72,3 +57,24 @@ class FamilyCall:
         """The pipeline's initial latents from a VAE sample, exactly as its ``prepare_latents`` makes them
         (SD 1.x/2.x: ``scaling_factor * sample``)."""
         return vae.config.scaling_factor * sample
+
+
+class TransformerFamilyCall(FamilyCall):
+    """The transformer families (SD3, Flux): sized from ``height``/``width`` rather than from the image, a T5
+    encoder whose sequence length a job may set, and latents shifted before they are scaled."""
+
+    def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
+        width, height = size
+        options: dict[str, Any] = {"width": width, "height": height}
+        if job.max_sequence_length is not None:
+            options["max_sequence_length"] = job.max_sequence_length
+        return options
+
+    def encode_size(self, size: tuple[int, int]) -> dict[str, int]:
+        return {"width": size[0], "height": size[1]}  # what the call names (see ``options``)
+
+    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
+        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
+        return (job.max_sequence_length,)

@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from darkroom.common.families import Family
-from darkroom.common.jobs import Img2ImgJob
 
-from .base import FamilyCall, Row, per_row, shifted_latents, sized_with_t5
+from .base import Row, TransformerFamilyCall, per_row
 
 __all__ = ["FLUX"]
 
 
-class _Flux(FamilyCall):
+class _Flux(TransformerFamilyCall):
     family = Family.FLUX
     # diffusers 0.42's Flux converter assumes the full Flux.1 width (3072) and Flux files usually hold the
     # transformer alone (no VAE, no text encoders), so a file and a config folder do not make a pipeline here.
@@ -32,18 +31,6 @@ class _Flux(FamilyCall):
     def text(self, rows: list[Row]) -> dict[str, Any]:
         prompts = [row.prompt for row in rows]
         return {"prompt": prompts, "prompt_2": per_row(rows, "prompt_2", prompts)}
-
-    def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
-        return sized_with_t5(job, size)
-
-    def encode_size(self, size: tuple[int, int]) -> dict[str, int]:
-        return {"width": size[0], "height": size[1]}  # what the call names (see ``options``)
-
-    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
-        return shifted_latents(vae, sample)
-
-    def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
-        return (job.max_sequence_length,)
 
 
 FLUX = _Flux()

@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from darkroom.common.families import Family
-from darkroom.common.jobs import Img2ImgJob
 
-from .base import FamilyCall, Row, per_row, shifted_latents, sized_with_t5
+from .base import Row, TransformerFamilyCall, per_row
 
 __all__ = ["SD3"]
 
 
-class _SD3(FamilyCall):
+class _SD3(TransformerFamilyCall):
     family = Family.SD3
 
     def text(self, rows: list[Row]) -> dict[str, Any]:
@@ -28,18 +27,6 @@ class _SD3(FamilyCall):
             text["negative_prompt_2"] = per_row(rows, "negative_prompt_2", text["negative_prompt"])
             text["negative_prompt_3"] = per_row(rows, "negative_prompt_3", text["negative_prompt"])
         return text
-
-    def options(self, job: Img2ImgJob, size: tuple[int, int]) -> dict[str, Any]:
-        return sized_with_t5(job, size)
-
-    def encode_size(self, size: tuple[int, int]) -> dict[str, int]:
-        return {"width": size[0], "height": size[1]}  # what the call names (see ``options``)
-
-    def scale_latents(self, vae: Any, sample: Any, dtype: Any) -> Any:
-        return shifted_latents(vae, sample)
-
-    def batch_key(self, job: Img2ImgJob) -> tuple[Any, ...]:
-        return (job.max_sequence_length,)
 
 
 SD3 = _SD3()
