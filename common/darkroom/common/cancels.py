@@ -38,7 +38,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ErrorCode
-from .identity import Auth, Signer, Unauthenticated, verify_job
+from .identity import FUTURE_SKEW_SECONDS, Auth, Signer, Unauthenticated, signing_key, verify_job
 from .jobs import valid_id
 from .jobstore import JobRecord, job_key
 from .lifecycle import Lifecycle
@@ -112,17 +112,12 @@ def verify_cancel(request: CancelRequest, lookup: Callable[[str], Producer | Non
     if auth is None:
         raise Unauthenticated("the cancel is not signed; this fleet obeys only cancels signed by the job's producer "
                               "(set DARKROOM_PRODUCER_ID, DARKROOM_PRODUCER_KEY_ID and DARKROOM_PRODUCER_KEY)")
-    producer = lookup(auth.producer) if valid_id(auth.producer) else None
-    if producer is None:
-        raise Unauthenticated(f"producer {auth.producer[:80]!r} is not registered")
-    key = producer.key(auth.key_id, now)
-    if key is None:
-        raise Unauthenticated(f"key {auth.key_id[:40]!r} of producer {producer.id!r} is unknown or expired")
+    producer, key = signing_key(auth, lookup, now)
     expected = _mac(key.secret, producer.id, key.key_id, auth.timestamp, request.job_id, request.submission,
                     request.request_id)
     if not hmac.compare_digest(expected, auth.signature):
         raise Unauthenticated(f"the cancel's signature does not match (producer {producer.id!r}, key {key.key_id!r})")
-    if not now - max_age <= auth.timestamp <= now + 300:
+    if not now - max_age <= auth.timestamp <= now + FUTURE_SKEW_SECONDS:
         raise Unauthenticated(f"the cancel was signed at {auth.timestamp}, more than {int(max_age)} s from now "
                               f"({int(now)}); send it again (DARKROOM_SIGNATURE_MAX_AGE_SECONDS)")
     return producer

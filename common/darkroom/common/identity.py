@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import DarkroomError, ErrorCode, FieldError
 from .jobs import valid_id
 from .jobstore import JobRecord, job_key
-from .producers import Producer, ProducerRegistry
+from .producers import Producer, ProducerKey, ProducerRegistry
 from .status import JobStatus
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from .quotas import WorkerQuota
 
 __all__ = ["AUTH_FIELD", "Admission", "Auth", "Gate", "Signer", "Unauthenticated", "canonical_job", "sign_job",
-           "strip_auth", "verify_job"]
+           "signing_key", "strip_auth", "verify_job"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,17 @@ def strip_auth(payload: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
     return data, data.pop(AUTH_FIELD, None)
 
 
+def signing_key(auth: Auth, lookup: Callable[[str], Producer | None], now: float) -> tuple[Producer, ProducerKey]:
+    """The registered producer ``auth`` names and its key valid at ``now``; raises :class:`Unauthenticated`."""
+    producer = lookup(auth.producer) if valid_id(auth.producer) else None
+    if producer is None:
+        raise Unauthenticated(f"producer {auth.producer[:80]!r} is not registered")
+    key = producer.key(auth.key_id, now)
+    if key is None:
+        raise Unauthenticated(f"key {auth.key_id[:40]!r} of producer {producer.id!r} is unknown or expired")
+    return producer, key
+
+
 def verify_job(job: Mapping[str, Any], auth: Any, lookup: Callable[[str], Producer | None], *, now: float,
                max_age: float | None) -> Producer:
     """The producer that signed ``job``; raises :class:`Unauthenticated` saying what is wrong.
@@ -142,12 +153,7 @@ def verify_job(job: Mapping[str, Any], auth: Any, lookup: Callable[[str], Produc
     except ValidationError:
         raise Unauthenticated("the job's auth envelope is malformed; expected producer, key_id, timestamp and "
                               "signature") from None
-    producer = lookup(envelope.producer) if valid_id(envelope.producer) else None
-    if producer is None:
-        raise Unauthenticated(f"producer {envelope.producer[:80]!r} is not registered")
-    key = producer.key(envelope.key_id, now)
-    if key is None:
-        raise Unauthenticated(f"key {envelope.key_id[:40]!r} of producer {producer.id!r} is unknown or expired")
+    producer, key = signing_key(envelope, lookup, now)
     expected = _mac(key.secret, producer.id, key.key_id, envelope.timestamp, job)
     if not hmac.compare_digest(expected, envelope.signature):
         raise Unauthenticated(f"the signature does not match the job (producer {producer.id!r}, key "
