@@ -245,6 +245,20 @@ class Keda:
         self.trace: list[tuple[float, int, int]] = []
         self.rng = random.Random(args.seed + 1)
         self.starting = 0
+        self._spawning: list[threading.Thread] = []
+        self._runner: threading.Thread | None = None
+
+    def start(self, started: float) -> None:
+        self._runner = threading.Thread(target=self.run, args=(started,), daemon=True)
+        self._runner.start()
+
+    def stop(self) -> None:
+        """Stop scaling and wait for the workers still starting, so that the fleet's stop covers them too."""
+        self.stop_event.set()
+        if self._runner is not None:
+            self._runner.join()
+        for thread in self._spawning:
+            thread.join()
 
     def _start(self, preload: list[str]) -> None:
         try:
@@ -268,7 +282,9 @@ class Keda:
                 add = min(4, desired - current)  # scaleUp policy: 4 pods per 60 s
                 preload = self.rng.choices(ids, self.workload.popularity, k=add)
                 self.starting += add
-                threading.Thread(target=self._start, args=(preload,), daemon=True).start()
+                thread = threading.Thread(target=self._start, args=(preload,), daemon=True)
+                self._spawning.append(thread)
+                thread.start()
                 above_since = None
             elif desired < current:
                 above_since = above_since or now
@@ -334,7 +350,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     started = time.monotonic()
     fleet.settle()
     if keda is not None:
-        threading.Thread(target=keda.run, args=(started,), daemon=True).start()
+        keda.start(started)
     lag = 0.0  # the most an arrival was submitted after its planned time (the submitter fell behind)
     for arrival in workload.arrivals:
         delay = started + arrival.at - time.monotonic()
@@ -353,7 +369,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     records = wait_all(client, list(submitted), timeout=args.timeout)
     ended = time.monotonic()
     if keda is not None:
-        keda.stop_event.set()
+        keda.stop()
     worker_seconds = fleet.settle()
     reports = {w.name: w.report for w in client.fleet.workers(fresh=True)}
     fleet.stop()
