@@ -195,3 +195,30 @@ def _read_all(fd: int) -> str:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_wait_outlives_its_subscription_being_dropped(client: Client) -> None:
+    from darkroom.common.jobs import Img2ImgJob
+    from darkroom.common.lifecycle import Lifecycle
+
+    rdb = client.jobs.redis
+    job = Img2ImgJob.model_validate({"model": "nobody-serves-it", "image": "s3://darkroom/inputs/none.png",
+                                     "prompt": "a boat", "job_id": uuid.uuid4().hex})
+    client.jobs.create(job)
+    before = {c["id"] for c in rdb.client_list() if int(c.get("sub", 0))}
+    outcome: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: outcome.update(record=client.jobs.wait(job.job_id, timeout=60)))
+    waiter.start()
+    # Given the waiter subscribed to the job's events
+    deadline = time.monotonic() + 10
+    while not (mine := [c["id"] for c in rdb.client_list() if int(c.get("sub", 0)) and c["id"] not in before]):
+        assert time.monotonic() < deadline, "the waiter never subscribed"
+        time.sleep(0.05)
+    # When the server drops that connection (as a failover or a restart does) and the job then ends
+    for client_id in mine:
+        rdb.client_kill_filter(_id=client_id)
+    Lifecycle(rdb).cancel(job.job_id)
+    waiter.join(timeout=30)
+    # Then the wait subscribed again and returned the ended job instead of raising
+    assert not waiter.is_alive()
+    assert outcome["record"].status is JobStatus.CANCELLED

@@ -48,6 +48,7 @@ __all__ = ["JobRecord", "JobStore", "JobNotFound", "UnreadableRecord", "job_key"
 
 RECORD_SCHEMA_VERSION = 2
 """Version of the stored record this code writes (1: records without ``schema_version``)."""
+WAIT_RECONNECT_SECONDS = 30.0  # a waiter subscribes again this long after losing its connection (a failover)
 
 
 def job_key(job_id: str) -> str:
@@ -255,29 +256,47 @@ class JobStore:
 
         Subscribes before reading the record, so an event published in between
         is not missed. Re-reads the record every few seconds in case pub/sub lost
-        a message across a reconnect. Raises :class:`WaitTimeout`.
+        a message. A dropped connection (a failover, a restart) is subscribed
+        again, record re-read, for up to ``WAIT_RECONNECT_SECONDS`` before its
+        error is raised. Raises :class:`WaitTimeout`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(event_channel(job_id))
+        pubsub: Any = None
+        down_since: float | None = None  # a connection lost (a failover, a restart): subscribe again for a while
         try:
-            record = self.require(job_id)
-            while not record.status.is_terminal:
-                remaining = 5.0 if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeout(job_id, None, f"still {record.status.value} after {timeout} s")
-                message = pubsub.get_message(timeout=min(remaining, 5.0))
-                if message is None:
-                    record = self.require(job_id)
-                    continue
-                event = JobEvent.model_validate_json(message["data"])
-                if on_event is not None:
-                    on_event(event)
-                if event.type is not EventType.PROGRESS:
-                    record = self.require(job_id)
-            return record
+            while True:
+                try:
+                    if pubsub is None:
+                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                        pubsub.subscribe(event_channel(job_id))
+                        record = self.require(job_id)  # after subscribing: no event falls in between
+                    if record.status.is_terminal:
+                        return record
+                    remaining = 5.0 if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WaitTimeout(job_id, None, f"still {record.status.value} after {timeout} s")
+                    message = pubsub.get_message(timeout=min(remaining, 5.0))
+                    down_since = None
+                    if message is None:
+                        record = self.require(job_id)
+                        continue
+                    event = JobEvent.model_validate_json(message["data"])
+                    if on_event is not None:
+                        on_event(event)
+                    if event.type is not EventType.PROGRESS:
+                        record = self.require(job_id)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    now = time.monotonic()
+                    down_since = down_since or now
+                    if now - down_since >= WAIT_RECONNECT_SECONDS or (deadline is not None and now >= deadline):
+                        raise
+                    if pubsub is not None:
+                        pubsub.close()
+                        pubsub = None
+                    time.sleep(0.5)
         finally:
-            pubsub.close()
+            if pubsub is not None:
+                pubsub.close()
 
     # -- helpers ---------------------------------------------------------
     @staticmethod
