@@ -63,7 +63,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.common.queues import cold_queue, hot_queue, priority_keys
 from darkroom.dev.fleetstats import backlog_utilization
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
@@ -230,8 +230,8 @@ def queued(client: Client, models: list[str], *, hot_only: bool = False) -> int:
     pipe = client.jobs.redis.pipeline(transaction=False)
     for model in models:
         for queue in (hot_queue(model),) if hot_only else (hot_queue(model), cold_queue(model)):
-            for p in PRIORITY_STEPS:
-                pipe.llen(broker_list(queue, p))
+            for key in priority_keys(queue):
+                pipe.llen(key)
     return sum(int(n) for n in pipe.execute())
 
 

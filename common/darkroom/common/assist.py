@@ -26,7 +26,7 @@ import redis
 
 from .fairness import backlog_key
 from .fleet import WorkerInfo
-from .queues import PRIORITY_STEPS, broker_list, hot_queue
+from .queues import PRIORITY_STEPS, hot_queue, priority_keys
 
 __all__ = ["Candidate", "candidates", "claim", "helper_places", "hot_backlogs", "assist_key"]
 
@@ -59,8 +59,8 @@ def hot_backlogs(client: redis.Redis, models: Iterable[str]) -> dict[str, int]:
     models = list(models)
     pipe = client.pipeline(transaction=False)
     for model in models:
-        for priority in PRIORITY_STEPS:
-            pipe.llen(broker_list(hot_queue(model), priority))
+        for key in priority_keys(hot_queue(model)):
+            pipe.llen(key)
         pipe.llen(backlog_key(model))
     counts = [int(n) for n in pipe.execute()]
     step = len(PRIORITY_STEPS) + 1

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from .settings import Settings
 
-__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "PRIORITY_STEPS", "hot_queue", "cold_queue", "broker_list", "celery_config",
+__all__ = ["TASK_IMG2IMG", "DEFAULT_QUEUE", "PRIORITY_STEPS", "hot_queue", "cold_queue", "broker_list", "priority_keys", "celery_config",
            "sentinel_broker"]
 
 TASK_IMG2IMG = "darkroom.img2img"
@@ -43,6 +43,11 @@ def broker_list(queue: str, priority: int) -> str:
     if priority not in PRIORITY_STEPS:
         raise ValueError(f"priority {priority!r} is not one of {PRIORITY_STEPS[0]}..{PRIORITY_STEPS[-1]}")
     return f"{queue}{_PRIORITY_SEP}{priority}" if priority else queue
+
+
+def priority_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for one queue, one per priority (0 first)."""
+    return [broker_list(queue, p) for p in PRIORITY_STEPS]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

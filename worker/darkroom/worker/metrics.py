@@ -124,15 +124,14 @@ class _ReportCollector(Collector):
 
     def _queues(self, models: list[str]) -> GaugeMetricFamily:
         """Queued jobs per queue of the models this worker serves (all priorities summed)."""
-        from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+        from darkroom.common.queues import PRIORITY_STEPS, cold_queue, hot_queue, priority_keys
 
         family = GaugeMetricFamily("darkroom_queue_depth", "Jobs waiting in a queue", labels=["queue"])
         try:
             pipe = self.ctx.redis.pipeline(transaction=False)
             queues = [q for m in models for q in (hot_queue(m), cold_queue(m))]
-            for queue in queues:
-                for p in PRIORITY_STEPS:
-                    pipe.llen(broker_list(queue, p))
+            for key in (key for queue in queues for key in priority_keys(queue)):
+                pipe.llen(key)
             lengths = pipe.execute()
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
             return family

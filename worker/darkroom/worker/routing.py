@@ -24,16 +24,11 @@ import redis
 from darkroom.common.fairness import Feeder, producers_key
 from darkroom.common.fleet import Fleet
 from darkroom.common.producers import ProducerRegistry
-from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.common.queues import cold_queue, hot_queue, priority_keys
 
 __all__ = ["FairFeeder", "QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
 
 log = logging.getLogger(__name__)
-
-
-def priority_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for one queue, one per priority (0 first)."""
-    return [broker_list(queue, p) for p in PRIORITY_STEPS]
 
 
 class QueueSubscriptions:

@@ -23,7 +23,7 @@ from darkroom.common.fleet import CATALOG_KEY, Fleet, WorkerInfo, parse_catalog
 from darkroom.common.jobs import Priority
 from darkroom.common.jobstore import JOBS_INDEX_KEY, JobRecord, JobStore, job_key
 from darkroom.common.producers import job_namespace
-from darkroom.common.queues import PRIORITY_STEPS, broker_list, cold_queue, hot_queue
+from darkroom.common.queues import PRIORITY_STEPS, cold_queue, hot_queue, priority_keys
 from darkroom.common.redaction import redact_parameters
 from darkroom.common.status import JobStatus
 
@@ -193,9 +193,8 @@ class Reader:
         models = self.models()
         queues = [(m, kind, name) for m in models for kind, name in (("hot", hot_queue(m)), ("cold", cold_queue(m)))]
         pipe = self.redis.pipeline(transaction=False)
-        for _, _, name in queues:
-            for p in PRIORITY_STEPS:
-                pipe.llen(broker_list(name, p))
+        for key in (key for _, _, name in queues for key in priority_keys(name)):
+            pipe.llen(key)
         lengths = pipe.execute() if queues else []
         flying = self._in_flight()
         step = len(PRIORITY_STEPS)
