@@ -229,12 +229,16 @@ def test_every_lifecycle_event_arrives_signed(
     safety = result.outputs[0].safety  # the outputs' safety verdicts travel with the result
     assert safety is not None and succeeded["result"]["outputs"][0]["safety"] == safety.model_dump(mode="json")
     # ...and a receiver holding another secret, or checking much later, refuses them
+    # (events may arrive in any order, so the tampered one is picked by type, not by position)
+    queued = next(r for r in got if r.type == "job.queued")
     with pytest.raises(WebhookVerificationError):
-        verify(SECRETS[OTHER], got[0].headers, got[0].body)
+        verify(SECRETS[OTHER], queued.headers, queued.body)
     with pytest.raises(WebhookVerificationError, match="old"):
-        verify(SECRETS[PRODUCER], got[0].headers, got[0].body, now=time.time() + 3600)
+        verify(SECRETS[PRODUCER], queued.headers, queued.body, now=time.time() + 3600)
+    tampered = queued.body.replace(b'"job.queued"', b'"job.succeeded"')
+    assert tampered != queued.body
     with pytest.raises(WebhookVerificationError):
-        verify(SECRETS[PRODUCER], got[0].headers, got[0].body.replace(b"queued", b"succeeded"))
+        verify(SECRETS[PRODUCER], queued.headers, tampered)
 
 
 def test_terminal_event_arrives_on_the_fourth_try_after_three_500s(
