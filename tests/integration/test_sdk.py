@@ -197,7 +197,32 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_a_wait_outlives_its_subscription_being_dropped(client: Client) -> None:
+def _wait_with_jobstore(client: Client, job_id: str) -> JobStatus:
+    return client.jobs.wait(job_id, timeout=60).status
+
+
+def _wait_with_watch(client: Client, job_id: str) -> JobStatus:
+    return [event.status for event in client.watch([job_id], timeout=60)][-1]
+
+
+def _wait_with_asyncio(client: Client, job_id: str) -> JobStatus:
+    import asyncio
+
+    from darkroom.common.errors import JobCancelled
+    from darkroom.producer.aio import AsyncClient
+
+    async def wait() -> JobStatus:
+        async with AsyncClient(client.settings) as aclient:
+            with pytest.raises(JobCancelled):
+                await aclient.wait(job_id, timeout=60)
+            return (await aclient.status(job_id)).status
+
+    return asyncio.run(wait())
+
+
+@pytest.mark.parametrize("waiter", [_wait_with_jobstore, _wait_with_watch, _wait_with_asyncio],
+                         ids=["wait", "watch", "asyncio-wait"])
+def test_a_wait_outlives_its_subscription_being_dropped(client: Client, waiter: Any) -> None:
     from darkroom.common.jobs import Img2ImgJob
     from darkroom.common.lifecycle import Lifecycle
 
@@ -207,9 +232,9 @@ def test_a_wait_outlives_its_subscription_being_dropped(client: Client) -> None:
     client.jobs.create(job)
     before = {c["id"] for c in rdb.client_list() if int(c.get("sub", 0))}
     outcome: dict[str, Any] = {}
-    waiter = threading.Thread(target=lambda: outcome.update(record=client.jobs.wait(job.job_id, timeout=60)))
-    waiter.start()
-    # Given the waiter subscribed to the job's events
+    thread = threading.Thread(target=lambda: outcome.update(status=waiter(client, job.job_id)))
+    thread.start()
+    # Given the waiter (sync wait, sync watch or asyncio wait) subscribed to the job's events
     deadline = time.monotonic() + 10
     while not (mine := [c["id"] for c in rdb.client_list() if int(c.get("sub", 0)) and c["id"] not in before]):
         assert time.monotonic() < deadline, "the waiter never subscribed"
@@ -218,7 +243,7 @@ def test_a_wait_outlives_its_subscription_being_dropped(client: Client) -> None:
     for client_id in mine:
         rdb.client_kill_filter(_id=client_id)
     Lifecycle(rdb).cancel(job.job_id)
-    waiter.join(timeout=30)
-    # Then the wait subscribed again and returned the ended job instead of raising
-    assert not waiter.is_alive()
-    assert outcome["record"].status is JobStatus.CANCELLED
+    thread.join(timeout=30)
+    # Then the wait subscribed again and saw the job end instead of raising
+    assert not thread.is_alive()
+    assert outcome["status"] is JobStatus.CANCELLED

@@ -10,7 +10,7 @@ import pytest
 from darkroom.common.errors import WaitTimeout
 from darkroom.common.events import EventType, JobEvent
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.common.jobstore import JobNotFound, JobRecord
+from darkroom.common.jobstore import WAIT_RECONNECT_SECONDS, JobNotFound, JobRecord, Outage
 from darkroom.common.status import JobStatus
 from darkroom.producer._watch import RECHECK_SECONDS, Listen, Read, Watch
 
@@ -99,3 +99,48 @@ def test_timeout_names_the_jobs_still_running() -> None:
 
 def test_no_jobs_is_done_at_once() -> None:
     assert Watch([]).next() is None
+
+
+def test_a_new_subscription_waits_for_its_confirmations_then_reads_again() -> None:
+    # Given a watch that has read and is listening
+    watch = Watch(["a", "b"])
+    subscribed(watch)
+    watch.on_records(["a", "b"], [record("a", JobStatus.QUEUED), record("b", JobStatus.QUEUED)])
+    assert isinstance(watch.next(), Listen)
+    # When its connection was lost and the driver subscribes on a new one
+    watch.subscribing()
+    # Then it listens until both channels are confirmed again, then reads what the lost connection missed
+    assert isinstance(watch.next(), Listen)
+    subscribed(watch)
+    assert watch.next() == Read(["a", "b"])
+    events = watch.on_records(["a", "b"], [record("a", JobStatus.SUCCEEDED, 1), record("b", JobStatus.QUEUED)])
+    assert [(e.job_id, e.type) for e in events] == [("a", EventType.SUCCEEDED)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_outage_is_retried_for_the_reconnect_window_and_each_success_restarts_it() -> None:
+    clock = Clock()
+    outage = Outage(clock=clock)
+    assert outage.lost()
+    clock.now += WAIT_RECONNECT_SECONDS - 1
+    assert outage.lost()  # still within the window opened by the first loss
+    outage.over()  # a command succeeded: a later loss opens a new window
+    clock.now += 5
+    assert outage.lost()
+    clock.now += WAIT_RECONNECT_SECONDS
+    assert not outage.lost()
+
+
+def test_an_outage_never_outlasts_the_wait_s_own_timeout() -> None:
+    clock = Clock()
+    outage = Outage(3.0, clock=clock)
+    assert outage.lost()
+    clock.now += 3.0
+    assert not outage.lost()

@@ -42,13 +42,38 @@ from .results import FailureDetails, JobResult
 from .status import JobStatus
 from .webhooks import outbox_push
 
-__all__ = ["JobRecord", "JobStore", "JobNotFound", "UnreadableRecord", "job_key", "cancel_key", "history_key",
+__all__ = ["JobRecord", "JobStore", "JobNotFound", "Outage", "UnreadableRecord", "job_key", "cancel_key", "history_key",
            "DEAD_LETTERS_KEY", "DEAD_LETTERS_INDEX_KEY", "OPEN_JOBS_KEY", "RECORD_SCHEMA_VERSION", "stage_create",
            "raise_taken", "CREATED", "RESUBMITTED", "refused_status", "new_submission", "side_effects"]
 
 RECORD_SCHEMA_VERSION = 2
 """Version of the stored record this code writes (1: records without ``schema_version``)."""
 WAIT_RECONNECT_SECONDS = 30.0  # a waiter subscribes again this long after losing its connection (a failover)
+
+
+class Outage:
+    """A waiter's lost connections (a failover, a restart): worth another try for ``WAIT_RECONNECT_SECONDS``.
+
+    The sync and asyncio waiters call :meth:`lost` when a command raises ConnectionError or TimeoutError
+    (re-raising when it answers False) and :meth:`over` once a command succeeds again.
+    """
+
+    PAUSE_SECONDS = 0.5  # between tries
+
+    def __init__(self, timeout: float | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._deadline = None if timeout is None else clock() + timeout
+        self._since: float | None = None
+
+    def lost(self) -> bool:
+        """Whether to subscribe again: not while down for ``WAIT_RECONNECT_SECONDS``, nor past the wait's own timeout."""
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        return now - self._since < WAIT_RECONNECT_SECONDS and (self._deadline is None or now < self._deadline)
+
+    def over(self) -> None:
+        self._since = None
 
 
 def job_key(job_id: str) -> str:
@@ -261,8 +286,8 @@ class JobStore:
         error is raised. Raises :class:`WaitTimeout`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage = Outage(timeout)
         pubsub: Any = None
-        down_since: float | None = None  # a connection lost (a failover, a restart): subscribe again for a while
         try:
             while True:
                 try:
@@ -276,7 +301,7 @@ class JobStore:
                     if remaining <= 0:
                         raise WaitTimeout(job_id, None, f"still {record.status.value} after {timeout} s")
                     message = pubsub.get_message(timeout=min(remaining, 5.0))
-                    down_since = None
+                    outage.over()
                     if message is None:
                         record = self.require(job_id)
                         continue
@@ -286,14 +311,12 @@ class JobStore:
                     if event.type is not EventType.PROGRESS:
                         record = self.require(job_id)
                 except (redis.ConnectionError, redis.TimeoutError):
-                    now = time.monotonic()
-                    down_since = down_since or now
-                    if now - down_since >= WAIT_RECONNECT_SECONDS or (deadline is not None and now >= deadline):
+                    if not outage.lost():
                         raise
                     if pubsub is not None:
                         pubsub.close()
                         pubsub = None
-                    time.sleep(0.5)
+                    time.sleep(Outage.PAUSE_SECONDS)
         finally:
             if pubsub is not None:
                 pubsub.close()

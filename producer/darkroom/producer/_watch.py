@@ -1,6 +1,7 @@
 """Following several jobs at once, without I/O: the sync and asyncio clients drive the same :class:`Watch`.
 
-The driver subscribes to every job's channel on one pub/sub connection, then asks :meth:`Watch.next`
+The driver subscribes to every job's channel on one pub/sub connection (telling :meth:`Watch.subscribing`,
+again on a new connection after one is lost: :class:`~darkroom.common.jobstore.Outage`), then asks :meth:`Watch.next`
 what to do: :class:`Read` the records of some jobs (once the subscriptions are confirmed, so that no
 event falls between the read and the subscription; again after :data:`RECHECK_SECONDS` without a
 message, in case pub/sub lost one across a reconnect), or :class:`Listen` for the next message. Both
@@ -72,6 +73,15 @@ class Watch:
     @property
     def done(self) -> bool:
         return not self.pending
+
+    def subscribing(self) -> None:
+        """A (new) subscription to every channel is on its way: wait for its confirmations, then read again.
+
+        After a lost connection the driver subscribes on a new one; events published meanwhile were
+        lost with the old one, and the read that follows the confirmations reports what they said.
+        """
+        self._unconfirmed = len(self.job_ids)
+        self._read_due = True
 
     def next(self) -> Read | Listen | None:
         """What to do next; None once every job is terminal."""

@@ -28,7 +28,7 @@ from darkroom.common.clients import make_async_redis, make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import AsyncFleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
-from darkroom.common.jobstore import JobNotFound, JobRecord, job_key, raise_taken
+from darkroom.common.jobstore import JobNotFound, JobRecord, Outage, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, policy_key
 from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
@@ -227,20 +227,36 @@ class AsyncClient:
 
     async def watch(self, job_ids: Iterable[str], timeout: float | None = None) -> AsyncIterator[JobEvent]:
         """The jobs' events as they happen, until every job is terminal (see ``Client.watch``)."""
-        watch = Watch(job_ids, timeout)
-        pubsub = self._redis.pubsub()
+        watch, outage = Watch(job_ids, timeout), Outage(timeout)
+        pubsub: Any = None
         try:
-            if watch.job_ids:
-                await pubsub.subscribe(*watch.channels)
-            while (step := watch.next()) is not None:
-                if isinstance(step, Read):
-                    events = watch.on_records(step.job_ids, await self._redis.mget([job_key(i) for i in step.job_ids]))
-                elif isinstance(step, Listen):
-                    events = watch.on_message(await pubsub.get_message(timeout=step.timeout))
+            while not watch.done:
+                try:
+                    if pubsub is None:
+                        pubsub = self._redis.pubsub()
+                        watch.subscribing()
+                        await pubsub.subscribe(*watch.channels)
+                    events = await self._watch_step(watch, pubsub)
+                    outage.over()
+                except (redis.ConnectionError, redis.TimeoutError):  # a failover: subscribe again on a new connection
+                    if not outage.lost():
+                        raise
+                    if pubsub is not None:
+                        await pubsub.aclose()
+                    pubsub = None
+                    await asyncio.sleep(Outage.PAUSE_SECONDS)
+                    continue
                 for event in events:
                     yield event
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if pubsub is not None:
+                await pubsub.aclose()
+
+    async def _watch_step(self, watch: Watch, pubsub: Any) -> list[JobEvent]:
+        step = watch.next()
+        if isinstance(step, Read):
+            return watch.on_records(step.job_ids, await self._redis.mget([job_key(i) for i in step.job_ids]))
+        return watch.on_message(await pubsub.get_message(timeout=step.timeout)) if isinstance(step, Listen) else []
 
     # -- objects ---------------------------------------------------------
     @property

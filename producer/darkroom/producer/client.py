@@ -12,17 +12,20 @@ Nothing here imports torch or diffusers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
+
+import redis
 
 from darkroom.common.broker import origin
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.events import JobEvent
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import Img2ImgJob, validate_job
-from darkroom.common.jobstore import JobRecord, JobStore, job_key, raise_taken
+from darkroom.common.jobstore import JobRecord, JobStore, Outage, job_key, raise_taken
 from darkroom.common.objectstore import ObjectStore
 from darkroom.common.producers import ProducerPolicy, ProducerRegistry
 from darkroom.common.quotas import QUOTA_SCRIPT, quota_call, quota_refusal
@@ -38,7 +41,6 @@ from ._cancel import cancel as cancel_job
 from ._watch import Listen, Read, Watch
 
 if TYPE_CHECKING:
-    import redis
     from PIL.Image import Image
 
 __all__ = ["Client", "JobHandle"]
@@ -241,18 +243,35 @@ class Client:
         in lifecycle order per job, from one pub/sub subscription to all of them. Raises JobNotFound for an
         unknown id and WaitTimeout when jobs are still running after ``timeout`` seconds.
         """
-        watch = Watch(job_ids, timeout)
-        pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]
+        watch, outage = Watch(job_ids, timeout), Outage(timeout)
+        pubsub: Any = None
         try:
-            if watch.job_ids:
-                pubsub.subscribe(*watch.channels)
-            while (step := watch.next()) is not None:
-                if isinstance(step, Read):
-                    yield from watch.on_records(step.job_ids, self._redis.mget([job_key(i) for i in step.job_ids]))
-                elif isinstance(step, Listen):
-                    yield from watch.on_message(pubsub.get_message(timeout=step.timeout))
+            while not watch.done:
+                try:
+                    if pubsub is None:
+                        pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]
+                        watch.subscribing()
+                        pubsub.subscribe(*watch.channels)
+                    events = self._watch_step(watch, pubsub)
+                    outage.over()
+                except (redis.ConnectionError, redis.TimeoutError):  # a failover: subscribe again on a new connection
+                    if not outage.lost():
+                        raise
+                    if pubsub is not None:
+                        pubsub.close()
+                    pubsub = None
+                    time.sleep(Outage.PAUSE_SECONDS)
+                    continue
+                yield from events
         finally:
-            pubsub.close()
+            if pubsub is not None:
+                pubsub.close()
+
+    def _watch_step(self, watch: Watch, pubsub: Any) -> list[JobEvent]:
+        step = watch.next()
+        if isinstance(step, Read):
+            return watch.on_records(step.job_ids, self._redis.mget([job_key(i) for i in step.job_ids]))
+        return watch.on_message(pubsub.get_message(timeout=step.timeout)) if isinstance(step, Listen) else []
 
     # -- objects ---------------------------------------------------------
     @property
