@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -53,3 +54,34 @@ def test_a_ctrl_c_during_a_send_lets_no_later_job_out(client: Client, worker: Wo
     assert submitter.stager.calls == 2 and len(submitter.waiting) == 6
     for job_id in submitter.in_flight:
         client.cancel(job_id)
+
+
+def test_a_run_outlives_its_subscription_being_dropped(client: Client) -> None:
+    from darkroom.common.lifecycle import Lifecycle
+    from darkroom.common.status import JobStatus
+
+    rdb = client.jobs.redis
+    # Given a run of four jobs for a model nobody serves (they stay queued), following them on its subscription
+    jobs = [client.prepare({"model": "nobody-serves-it", "image": "s3://darkroom/inputs/none.png", "prompt": "p",
+                            "seed": i}) for i in range(4)]
+    before = {c["id"] for c in rdb.client_list() if int(c.get("sub", 0))}
+    submitter = Submitter(rdb, client._stager, client.fleet.queue_for, jobs, total=len(jobs), done=0, window=4)
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(finished=submitter.run()))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not (mine := [c["id"] for c in rdb.client_list() if int(c.get("sub", 0)) and c["id"] not in before]) \
+            or len(submitter.in_flight) < len(jobs):
+        assert time.monotonic() < deadline, "the run never subscribed and sent its jobs"
+        time.sleep(0.05)
+    # When the server drops that subscription (as a failover does), and the jobs end while it is gone
+    for client_id in mine:
+        rdb.client_kill_filter(_id=client_id)
+    for job in jobs:
+        Lifecycle(rdb).cancel(job.job_id or "")
+    runner.join(timeout=30)
+    # Then the run subscribed again, read what it missed, and ended with every job counted once
+    assert not runner.is_alive()
+    assert outcome["finished"] is True
+    assert submitter.outcomes == {job.job_id: JobStatus.CANCELLED for job in jobs}
+    assert submitter.progress().failed == len(jobs) and not submitter.in_flight

@@ -294,3 +294,30 @@ def test_the_augment_package_exports_the_intended_names() -> None:
     ])
     for name in augment.__all__:
         assert getattr(augment, name) is not None
+
+
+def test_a_batch_whose_round_trip_was_lost_goes_back_to_the_front_of_the_line() -> None:
+    import redis
+
+    from darkroom.common.jobs import Img2ImgJob
+    from darkroom.producer.augment.submitter import Submitter
+
+    class LostPipeline:
+        def execute(self) -> list[Any]:
+            raise redis.ConnectionError("Connection closed by server.")
+
+    class Connection:  # stands in for the client only to lose one round trip; the real case: test_augment_stop
+        def pipeline(self, transaction: bool = True) -> LostPipeline:
+            return LostPipeline()
+
+    class Stager:
+        def stage(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    jobs = [Img2ImgJob(model="tiny", image="s3://bkt/in.png", prompt="x", job_id=f"job-{i}") for i in range(5)]
+    submitter = Submitter(Connection(), Stager(), lambda model: "q", jobs, total=5, done=0, window=4,  # type: ignore[arg-type]
+                          chunk=3)
+    with pytest.raises(redis.ConnectionError):
+        submitter._send()
+    assert [job.job_id for job in submitter.waiting] == [f"job-{i}" for i in range(5)]
+    assert submitter.progress().submitted == 0 and not submitter.in_flight

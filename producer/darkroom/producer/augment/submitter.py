@@ -7,7 +7,10 @@ whenever the window has room: each job is created in one atomic script, or, when
 its id, replaces that job if it failed or was cancelled (``jobstore.stage_create(..., resubmit=True)``); a
 job of that id that is still queued or running (a previous run's, or a concurrent one's) is followed, not
 sent again, and one that succeeded is counted done. A terminal event frees a place in the window. After 5 s without news the records of the jobs in
-flight are read once (one MGET), in case pub/sub lost a message across a reconnect.
+flight are read once (one MGET), in case pub/sub lost a message across a reconnect. A lost connection (a
+Sentinel failover, a Redis restart) is survived for up to 30 s of outage (``jobstore.Outage``): the run
+subscribes again, reads the records of its jobs in flight, and sends a batch whose round trip failed again
+(a job of it that was created already is then found and followed, not created twice).
 
 Progress is reported to a callback (the CLI's bar) and to Redis for dashboards
 (:mod:`darkroom.common.augment_keys`).
@@ -16,6 +19,7 @@ Progress is reported to a callback (the CLI's bar) and to Redis for dashboards
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -23,10 +27,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, RunState, augment_run_key
 from darkroom.common.events import ALL_EVENTS_CHANNEL, JobEvent
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.common.jobstore import job_key, refused_status
+from darkroom.common.jobstore import Outage, job_key, refused_status
 from darkroom.common.status import JobStatus
 
 from .._submission import Stager
@@ -38,6 +44,9 @@ _TERMINAL_MARKS = tuple(f'"status":"{s.value}"'.encode() for s in (JobStatus.SUC
                                                                     JobStatus.CANCELLED))
 _TICK = 0.25
 _RATE_WINDOW = 60.0
+_LOST = (redis.ConnectionError, redis.TimeoutError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,21 +126,35 @@ class Submitter:
     # -- the loop --------------------------------------------------------------
     def run(self) -> bool:
         """Submit and follow; True once every job ended, False when stopped first (jobs sent keep running)."""
-        pubsub = self.redis.pubsub()
         if self.board is not None:
             self.board.start(self.progress())
-        finished = False
+        finished, outage, pubsub = False, Outage(), None
         try:
-            _subscribe(pubsub, ALL_EVENTS_CHANNEL)  # before the first job is sent: no event can be missed
-            finished = self._loop(pubsub)
-            return finished
+            while True:
+                try:
+                    if pubsub is None:
+                        pubsub = self.redis.pubsub()
+                        _subscribe(pubsub, ALL_EVENTS_CHANNEL)  # before a job is sent: no event can be missed
+                        self._recheck()  # after a lost connection: what ended while nobody listened
+                    finished = self._loop(pubsub, outage)
+                    return finished
+                except _LOST as exc:
+                    if not outage.lost():
+                        raise
+                    log.warning("augmentation run: Redis connection lost (%s); subscribing again", exc)
+                    if pubsub is not None:
+                        pubsub.close()
+                    pubsub = None
+                    time.sleep(Outage.PAUSE_SECONDS)
         finally:
             self._tick(force=True, state=RunState.FINISHED if finished else RunState.STOPPED)
-            pubsub.close()
+            if pubsub is not None:
+                pubsub.close()
 
-    def _loop(self, pubsub: Any) -> bool:
+    def _loop(self, pubsub: Any, outage: Outage) -> bool:
         last_news = time.monotonic()
         while not self.stop.is_set():
+            outage.over()
             if self.waiting and len(self.in_flight) < self.window:
                 self._send()
                 self._drain(pubsub)
@@ -160,7 +183,12 @@ class Submitter:
         pipe = self.redis.pipeline(transaction=False)
         for job in batch:
             self.stager.stage(pipe, job, self.queue_for(job.model), resubmit=job.job_id in self.recorded)
-        for job, reply in zip(batch, pipe.execute(), strict=True):
+        try:
+            replies = pipe.execute()
+        except _LOST:  # sent again after reconnecting; jobs this round trip did create are then followed
+            self.waiting.extendleft(reversed(batch))
+            raise
+        for job, reply in zip(batch, replies, strict=True):
             status = refused_status(reply)
             if status is None:
                 self._counts["submitted"] += 1
