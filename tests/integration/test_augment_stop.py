@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -61,11 +62,14 @@ def test_a_run_outlives_its_subscription_being_dropped(client: Client) -> None:
     from darkroom.common.status import JobStatus
 
     rdb = client.jobs.redis
-    # Given a run of four jobs for a model nobody serves (they stay queued), following them on its subscription
-    jobs = [client.prepare({"model": "nobody-serves-it", "image": "s3://darkroom/inputs/none.png", "prompt": "p",
-                            "seed": i}) for i in range(4)]
+    from darkroom.common.jobs import Img2ImgJob
+
+    # Given a run of four jobs sent to a queue no worker reads (they stay queued), followed on its subscription
+    jobs = [Img2ImgJob.model_validate({"model": "tiny", "image": "s3://darkroom/inputs/none.png", "prompt": "p",
+                                       "seed": i, "job_id": uuid.uuid4().hex}) for i in range(4)]
+    unread = f"test-unread-{uuid.uuid4().hex}"
     before = {c["id"] for c in rdb.client_list() if int(c.get("sub", 0))}
-    submitter = Submitter(rdb, client._stager, client.fleet.queue_for, jobs, total=len(jobs), done=0, window=4)
+    submitter = Submitter(rdb, client._stager, lambda model: unread, jobs, total=len(jobs), done=0, window=4)
     outcome: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: outcome.update(finished=submitter.run()))
     runner.start()
@@ -85,3 +89,4 @@ def test_a_run_outlives_its_subscription_being_dropped(client: Client) -> None:
     assert outcome["finished"] is True
     assert submitter.outcomes == {job.job_id: JobStatus.CANCELLED for job in jobs}
     assert submitter.progress().failed == len(jobs) and not submitter.in_flight
+    rdb.delete(unread)

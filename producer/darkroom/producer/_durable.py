@@ -21,10 +21,11 @@ import redis.sentinel
 
 from darkroom.common.errors import NotReplicated, RedisUnavailable
 from darkroom.common.jobs import Img2ImgJob
-from darkroom.common.jobstore import JobRecord
+from darkroom.common.jobstore import JobRecord, Outage
 from darkroom.common.status import JobStatus
 
-__all__ = ["REDIS_DOWN", "add_wait", "already_submitted", "redis_unavailable", "require_replicas", "split_wait"]
+__all__ = ["REDIS_DOWN", "add_wait", "already_submitted", "reconnect_or_raise", "redis_unavailable",
+           "require_replicas", "split_wait", "unavailable"]
 
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.ConnectionError,  # refused, reset, MasterNotFoundError, a demoted primary (Sentinel-managed clients)
@@ -70,12 +71,26 @@ def redis_unavailable(action: str, jobs: Sequence[Img2ImgJob] = ()) -> Iterator[
     except _WRONG_CREDENTIALS:
         raise  # a wrong password is not a failover: retrying will not help
     except REDIS_DOWN as exc:
-        ids = [job.job_id or "" for job in jobs]
-        again = " Submitting the same jobs again (exc.jobs, same job_id) is safe." if jobs else ""
-        raise RedisUnavailable(
-            f"Redis is unavailable or failing over; could not {action} ({type(exc).__name__}: {exc}). Try again in "
-            f"a few seconds.{again}", ids, list(jobs),
-        ) from exc
+        raise unavailable(action, exc, jobs) from exc
+
+
+def unavailable(action: str, exc: Exception, jobs: Sequence[Img2ImgJob] = ()) -> RedisUnavailable:
+    """The SDK's retryable error for redis-py's ``exc`` while doing ``action``."""
+    ids = [job.job_id or "" for job in jobs]
+    again = " Submitting the same jobs again (exc.jobs, same job_id) is safe." if jobs else ""
+    return RedisUnavailable(
+        f"Redis is unavailable or failing over; could not {action} ({type(exc).__name__}: {exc}). Try again in "
+        f"a few seconds.{again}", ids, list(jobs),
+    )
+
+
+def reconnect_or_raise(exc: Exception, outage: Outage, action: str) -> None:
+    """Return when a subscriber that lost its connection (``exc``, one of REDIS_DOWN) should subscribe again;
+    raise RedisUnavailable once the outage outlasts its window, and wrong credentials at once."""
+    if isinstance(exc, _WRONG_CREDENTIALS):
+        raise exc
+    if not outage.lost():
+        raise unavailable(action, exc) from exc
 
 
 def already_submitted(record: JobRecord | None, job: Img2ImgJob) -> bool:

@@ -238,9 +238,8 @@ class AsyncClient:
                         await pubsub.subscribe(*watch.channels)
                     events = await self._watch_step(watch, pubsub)
                     outage.over()
-                except (redis.ConnectionError, redis.TimeoutError):  # a failover: subscribe again on a new connection
-                    if not outage.lost():
-                        raise
+                except _durable.REDIS_DOWN as exc:  # a failover: subscribe again on a new connection
+                    _durable.reconnect_or_raise(exc, outage, "follow the jobs")
                     if pubsub is not None:
                         await pubsub.aclose()
                     pubsub = None

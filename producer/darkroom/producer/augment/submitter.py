@@ -27,14 +27,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from darkroom.common.augment_keys import AUGMENT_RUNS_KEY, RunState, augment_run_key
 from darkroom.common.events import ALL_EVENTS_CHANNEL, JobEvent
 from darkroom.common.jobs import Img2ImgJob
 from darkroom.common.jobstore import Outage, job_key, refused_status
 from darkroom.common.status import JobStatus
 
+from .._durable import REDIS_DOWN, reconnect_or_raise
 from .._submission import Stager
 
 __all__ = ["Progress", "RunBoard", "Submitter"]
@@ -44,7 +43,6 @@ _TERMINAL_MARKS = tuple(f'"status":"{s.value}"'.encode() for s in (JobStatus.SUC
                                                                     JobStatus.CANCELLED))
 _TICK = 0.25
 _RATE_WINDOW = 60.0
-_LOST = (redis.ConnectionError, redis.TimeoutError)
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +136,8 @@ class Submitter:
                         self._recheck()  # after a lost connection: what ended while nobody listened
                     finished = self._loop(pubsub, outage)
                     return finished
-                except _LOST as exc:
-                    if not outage.lost():
-                        raise
+                except REDIS_DOWN as exc:
+                    reconnect_or_raise(exc, outage, "follow the run's jobs")
                     log.warning("augmentation run: Redis connection lost (%s); subscribing again", exc)
                     if pubsub is not None:
                         pubsub.close()
@@ -185,7 +182,7 @@ class Submitter:
             self.stager.stage(pipe, job, self.queue_for(job.model), resubmit=job.job_id in self.recorded)
         try:
             replies = pipe.execute()
-        except _LOST:  # sent again after reconnecting; jobs this round trip did create are then followed
+        except REDIS_DOWN:  # sent again after reconnecting; jobs this round trip did create are then followed
             self.waiting.extendleft(reversed(batch))
             raise
         for job, reply in zip(batch, replies, strict=True):
