@@ -144,3 +144,15 @@ def test_an_outage_never_outlasts_the_wait_s_own_timeout() -> None:
     assert outage.lost()
     clock.now += 3.0
     assert not outage.lost()
+
+
+def test_a_subscription_redis_py_renewed_by_itself_makes_the_watch_read_again() -> None:
+    # Given a watch that has read and is listening
+    watch = Watch(["a", "b"])
+    subscribed(watch)
+    watch.on_records(["a", "b"], [record("a", JobStatus.QUEUED), record("b", JobStatus.QUEUED)])
+    assert isinstance(watch.next(), Listen)
+    # When redis-py reconnects on its own and its new subscriptions are confirmed (no error reached the driver)
+    subscribed(watch)
+    # Then the watch reads the records at once, since events published in the gap are lost
+    assert watch.next() == Read(["a", "b"])

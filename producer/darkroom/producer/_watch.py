@@ -116,7 +116,10 @@ class Watch:
             self._read_due = True
             return []
         if message["type"] == "subscribe":
-            self._unconfirmed -= 1
+            if self._unconfirmed > 0:
+                self._unconfirmed -= 1
+            else:  # redis-py reconnected and subscribed again by itself: what was published meanwhile is lost
+                self._read_due = True
             return []
         if message["type"] != "message":
             return []

@@ -202,6 +202,9 @@ class Submitter:
 
     def _on_message(self, message: dict[str, Any] | None) -> bool:
         """Count a terminal event of a job in flight; True when it was one. Other events are skipped unparsed."""
+        if message is not None and message.get("type") == "subscribe":  # redis-py reconnected by itself:
+            self._recheck()  # what ended while the old connection was gone is read now, not after 5 s of silence
+            return False
         if message is None or message.get("type") != "message":
             return False
         data = message["data"]
