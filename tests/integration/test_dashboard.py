@@ -197,7 +197,8 @@ def test_a_submitted_job_appears_moves_through_its_states_live_and_shows_its_thu
     expect(row).to_be_visible()
     status = row.locator("[data-job-status]")
     expect(status).to_have_text("succeeded")
-    assert status.get_attribute("data-trail") == "queued started succeeded"
+    # (the text can come from a refreshed row a moment before the live "succeeded" event extends the trail)
+    expect(status).to_have_attribute("data-trail", "queued started succeeded")
     assert int(status.get_attribute("data-progress-events") or 0) >= 1  # step i of n arrived live too
     thumb = row.locator("img[data-thumb]")
     expect(thumb).to_have_attribute("data-loaded", "1")

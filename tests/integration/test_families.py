@@ -24,7 +24,7 @@ from darkroom.dev.process import WorkerProcess
 from darkroom.dev.tiny import make_tiny_model
 from darkroom.producer.client import Client
 
-from ..helpers import png_bytes
+from ..helpers import png_bytes, wait_until
 from .helpers import spawn_worker
 from .test_walking_skeleton import fetch_image
 
@@ -186,14 +186,20 @@ def test_models_of_every_family_share_one_memory_budget(
                           DARKROOM_BATCH_MAX_WAIT_MS="0").start(timeout=180)
     try:
         uri, _ = upload(client, 3)
+
+        def announced(model_id: str) -> Any:
+            """The worker's report once it announces ``model_id`` resident: the heartbeat thread announces a
+            change of resident models on its own, so a job can end before its load is announced."""
+            (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
+            return report if model_id in report.resident_models else None
+
         # When jobs of every family arrive interleaved, one at a time
         for model in ("xl", "sd3", "flux", "xl", "tiny", "flux"):
             job = {"model": ids[model], "image": uri, "seed": 1, **job_params(model)}
             assert client.submit(job).wait(timeout=300).worker == worker.name
-            # Then after each, the resident weights stay within the budget
-            (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
+            # Then after each, its model is resident and the resident weights stay within the budget
+            report = wait_until(lambda m=ids[model]: announced(m), 60, f"{ids[model]} announced resident")
             assert 0 < report.resident_bytes <= report.memory_budget == 8_500_000
-            assert ids[model] in report.resident_models
         # And models of other families were evicted to make room
         (report,) = [w.report for w in client.fleet.workers(fresh=True) if w.name == worker.name]
         assert report.cache.evictions >= 3
@@ -301,8 +307,6 @@ def test_a_chained_job_waits_for_its_upstream_and_fails_or_is_cancelled_with_it(
     up, down = client.submit_chain([{"model": idle, "image": uri, "prompt": "x"},
                                     {"model": "tiny", "prompt": "y", "num_inference_steps": 4}])
     # Then the chained job stays queued, its history saying what it waits for
-    from ..helpers import wait_until
-
     wait_until(lambda: any(e.get("event") == "waiting_upstream" for e in client.jobs.history(down.job_id)),
                timeout=120, what="a waiting_upstream note")
     assert client.status(down.job_id).status.value == "queued"
