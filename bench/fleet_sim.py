@@ -18,6 +18,8 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               model, further jobs go to its cold queue, where any worker may take them (and load the model).
 ``static``    darkroom's routing with assist off (``DARKROOM_ASSIST=false``: no idle worker joins a flood's
               holders), i.e. hot/cold routing alone.
+``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
+              flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``).
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed (what Ray Serve's model
               multiplexing does without its routing hint).
@@ -302,6 +304,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     profile.write_text(json.dumps(profile_for(args, workload)))
     if policy == "static":
         env = {**env, "DARKROOM_ASSIST": "false"}
+    if policy.startswith("assist="):
+        env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": policy.partition("=")[2]}
     fleet = Fleet(env, profile, folder / policy / "logs")
     client = Client(settings)
     client.jobs.redis.flushall()
@@ -330,7 +334,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
 
     client.fleet.queue_for = {"darkroom": darkroom_route, "static": darkroom_route,  # type: ignore[method-assign,assignment]
                               "spill": spill_route,
-                              "baseline": cold_queue}[policy]
+                              "baseline": cold_queue}.get(policy, darkroom_route)
     print(f"[{policy}] starting {args.workers} simulated workers ...", file=sys.stderr)
     t0 = time.monotonic()
     fleet.spawn(workload.preload)
@@ -506,6 +510,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, workload: Wo
     return "\n".join(out)
 
 
+def _assist_policy(policy: str) -> bool:
+    name, _, ratio = policy.partition("=")
+    try:
+        return name == "assist" and 0 < float(ratio) <= 100
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=50, help="simulated worker processes (about 84 MB each)")
@@ -522,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
                         help="comma-separated: darkroom, baseline, static (darkroom without assist), spill (darkroom, "
-                             "but a hot queue deeper than --spill jobs per holder overflows to the model's cold queue)")
+                             "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
+                             "queue), assist=R (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R)")
     parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
@@ -535,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=22, help="seed of the workload (same jobs for every policy)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
+        if policy not in ("darkroom", "baseline", "static", "spill") and not _assist_policy(policy):
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, spill or assist=R "
+                         "with R > 0 (e.g. assist=0.25)")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale
     if args.workers < 1 or args.jobs < 1 or not 0 < args.load <= 2:

@@ -51,6 +51,18 @@ def test_helpers_stop_where_the_backlog_would_drain_before_their_load_ends() -> 
     assert helper_places("sd", 60, [worker("w1", {"sd": 2 * GB})], queue_depth=4) == 15
 
 
+def test_less_work_per_load_sends_more_helpers() -> None:
+    # the same 60 images of 0.5 s and 3 s loads: at half a load of work each, 30 / (1 + n) >= 1.5 up to n = 19
+    holder = [worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=3.0, image_seconds=0.5)})]
+    assert helper_places("sd", 60, holder, queue_depth=1, work_per_load=0.5) == 19
+    assert helper_places("sd", 60, holder, queue_depth=1, work_per_load=2.0) == 4
+    assert helper_places("sd", 60, holder, queue_depth=4, work_per_load=0.5) == 15  # the depth still bounds it
+    # and a slow load that was worth no helper at one load each is worth some at a tenth
+    slow = [worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=40.0, image_seconds=0.5)})]
+    assert [c.places for c in candidates({"sd": 60}, slow, me="me", free_bytes=10 * GB, queue_depth=4,
+                                         work_per_load=0.1)] == [6]
+
+
 def test_a_model_this_worker_holds_is_never_a_candidate() -> None:
     assert candidates({"sd": 100}, FLEET, me="w1", free_bytes=10 * GB, queue_depth=16) == []
 

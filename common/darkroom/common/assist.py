@@ -68,12 +68,13 @@ def hot_backlogs(client: redis.Redis, models: Iterable[str]) -> dict[str, int]:
 
 
 def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, free_bytes: int,
-               queue_depth: int) -> list[Candidate]:
+               queue_depth: int, work_per_load: float = 1.0) -> list[Candidate]:
     """Models this worker may help with, deepest backlog first (a pure decision; see the module docs).
 
     ``backlogs``: from :func:`hot_backlogs`; ``workers``: the fleet's reports; ``me``: this worker's name (a
     model it holds is not a candidate); ``free_bytes``: its memory budget minus its resident bytes;
-    ``queue_depth``: backlog per helper place (``assist_queue_depth``).
+    ``queue_depth``: backlog per helper place (``assist_queue_depth``); ``work_per_load``: see
+    :func:`helper_places` (``assist_work_per_load``).
     """
     found = []
     for model, depth in backlogs.items():
@@ -85,25 +86,29 @@ def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, 
         size = min(w.report.resident_bytes for w in holders)
         if size <= 0 or size > free_bytes:
             continue  # size unknown, or it would evict a model of ours: leave it to the holders
-        places = helper_places(model, depth, holders, queue_depth)
+        places = helper_places(model, depth, holders, queue_depth, work_per_load)
         if places > 0:
             found.append(Candidate(model, depth, len(holders), places))
     return sorted(found, key=lambda c: (-c.backlog / c.holders, c.model))
 
 
-def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_depth: int) -> int:
+def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_depth: int,
+                  work_per_load: float = 1.0) -> int:
     """How many more workers are worth a load of ``model`` for ``backlog`` waiting messages.
 
-    At most one per ``queue_depth`` messages; and where the holders report the model's times (load seconds,
-    pipeline seconds per image), no more than keep the backlog's drain, shared by holders and helpers, at
-    least as long as one load: a helper whose load outlasts the drain only adds loading.
+    At most one per ``queue_depth`` messages; and where the holders report the model's times (load seconds
+    *l*, pipeline seconds per image *i*), no more than give each worker, holders and helpers alike, at least
+    ``work_per_load`` loads' worth of the backlog's work: ``backlog × i ÷ (work_per_load × l) − holders``.
+    At 1.0 a helper's load never outlasts its share of the drain; below 1.0 more idle workers load the
+    model, which drains a flood sooner (while the holders alone would take longer than a load, every
+    helper shortens it) at the price of more loads per job.
     """
     places = backlog // queue_depth
     times = [t for t in (w.report.model_times.get(model) for w in holders) if t is not None]
     loads = [t.load_seconds for t in times if t.load_seconds > 0]
     images = [t.image_seconds for t in times if t.image_seconds]
     if loads and images:
-        worth = int(backlog * statistics.median(images) / statistics.median(loads)) - len(holders)
+        worth = int(backlog * statistics.median(images) / (work_per_load * statistics.median(loads))) - len(holders)
         places = min(places, worth)
     return max(0, places)
 

@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 class Assist:
     """Every ``interval`` seconds, while no job runs here: drop a stale assist, else start one if due."""
 
-    def __init__(self, ctx: WorkerContext, *, queue_depth: int, interval: float, hold: float) -> None:
+    def __init__(self, ctx: WorkerContext, *, queue_depth: int, interval: float, hold: float,
+                 work_per_load: float = 1.0) -> None:
         self.ctx = ctx
         self.fleet = Fleet(ctx.redis)
         self.queue_depth = queue_depth
+        self.work_per_load = work_per_load
         self.interval = interval
         self.hold = hold
         self.assisted = 0  # models assisted since start
@@ -44,7 +46,7 @@ class Assist:
             return None
         free = max(0, report.memory_budget - report.resident_bytes)
         for candidate in candidates(backlogs, self.fleet.workers(), me=self.ctx.name, free_bytes=free,
-                                    queue_depth=self.queue_depth):
+                                    queue_depth=self.queue_depth, work_per_load=self.work_per_load):
             if claim(self.ctx.redis, candidate, ttl_seconds=2 * self.interval):
                 log.info("assisting with model %s: %d messages wait for %d holder(s)", candidate.model,
                          candidate.backlog, candidate.holders)

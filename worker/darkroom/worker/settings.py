@@ -75,6 +75,13 @@ class WorkerSettings(Settings):
                                          "worker that comes to help with it (fewer helpers where the holders' "
                                          "load and per-image times say the backlog drains before a load ends).",
     )
+    assist_work_per_load: float = Field(
+        1.0, gt=0, le=100, description="Work, in model-load times, that each worker of a model (holders and "
+                                       "helpers) should get from its backlog: helpers stop coming once the "
+                                       "backlog's pipeline seconds, shared out, fall below this many loads. "
+                                       "Lower: more idle workers load the model and a flood drains sooner, with "
+                                       "more loads per job.",
+    )
     assist_interval_seconds: float = Field(
         2.0, gt=0, le=600, description="How often an idle worker looks for a model to assist with.",
     )
