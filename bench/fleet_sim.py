@@ -19,7 +19,8 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
 ``static``    darkroom's routing with assist off (``DARKROOM_ASSIST=false``: no idle worker joins a flood's
               holders), i.e. hot/cold routing alone.
 ``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
-              flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``).
+              flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``);
+              ``assist=R/D`` also sets ``DARKROOM_ASSIST_QUEUE_DEPTH=D`` (waiting messages per helper, default 4).
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed (what Ray Serve's model
               multiplexing does without its routing hint).
@@ -305,7 +306,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     if policy == "static":
         env = {**env, "DARKROOM_ASSIST": "false"}
     if policy.startswith("assist="):
-        env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": policy.partition("=")[2]}
+        ratio, _, depth = policy.partition("=")[2].partition("/")
+        env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": ratio, **({"DARKROOM_ASSIST_QUEUE_DEPTH": depth} if depth else {})}
     fleet = Fleet(env, profile, folder / policy / "logs")
     client = Client(settings)
     client.jobs.redis.flushall()
@@ -511,9 +513,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, workload: Wo
 
 
 def _assist_policy(policy: str) -> bool:
-    name, _, ratio = policy.partition("=")
+    """Whether ``policy`` is ``assist=R`` or ``assist=R/D`` with 0 < R <= 100 and D >= 1."""
+    name, _, value = policy.partition("=")
+    ratio, _, depth = value.partition("/")
     try:
-        return name == "assist" and 0 < float(ratio) <= 100
+        return name == "assist" and 0 < float(ratio) <= 100 and (not depth or int(depth) >= 1)
     except ValueError:
         return False
 
@@ -535,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="darkroom,baseline",
                         help="comma-separated: darkroom, baseline, static (darkroom without assist), spill (darkroom, "
                              "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
-                             "queue), assist=R (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R)")
+                             "queue), assist=R or assist=R/D (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R and "
+                             "DARKROOM_ASSIST_QUEUE_DEPTH=D)")
     parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
@@ -550,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
         if policy not in ("darkroom", "baseline", "static", "spill") and not _assist_policy(policy):
-            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, spill or assist=R "
-                         "with R > 0 (e.g. assist=0.25)")
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, spill, assist=R "
+                         "or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1)")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale
     if args.workers < 1 or args.jobs < 1 or not 0 < args.load <= 2:
