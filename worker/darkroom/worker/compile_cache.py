@@ -1,13 +1,16 @@
 """torch.compile's on-disk caches in the worker's own cache folder, so a restarted worker starts warm.
 
 Inductor keeps what it compiled (the FX graph cache: generated code and built kernels; the AOTAutograd
-cache; dynamo's recorded dynamic-shape decisions) under ``TORCHINDUCTOR_CACHE_DIR``, by default a
+cache) under ``TORCHINDUCTOR_CACHE_DIR``, by default a
 per-user folder in the system temp directory, which containers and reboots often wipe. A worker puts it
 under its state folder instead (``<state_dir>/cache/torch-compile``, beside the model file cache), so the
 next worker on the host (after a restart, a scale-up from zero) finds the kernels already built and its
 first compiled call costs tracing, not code generation. Both caches are keyed on the graph, the shapes,
 the torch version and the configuration, so a stale entry is never used; several workers of a host share
-the folder safely (inductor writes entries atomically).
+the folder safely (inductor writes entries atomically). Dynamo's own tracing is not cached: each process
+traces the denoiser again (once per warm-up size, :mod:`.dynamic_batch`). Dynamo's profile of dynamic
+dimensions (kept there only with ``torch.compiler.config.job_id`` set) is not used: it does not match
+diffusers' denoisers across processes (see :mod:`.dynamic_batch`).
 
 An operator's own ``TORCHINDUCTOR_CACHE_DIR`` wins (e.g. a shared volume), unless it names torch's
 default folder: torch writes that default into the environment itself once it resolves the folder (importing
@@ -19,10 +22,10 @@ default in torch 2.4 and later, and their own switches (``TORCHINDUCTOR_FX_GRAPH
 
 The folder also remembers that the worker's start-up compiler probe passed (:func:`probe_marker`): a file
 named after the torch version, the device type and the compiler (CPU: the C++ compiler inductor runs, ``CXX`` or
-``g++``, by path, size and modification time; CUDA: triton's version). A worker that finds it skips the probe,
-whose warm cost is mostly its own compile (the imports it pulls in, the warm-up needs anyway); another torch,
-compiler or device runs the probe again, so a missing compiler still stops the worker at start-up with a
-clear error.
+``g++``, by path, size and modification time; CUDA: triton's version). A worker that finds it skips the probe's
+compile; the inductor modules the probe imported (most of its cost with a warm cache) are then imported by the
+warm-up, which needs them anyway. Another torch, compiler or device runs the probe again, so a missing
+compiler still stops the worker at start-up with a clear error.
 """
 
 from __future__ import annotations
