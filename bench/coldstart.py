@@ -16,7 +16,11 @@ Variants, interleaved within each round so that a change in the machine's load h
   the kernels compile-cold built in its cache folder (<state>/cache/torch-compile);
 - baseline (only with --baseline-tree DIR): eager, but the worker runs the sources of another checkout
   DIR (e.g. the main branch before a change), for a before/after comparison within one run. An older
-  checkout may log no start-up line: then only its total and CPU time are shown.
+  checkout may log no start-up line: then only its total and CPU time are shown;
+- baseline-compile-cold, baseline-compile-warm (with --baseline-tree DIR): compile-cold and compile-warm
+  with the other checkout's sources, on state folders of their own (e.g. `--variants
+  compile-warm,baseline-compile-warm --baseline-tree ../main`: each fills its own cache once, then the
+  two warm starts alternate).
 
 Where the seconds go, from the worker's own records: its start-up line (`ready N s after the process
 started: interpreter, imports, services, models, consumer`, see darkroom.worker.startup) and the job's
@@ -65,7 +69,7 @@ from typing import Any
 import _common  # quiets libraries before they load; shared helpers
 from _common import table
 
-VARIANTS = ("eager", "compile-cold", "compile-warm", "baseline")
+VARIANTS = ("eager", "compile-cold", "compile-warm", "baseline", "baseline-compile-cold", "baseline-compile-warm")
 DEFAULT_VARIANTS = "eager,compile-cold,compile-warm"
 TARGETS = {"eager": 6.0, "compile-warm": 10.0}
 START_STAGES = ("interpreter", "imports", "services", "models", "consumer")
@@ -93,16 +97,16 @@ def main() -> None:
                         help="also run one eager start under python -X importtime and print the costliest imports")
     parser.add_argument("--top", type=int, default=12, help="packages listed by --imports")
     parser.add_argument("--baseline-tree", type=Path, default=None,
-                        help="a checkout whose common/, producer/, worker/ and dev/ sources the 'baseline' variant "
-                             "runs (added to --variants when given)")
+                        help="a checkout whose common/, producer/, worker/ and dev/ sources the baseline variants "
+                             "run ('baseline', eager, is added to --variants when no baseline variant is named)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the workers' logs and state in this folder")
     parser.add_argument("--json", action="store_true", help="also print the measurements as JSON")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.baseline_tree is not None and "baseline" not in variants:
+    if args.baseline_tree is not None and not any(map(is_baseline, variants)):
         variants.append("baseline")
-    if "baseline" in variants and args.baseline_tree is None:
-        parser.error("the baseline variant needs --baseline-tree DIR (a checkout to compare with)")
+    if any(map(is_baseline, variants)) and args.baseline_tree is None:
+        parser.error("the baseline variants need --baseline-tree DIR (a checkout to compare with)")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         parser.error(f"--variants {args.variants!r}: unknown {', '.join(unknown) or '(none given)'}; "
@@ -136,14 +140,15 @@ def run(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
             with Client(settings) as client:
                 source = upload_input(client, args.size)
                 bench = ColdStart(args, client, endpoints.as_env(), model, source, tmp)
-                if "compile-warm" in variants and "compile-cold" not in variants:
-                    bench.once("compile-cold", tmp / "state-compile-0")  # fills the cache compile-warm starts with
+                for warm in (v for v in variants if v.endswith("compile-warm")):
+                    cold = warm.replace("-warm", "-cold")
+                    if cold not in variants:
+                        bench.once(cold, tmp / state_folder(warm, 0))  # fills the cache the warm variant starts with
                 for round_ in range(args.rounds):
                     for variant in variants:
-                        state = tmp / (f"state-compile-{round_}" if variant.startswith("compile")
-                                       else f"state-{variant}-{round_}")
-                        if variant == "compile-warm" and "compile-cold" not in variants:
-                            state = tmp / "state-compile-0"
+                        state = tmp / state_folder(variant, round_)
+                        if variant.endswith("compile-warm") and variant.replace("-warm", "-cold") not in variants:
+                            state = tmp / state_folder(variant, 0)
                         result = bench.once(variant, state)
                         runs[variant].append(result)
                         print(f"round {round_ + 1}: {variant}: {result['wall']:.2f} s to the first result "
@@ -151,6 +156,18 @@ def run(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
                 if args.imports:
                     imports = bench.importtime(args.top)
     return {"rows": rows(args, runs), "runs": runs, "summary": summary(runs), "imports": imports}
+
+
+def is_baseline(variant: str) -> bool:
+    """Whether ``variant`` runs the --baseline-tree checkout's sources."""
+    return variant.startswith("baseline")
+
+
+def state_folder(variant: str, round_: int) -> str:
+    """The state folder of ``variant`` in ``round_``: a compile-warm start shares its compile-cold's (same tree)."""
+    if "compile" in variant:
+        return f"state-{'baseline-' if is_baseline(variant) else ''}compile-{round_}"
+    return f"state-{variant}-{round_}"
 
 
 def upload_input(client: Any, size: int) -> str:
@@ -175,12 +192,12 @@ class ColdStart:
     def env(self, variant: str, state: Path) -> dict[str, str]:
         env = {**os.environ, **self.service_env, "DARKROOM_STATE_DIR": str(state),
                "DARKROOM_METRICS_PORT": str(free_port()), "DARKROOM_SAFETY_CHECKER": self.args.safety,
-               "DARKROOM_COMPILE": "true" if variant.startswith("compile") else "false",
+               "DARKROOM_COMPILE": "true" if "compile" in variant else "false",
                # a first compiled call on a loaded CPU can outlast the default job time limit (120 s base)
                "DARKROOM_JOB_TIME_BASE_SECONDS": str(self.args.timeout),
                "DARKROOM_COMPILE_WARMUP_SIZES": f"{self.args.size}x{self.args.size}"}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the worker's own cache folder, under its state folder
-        if variant == "baseline":
+        if is_baseline(variant):
             tree = self.args.baseline_tree.resolve()
             env["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in ("common", "producer", "worker", "dev"))
         if self.args.threads:
@@ -220,7 +237,7 @@ class ColdStart:
             stop(proc)
         text = log_path.read_text(errors="replace")
         ready = next((parsed for line in text.splitlines() if (parsed := parse_ready_line(line))), None)
-        if ready is None and variant != "baseline":
+        if ready is None and not is_baseline(variant):
             raise SystemExit(f"{variant}: the worker logged no start-up line; see {log_path}:\n{tail(log_path)}")
         ready_total, stages = ready or (0.0, {})
         t = result.timings
@@ -345,10 +362,24 @@ def rows(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> lis
                     out.append((f"{name} ({'time' if key == 'wall' else 'CPU time'})",
                                 f"{statistics.median(ratios):.2f}"
                                 + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")))
+    out += after_before(runs)
     if "compile-cold" in runs and "compile-warm" in runs:
         saved = [c["first call"] - w["first call"] for c, w in zip(runs["compile-cold"], runs["compile-warm"],
                                                                      strict=False)]
         out.append(("warm cache saves (first call)", spread(saved)))
+    return out
+
+
+def after_before(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """This tree's compiled starts divided by the --baseline-tree's, round by round (time and CPU time)."""
+    out = []
+    for variant in ("compile-cold", "compile-warm"):
+        if variant in runs and f"baseline-{variant}" in runs:
+            for key in ("wall", "cpu"):
+                ratios = [a[key] / b[key] for a, b in zip(runs[variant], runs[f"baseline-{variant}"], strict=False)]
+                out.append((f"{variant} / baseline-{variant} ({'time' if key == 'wall' else 'CPU time'})",
+                            f"{statistics.median(ratios):.2f}"
+                            + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")))
     return out
 
 

@@ -139,7 +139,7 @@ def test_bench_help_explains_variants_and_stages() -> None:
 
 def test_bench_refuses_unknown_variants_and_a_baseline_without_a_tree() -> None:
     for args, expected in ((["--variants", "eager,fast"], "unknown fast"), (["--variants", "baseline"], "--baseline-tree"),
-                           (["--rounds", "0"], "at least 1")):
+                           (["--variants", "baseline-compile-warm"], "--baseline-tree"), (["--rounds", "0"], "at least 1")):
         out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and expected in out.stderr, out.stderr
 
@@ -158,3 +158,21 @@ def test_bench_sums_import_time_by_package() -> None:
     assert rows[0][0].startswith("imports") and "4 modules" in rows[0][1] and "1.50 s" in rows[0][1]
     assert [name.strip() for name, _ in rows[1:]] == ["torch", "scipy"]
     assert "0.00 s" in rows[1][1] and "2 modules" in rows[1][1]
+
+
+def test_bench_keeps_each_trees_compile_cache_apart() -> None:
+    bench = _bench_module()
+    assert bench.state_folder("compile-warm", 1) == bench.state_folder("compile-cold", 1) == "state-compile-1"
+    assert bench.state_folder("baseline-compile-warm", 1) == bench.state_folder("baseline-compile-cold", 1)
+    assert bench.state_folder("baseline-compile-warm", 1) != "state-compile-1"
+    assert bench.state_folder("eager", 0) != bench.state_folder("baseline", 0)
+    assert bench.is_baseline("baseline-compile-cold") and not bench.is_baseline("compile-warm")
+
+
+def test_bench_divides_each_compiled_start_by_the_baselines_round_by_round() -> None:
+    bench = _bench_module()
+    runs = {"compile-warm": [{"wall": 10.0, "cpu": 9.0}, {"wall": 12.0, "cpu": 8.0}],
+            "baseline-compile-warm": [{"wall": 20.0, "cpu": 12.0}, {"wall": 16.0, "cpu": 16.0}]}
+    assert bench.after_before(runs) == [("compile-warm / baseline-compile-warm (time)", "0.62 (0.50-0.75)"),
+                                        ("compile-warm / baseline-compile-warm (CPU time)", "0.62 (0.50-0.75)")]
+    assert bench.after_before({"compile-warm": runs["compile-warm"]}) == []

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from darkroom.common.errors import ErrorCode, JobError
 from darkroom.common.jobs import Img2ImgJob
@@ -169,8 +170,11 @@ def test_a_compiled_denoiser_runs_switches_blends_hot_swaps_and_mixed_batches_wi
     pairs = [SlotAdapters(p, max_slots=2, rank=8) for p in (compiled, eager)]
     for slots in pairs:
         slots.bank.prewrap()
+    traced = counters["frames"]["total"]
     tuning.warm_up(compiled)
     assert recompiles.check() == 0
+    # (batch 1 and 2 with guidance: the denoiser sees batch 2 and 4, one trace with the batch dynamic)
+    assert counters["frames"]["total"] - traced == 1
     # When jobs switch adapters, blend them, evict one (hot-swap into its slot), and run mixed batches of 3 and 4
     sets = adapter_sets(loras)
     rounds: list[list[AdapterSet]] = [[sets[1]], [sets[3]], [()], [sets[2]], [sets[1], (), sets[4]],

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from darkroom.common.errors import ConfigurationError
+from darkroom.worker.compile_cache import CACHE_ENV
 from darkroom.worker.device import DeviceInfo, select_device
 from darkroom.worker.filecache import FileCache
 from darkroom.worker.pipelines import PipelineCache, load_pipeline
@@ -142,7 +143,8 @@ def test_compile_without_a_working_compiler_is_refused() -> None:
     assert "No working C++ compiler" in run.stderr and "DARKROOM_COMPILE=false" in run.stderr
 
 
-def test_compile_passes_the_check_where_a_compiler_works() -> None:
+def test_compile_passes_the_check_where_a_compiler_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)  # no remembered probe (compile_cache.probe_marker): run it
     Tuning(compile=True).check(CPU)
 
 

@@ -25,6 +25,7 @@ import importlib.util
 import logging
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from darkroom.common.errors import ConfigurationError
@@ -161,13 +162,18 @@ class Tuning:
         if self.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
         if self.compile:  # in place: the module (its config, its adapters API) keeps its class
-            (pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer).compile()
+            from .dynamic_batch import compile_dynamic_batch
+
+            compile_dynamic_batch(pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer)
 
     def warm_up(self, pipe: Any) -> float:
         """Compile ``pipe``'s denoiser now for every warm-up size at batch 1 and 2 (seconds taken).
 
-        Two batch sizes make dynamo mark the batch dimension dynamic, so later batches of any size run the
-        same graph; the recompiles this causes are expected and not counted (:func:`.recompiles.baseline`).
+        The denoiser's batch dimension is dynamic from its first trace (:mod:`.dynamic_batch`), so with
+        classifier-free guidance (the denoiser sees twice the images) batch 1 traces the graph every later
+        batch size runs, and batch 2 only checks it. Without guidance the denoiser's batch 1 is specialized
+        (dynamo's 0/1 rule) and batch 2 traces the dynamic graph. Recompiles during the warm-up are expected and
+        not counted (:func:`.recompiles.baseline`).
         """
         import time
 
@@ -196,6 +202,30 @@ class Tuning:
 
 
 def _compiler_problems(device: DeviceInfo) -> list[str]:
+    """Whether torch.compile works on the device: a probe passed before with this torch and compiler (its
+    marker in the compile cache folder, :func:`.compile_cache.probe_marker`), else the probe itself."""
+    import torch
+
+    from .compile_cache import probe_marker
+
+    marker = probe_marker(device.device, torch.__version__)
+    if marker is not None and marker.is_file():
+        log.info("torch.compile works on %s (probe passed before: %s)", device.device, marker.name)
+        return []
+    problems = _run_compiler_probe(device)
+    if not problems and marker is not None:
+        _remember_probe(marker)
+    return problems
+
+
+def _remember_probe(marker: Path) -> None:
+    try:
+        marker.write_text("torch.compile probe passed\n")
+    except OSError as exc:  # the cache folder is checked writable at start-up; this only costs the next probe
+        log.warning("could not record the passed compiler probe in %s (%s)", marker, exc.strerror)
+
+
+def _run_compiler_probe(device: DeviceInfo) -> list[str]:
     """Compile and run a two-op function on the device: the cheapest honest test that torch.compile works."""
     import torch
 
