@@ -197,8 +197,12 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _wait_with_jobstore(client: Client, job_id: str) -> JobStatus:
-    return client.jobs.wait(job_id, timeout=60).status
+def _wait_with_client(client: Client, job_id: str) -> JobStatus:
+    from darkroom.common.errors import JobCancelled
+
+    with pytest.raises(JobCancelled):
+        client.wait(job_id, timeout=60)
+    return client.status(job_id).status
 
 
 def _wait_with_watch(client: Client, job_id: str) -> JobStatus:
@@ -220,7 +224,7 @@ def _wait_with_asyncio(client: Client, job_id: str) -> JobStatus:
     return asyncio.run(wait())
 
 
-@pytest.mark.parametrize("waiter", [_wait_with_jobstore, _wait_with_watch, _wait_with_asyncio],
+@pytest.mark.parametrize("waiter", [_wait_with_client, _wait_with_watch, _wait_with_asyncio],
                          ids=["wait", "watch", "asyncio-wait"])
 def test_a_wait_outlives_its_subscription_being_dropped(client: Client, waiter: Any) -> None:
     from darkroom.common.jobs import Img2ImgJob

@@ -54,8 +54,9 @@ WAIT_RECONNECT_SECONDS = 30.0  # a waiter subscribes again this long after losin
 class Outage:
     """A waiter's lost connections (a failover, a restart): worth another try for ``WAIT_RECONNECT_SECONDS``.
 
-    The sync and asyncio waiters call :meth:`lost` when a command raises ConnectionError or TimeoutError
-    (re-raising when it answers False) and :meth:`over` once a command succeeds again.
+    The SDK's followers (``watch`` and ``wait`` of the sync and asyncio clients, ``darkroom augment``) call
+    :meth:`lost` when a command raises ConnectionError or TimeoutError (giving up when it answers False) and
+    :meth:`over` once a command succeeds again.
     """
 
     PAUSE_SECONDS = 0.5  # between tries
@@ -269,57 +270,6 @@ class JobStore:
     def dead_letters(self) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(DEAD_LETTERS_KEY)
         return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
-
-    # -- waiting ---------------------------------------------------------
-    def wait(
-        self,
-        job_id: str,
-        timeout: float | None = None,
-        on_event: Callable[[JobEvent], None] | None = None,
-    ) -> JobRecord:
-        """Block until the job is terminal; wake on its events (no polling loop).
-
-        Subscribes before reading the record, so an event published in between
-        is not missed. Re-reads the record every few seconds in case pub/sub lost
-        a message. A dropped connection (a failover, a restart) is subscribed
-        again, record re-read, for up to ``WAIT_RECONNECT_SECONDS`` before its
-        error is raised. Raises :class:`WaitTimeout`.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        outage = Outage(timeout)
-        pubsub: Any = None
-        try:
-            while True:
-                try:
-                    if pubsub is None:
-                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                        pubsub.subscribe(event_channel(job_id))
-                        record = self.require(job_id)  # after subscribing: no event falls in between
-                    if record.status.is_terminal:
-                        return record
-                    remaining = 5.0 if deadline is None else deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise WaitTimeout(job_id, None, f"still {record.status.value} after {timeout} s")
-                    message = pubsub.get_message(timeout=min(remaining, 5.0))
-                    outage.over()
-                    if message is None:
-                        record = self.require(job_id)
-                        continue
-                    event = JobEvent.model_validate_json(message["data"])
-                    if on_event is not None:
-                        on_event(event)
-                    if event.type is not EventType.PROGRESS:
-                        record = self.require(job_id)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    if not outage.lost():
-                        raise
-                    if pubsub is not None:
-                        pubsub.close()
-                        pubsub = None
-                    time.sleep(Outage.PAUSE_SECONDS)
-        finally:
-            if pubsub is not None:
-                pubsub.close()
 
     # -- helpers ---------------------------------------------------------
     @staticmethod

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-import redis
-
 from darkroom.common.broker import origin
 from darkroom.common.clients import make_redis, make_s3_client
 from darkroom.common.events import JobEvent
@@ -41,6 +39,7 @@ from ._cancel import cancel as cancel_job
 from ._watch import Listen, Read, Watch
 
 if TYPE_CHECKING:
+    import redis
     from PIL.Image import Image
 
 __all__ = ["Client", "JobHandle"]
@@ -226,11 +225,15 @@ class Client:
             return cancel_job(self._redis, self.settings, job_id, timeout)
 
     def wait(self, job_id: str, timeout: float | None = None, on_event: EventCallback | None = None) -> JobResult:
-        """Block until the job ends, waking on its events; return the result or raise its outcome."""
+        """Block until the job ends, waking on its events; return the result or raise its outcome.
+
+        ``on_event`` sees the job's state when the wait begins, then every change (:meth:`watch`).
+        """
         self.status(job_id)
-        with _durable.redis_unavailable(f"wait for job {job_id}"):
-            record = self.jobs.wait(job_id, timeout=timeout, on_event=on_event)
-        return record.raise_for_outcome()
+        for event in self.watch([job_id], timeout=timeout):
+            if on_event is not None:
+                on_event(event)
+        return self.result(job_id)
 
     def result(self, job_id: str) -> JobResult:
         """The job's result now; raises JobFailed / JobCancelled if it ended so, WaitTimeout if it has not ended."""
