@@ -17,7 +17,7 @@ Sections, in order (``--list`` prints them with their estimated GPU seconds):
   ``PipelineCache`` with the worker's ``Tuning``, the batching ``Engine`` and ``BatchExecutor``, the latent
   cache): (c) batching off and (d) batching on, each ÷ bare at the same batch size. No queue, storage or
   encoding: ``bench/throughput.py`` measures those through a real worker. ``darkroom_compiled`` holds the
-  adapters in slots (as a compiled worker does), compiles at model load for the suite's size at batch 1 and 2,
+  adapters in slots (as a compiled worker does), compiles at model load for the suite's size at batch 1 to ``--batch``,
   adds mixed-adapter batches of the ``--loras`` LoRAs inside the compiled graph (÷ its own (d)), and reports
   the recompiles after that warm-up (target 0);
 - ``mixed_lora``: ``--loras`` resident LoRAs (every third also on the text encoder), one per job at random,
@@ -422,7 +422,7 @@ def _darkroom_section(suite: Suite, *, compiled: bool) -> dict[str, Any]:
     c = suite.config
     # compiled: adapters held in slots (the worker's choice with DARKROOM_COMPILE), compiled for the suite's size
     tuning = Tuning(compile=compiled, adapter_slots=compiled, lora_max_rank=c.lora_rank,
-                    warmup_sizes=((c.size, c.size),))
+                    warmup_sizes=((c.size, c.size),), warmup_batch=c.batch)
     registry = suite.registry({"bench": suite.model_path})
     with compile_backend(c):
         if compiled and not c.dry_run:

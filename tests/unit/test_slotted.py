@@ -163,9 +163,9 @@ def test_what_slots_cannot_hold_fails_that_job_and_the_slots_keep_serving(
 def test_a_compiled_denoiser_runs_switches_blends_hot_swaps_and_mixed_batches_without_recompiling(
     tiny_model: Path, loras: dict[str, AdapterFile], inputs: list[Image.Image],
 ) -> None:
-    # Given a compiled worker's pipeline (slots wrapped as it loads, compiled for 64x64 at batch 1 and 2) and the
+    # Given a compiled worker's pipeline (slots wrapped as it loads, compiled for 64x64 at batch 1 to 8) and the
     # same model eager, both with two slots
-    tuning = Tuning(compile=True, adapter_slots=True, lora_max_rank=8, warmup_sizes=((64, 64),))
+    tuning = Tuning(compile=True, adapter_slots=True, lora_max_rank=8, warmup_sizes=((64, 64),), warmup_batch=8)
     compiled, eager = load_pipeline(tiny_model, CPU, "float32", tuning=tuning), load_pipeline(tiny_model, CPU, "float32")
     pairs = [SlotAdapters(p, max_slots=2, rank=8) for p in (compiled, eager)]
     for slots in pairs:
@@ -173,15 +173,19 @@ def test_a_compiled_denoiser_runs_switches_blends_hot_swaps_and_mixed_batches_wi
     traced = counters["frames"]["total"]
     tuning.warm_up(compiled)
     assert recompiles.check() == 0
-    # (batch 1 and 2 with guidance: the denoiser sees batch 2 and 4, one trace with the batch dynamic)
-    assert counters["frames"]["total"] - traced == 1
-    # When jobs switch adapters, blend them, evict one (hot-swap into its slot), and run mixed batches of 3 and 4
+    # (with guidance the denoiser sees 2 to 16 rows: one dynamic graph, or a few where an operator guards on a
+    # range of the batch, e.g. inductor's CPU convolution at 16 rows)
+    warmed = counters["frames"]["total"]
+    assert 1 <= warmed - traced <= 3
+    # When jobs switch adapters, blend them, evict one (hot-swap into its slot), and run mixed batches of 3, 4 and
+    # 8 (the worker's largest: 16 rows with guidance)
     sets = adapter_sets(loras)
     rounds: list[list[AdapterSet]] = [[sets[1]], [sets[3]], [()], [sets[2]], [sets[1], (), sets[4]],
-                                      [sets[3], sets[1], (), sets[3]]]
+                                      [sets[3], sets[1], (), sets[3]],
+                                      [sets[1], (), sets[3], sets[1], (), sets[3], sets[1], ()]]
     for number, round_sets in enumerate(rounds):
         jobs = [job(10 * number + i) for i in range(len(round_sets))]
-        items = [WorkItem(j, inputs[i], j.seeds()) for i, j in enumerate(jobs)]
+        items = [WorkItem(j, inputs[i % len(inputs)], j.seeds()) for i, j in enumerate(jobs)]
         outputs = []
         for pipe, slots in zip((compiled, eager), pairs, strict=True):
             if len(round_sets) == 1:
@@ -193,9 +197,10 @@ def test_a_compiled_denoiser_runs_switches_blends_hot_swaps_and_mixed_batches_wi
         # Then every output is within one uint8 step of eager
         for got, expected in zip(*outputs, strict=True):
             assert np.abs(got - expected).max() <= 1, f"round {number}"
-    # And nothing recompiled after the warm-up, though slots were hot-swapped
+    # And nothing recompiled or was traced after the warm-up, though slots were hot-swapped
     assert pairs[0].hotswaps >= 1
     assert recompiles.check("test") == 0 and recompiles.total() == 0
+    assert counters["frames"]["total"] == warmed
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

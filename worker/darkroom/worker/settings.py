@@ -129,9 +129,9 @@ class WorkerSettings(Settings):
     )
     compile_warmup_sizes: Annotated[list[str], NoDecode] = Field(
         ["512x512"], description="With DARKROOM_COMPILE: image sizes (WIDTHxHEIGHT) each model is compiled for as "
-                                 "it loads (preloaded models: before /readyz), at batch 1 and 2, after which the "
-                                 "batch size is a dynamic dimension; another size compiles once more (counted in "
-                                 "darkroom_recompiles_total).",
+                                 "it loads (preloaded models: before /readyz), at every batch size up to "
+                                 "DARKROOM_BATCH_MAX_IMAGES, the batch size being a dynamic dimension; another "
+                                 "size compiles once more (counted in darkroom_recompiles_total).",
     )
     lora_max_rank: int = Field(
         16, ge=1, le=512, description="With adapter slots: the largest LoRA rank a slot holds (lower ranks are "

@@ -70,13 +70,14 @@ class Tuning:
     adapter_slots: bool = False  # LoRA layers in fixed slot buffers (:mod:`.slotted`) rather than peft's
     lora_max_rank: int = 16  # with slots: the rank each slot holds
     warmup_sizes: tuple[tuple[int, int], ...] = ((512, 512),)  # with compile: compiled as each model loads
+    warmup_batch: int = 8  # with compile: every batch size 1..this is run at each warm-up size (batch_max_images)
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Tuning:
         slots = settings.adapter_layers == "slots" or (settings.adapter_layers == "auto" and settings.compile)
         return cls(Attention(settings.attention), settings.vae_slicing, settings.vae_tiling, settings.fuse_qkv,
                    settings.channels_last, settings.compile, Offload(settings.cpu_offload), slots,
-                   settings.lora_max_rank, settings.warmup_sizes)
+                   settings.lora_max_rank, settings.warmup_sizes, settings.batch_max_images)
 
     def describe(self) -> dict[str, Any]:
         """The options as the worker reports them (``darkroom workers``)."""
@@ -85,7 +86,7 @@ class Tuning:
         if not self.adapter_slots:  # these two only mean something on the path that uses them
             del described["lora_max_rank"]
         if not self.compile:
-            del described["warmup_sizes"]
+            del described["warmup_sizes"], described["warmup_batch"]
         return described
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -167,13 +168,15 @@ class Tuning:
             compile_dynamic_batch(pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer)
 
     def warm_up(self, pipe: Any) -> float:
-        """Compile ``pipe``'s denoiser now for every warm-up size at batch 1 and 2 (seconds taken).
+        """Compile ``pipe``'s denoiser now for every warm-up size at every batch size 1..``warmup_batch`` (seconds).
 
-        The denoiser's batch dimension is dynamic from its first trace (:mod:`.dynamic_batch`), so with
-        classifier-free guidance (the denoiser sees twice the images) batch 1 traces the graph every later
-        batch size runs, and batch 2 only checks it. Without guidance the denoiser's batch 1 is specialized
-        (dynamo's 0/1 rule) and batch 2 traces the dynamic graph. Recompiles during the warm-up are expected and
-        not counted (:func:`.recompiles.baseline`).
+        The denoiser's batch dimension is dynamic from its first trace (:mod:`.dynamic_batch`), but one dynamic
+        graph does not cover every batch size: operators guard on ranges of it (on CPU, inductor's convolution
+        changes algorithm at 16 rows, so with classifier-free guidance batch 8 needs a second graph; diffusers'
+        upsampling branches at 64 rows). Running each batch size the worker can form traces exactly the graphs
+        its calls will need, and a size that falls in a range already traced only runs two cheap steps.
+        Without guidance batch 1 is specialized (dynamo's 0/1 rule); the warm-up runs with guidance, as nearly
+        every job does. Recompiles during the warm-up are expected and not counted (:func:`.recompiles.baseline`).
         """
         import time
 
@@ -186,13 +189,13 @@ class Tuning:
         started = time.perf_counter()
         for width, height in self.warmup_sizes:
             image = Image.new("RGB", (width, height), (127, 127, 127))
-            for batch in (1, 2):
+            for batch in range(1, max(1, self.warmup_batch) + 1):
                 pipe(prompt=["warm-up"] * batch, image=[image] * batch, strength=1.0, num_inference_steps=2,
                      output_type="latent")
         recompiles.baseline()
         seconds = time.perf_counter() - started
-        log.info("compiled %s for %s at batch 1 and 2 in %.1f s", type(pipe).__name__,
-                 ", ".join(f"{w}x{h}" for w, h in self.warmup_sizes), seconds)
+        log.info("compiled %s for %s at batch 1 to %d in %.1f s", type(pipe).__name__,
+                 ", ".join(f"{w}x{h}" for w, h in self.warmup_sizes), self.warmup_batch, seconds)
         return seconds
 
     @property
