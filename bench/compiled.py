@@ -1,6 +1,6 @@
 """Compiled vs eager worker with LoRA adapters in slots: the same jobs, side by side in one run.
 
-    .venv/bin/python bench/compiled.py [--jobs 200] [--adapters 6] [--slots 4] [--batch 4] [--steps 12]
+    .venv/bin/python bench/compiled.py [--jobs 200] [--adapters 6] [--slots 4] [--batch 8] [--steps 12]
 
 Starts its own Redis and S3 server in a temporary folder, builds the tiny model and ``--adapters`` LoRAs
 (every third also on the text encoder), and makes ``--jobs`` jobs with random adapter sets: none, one
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=6, help="distinct LoRAs (rank 4)")
     parser.add_argument("--slots", type=int, default=4, help="DARKROOM_MAX_ADAPTERS (fewer than --adapters: "
                                                              "hot-swaps)")
-    parser.add_argument("--batch", type=int, default=4, help="DARKROOM_BATCH_MAX_IMAGES")
+    parser.add_argument("--batch", type=int, default=8, help="DARKROOM_BATCH_MAX_IMAGES (the worker's default, 8)")
     parser.add_argument("--size", type=int, default=64, help="input side in pixels (also the warm-up size)")
     parser.add_argument("--steps", type=int, default=12, help="num_inference_steps (int(steps x 0.75) run)")
     parser.add_argument("--threads", type=int, default=None, help="DARKROOM_CPU_THREADS of every worker")
