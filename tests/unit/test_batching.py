@@ -194,3 +194,94 @@ def test_a_job_that_fails_before_the_pipeline_does_not_keep_others_waiting() -> 
 
 def test_job_cancelled_is_an_exception_the_runner_can_catch() -> None:
     assert issubclass(JobCancelled, Exception)
+
+
+class Gated(Recorder):
+    """A recorder whose first call blocks until released, so that the test can queue jobs behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
+        first = not self.calls
+        outcome = super().__call__(batch)
+        if first:
+            self.started.set()
+            self.release.wait(30)
+        return outcome
+
+
+def in_thread(engine: Engine, req: Request) -> threading.Thread:
+    thread = threading.Thread(target=engine.infer, args=(req,), kwargs={"timeout": 30})
+    thread.start()
+    return thread
+
+
+def wait_for(condition: Any, seconds: float = 30) -> None:
+    stop = threading.Event()
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        stop.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_after_a_call_a_bulk_batch_waits_for_interactive_jobs_waiting_in_the_broker(waiting: bool) -> None:
+    # Given an engine running a bulk call, a second bulk job ready behind it, and a broker that says (once)
+    # whether interactive jobs wait in a queue this worker reads
+    answers = iter([waiting])
+    recorder = Gated()
+    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), recorder,
+                    interactive_waiting=lambda: next(answers, False), interactive_hold=30.0)
+    first, behind = request(priority=1, prompt="first"), request(priority=1, prompt="behind", steps=5)
+    threads = [in_thread(engine, first)]
+    assert recorder.started.wait(30)
+    threads.append(in_thread(engine, behind))
+    wait_for(lambda: engine.pending == 1)
+    # When the call ends, and an interactive job arrives a moment later (its message had to wait for a slot)
+    recorder.release.set()
+    if waiting:
+        wait_for(lambda: engine.holds == 1)
+    else:
+        wait_for(lambda: len(recorder.calls) == 2)
+    urgent = request(priority=0, prompt="urgent", steps=6)
+    threads.append(in_thread(engine, urgent))
+    for thread in threads:
+        thread.join(60)
+    # Then with interactive work waiting, the interactive job runs before the bulk job that was ready first;
+    # with none, the bulk job runs at once and nothing waits
+    order = [call[0] for call in recorder.calls]
+    expected = [first, urgent, behind] if waiting else [first, behind, urgent]
+    assert order == [r.job.job_id for r in expected]
+    assert engine.holds == (1 if waiting else 0)
+
+
+def test_a_held_bulk_batch_runs_when_no_interactive_job_comes() -> None:
+    # Given interactive jobs waiting in the broker after a call, which another worker then takes
+    answers = iter([True])
+    recorder = Gated()
+    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), recorder,
+                    interactive_waiting=lambda: next(answers, False), interactive_hold=0.2)
+    first, behind = request(priority=1, prompt="first"), request(priority=1, prompt="behind", steps=5)
+    threads = [in_thread(engine, first)]
+    assert recorder.started.wait(30)
+    threads.append(in_thread(engine, behind))
+    wait_for(lambda: engine.pending == 1)
+    recorder.release.set()
+    for thread in threads:
+        thread.join(60)
+    # Then the bulk job still runs once the hold is over
+    assert [call[0] for call in recorder.calls] == [first.job.job_id, behind.job.job_id] and engine.holds == 1
+
+
+def test_no_hold_when_every_slot_holds_a_job_waiting_for_the_engine() -> None:
+    # Given a worker of one task slot whose only job waits for the engine: no interactive message can arrive
+    asked: list[bool] = []
+    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), Recorder(), slots=1,
+                    interactive_waiting=lambda: asked.append(True) or True, interactive_hold=30.0)
+    with engine.occupied():
+        engine._pending.append(request(priority=1))
+        # Then the engine does not hold its bulk batch (nor ask the broker)
+        assert engine._interactive_hold() is None and asked == []

@@ -24,7 +24,7 @@ import redis
 from darkroom.common.fairness import Feeder, producers_key
 from darkroom.common.fleet import Fleet
 from darkroom.common.producers import ProducerRegistry
-from darkroom.common.queues import cold_queue, hot_queue, priority_keys
+from darkroom.common.queues import broker_list, cold_queue, hot_queue, priority_keys
 
 __all__ = ["FairFeeder", "QueueSubscriptions", "sweep_orphaned_queues", "priority_keys"]
 
@@ -67,6 +67,21 @@ class QueueSubscriptions:
             for queue in sorted(self.current - wanted):
                 self.consumer.cancel_task_queue(queue)
             self.current = wanted
+
+    def consumed(self) -> list[str]:
+        """The queues the consumer reads now."""
+        with self._lock:
+            return sorted(self.current)
+
+    def interactive_waiting(self, client: redis.Redis) -> bool:
+        """Whether any queue the consumer reads holds interactive messages (priority 0), in one round trip."""
+        queues = self.consumed()
+        if not queues:
+            return False
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(broker_list(queue, 0))
+        return any(int(n) > 0 for n in pipe.execute())
 
     def adopt(self, model: str) -> None:
         """Consume ``model``'s hot queue before holding the model (its first job loads it)."""

@@ -92,6 +92,8 @@ class JobRunner:
             BatchPolicy(max_images=settings.batch_max_images, max_wait=settings.batch_max_wait_ms / 1000,
                         max_pixels=settings.batch_max_pixels),
             self.executor, slots=settings.slots, after_batch=ctx.after_job,
+            interactive_waiting=lambda: ctx.queues.interactive_waiting(ctx.redis),
+            interactive_hold=settings.interactive_hold_ms / 1000,
         )
         ctx.state.watch_engine(lambda: self.engine.busy_since)
         self._local = threading.local()  # per task thread: the delivery's lease

@@ -104,6 +104,12 @@ class WorkerSettings(Settings):
         None, ge=64, description="Pixels (width x height x images) per call; bounds a batch's device memory. "
                                  "Default: no bound beyond batch_max_images.",
     )
+    interactive_hold_ms: float = Field(
+        500.0, ge=0.0, le=60_000.0,
+        description="After a pipeline call, while interactive jobs wait in a queue this worker reads, how long a "
+                    "ready bulk batch waits for one of them to arrive (the call's task slots free as its outputs "
+                    "upload) so that it runs first; 0: bulk batches never wait.",
+    )
     task_slots: int | None = Field(
         None, ge=1, le=512,
         description="Messages a worker holds at once (Celery thread pool): jobs being fetched/decoded, waiting "

@@ -16,7 +16,12 @@ Which group runs next (:meth:`BatchPolicy.choose`):
   job has waited ``max_wait``, or nothing could join it (no job is being prepared and every
   task slot is taken, so no message can arrive);
 - among ready groups, interactive before bulk, then the oldest first. So a job incompatible with
-  everything else waits at most ``max_wait`` for batching, plus the call already running.
+  everything else waits at most ``max_wait`` for batching, plus the call already running;
+- after a call, if interactive messages wait in the broker for this worker (``interactive_waiting``), a bulk
+  group waits up to ``interactive_hold`` seconds for them: the call's own slots free as its outputs are
+  uploaded, the broker then delivers the interactive message (priority 0) into one, and it runs next instead
+  of after a whole bulk call more. A worker whose task slots all hold bulk work would otherwise start its
+  next prepared bulk group at once, and an interactive job would wait for two calls.
 
 A failure inside a batched call (an injected fault, out of memory) is not blamed on the whole
 batch: each of its jobs runs again alone, so only the job that fails alone fails.
@@ -114,9 +119,13 @@ class Engine:
     """The inference thread: gathers requests into batches and runs them one call at a time."""
 
     def __init__(self, policy: BatchPolicy, execute: Executor, *, slots: int | None = None,
-                 after_batch: Callable[[], None] | None = None, name: str = "darkroom-engine") -> None:
+                 after_batch: Callable[[], None] | None = None, name: str = "darkroom-engine",
+                 interactive_waiting: Callable[[], bool] | None = None, interactive_hold: float = 0.0) -> None:
         self.policy = policy
         self.slots = slots  # task slots of the worker; None: unknown (more jobs may always come)
+        self.interactive_waiting = interactive_waiting  # whether interactive messages wait in the broker for us
+        self.interactive_hold = interactive_hold  # longest a bulk group waits for them after a call (seconds)
+        self.holds = 0  # calls after which a bulk group waited for interactive messages
         self._busy = 0
         self._execute = execute
         self._after_batch = after_batch
@@ -191,8 +200,9 @@ class Engine:
                 self._thread.start()
 
     def _loop(self) -> None:
+        hold_until: float | None = None
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(hold_until)
             self.busy_since = time.monotonic()
             try:
                 self._run(batch)
@@ -207,13 +217,39 @@ class Engine:
                     self._after_batch()
                 except Exception:  # noqa: BLE001 - reporting is best effort
                     log.exception("after-batch hook failed")
+            hold_until = self._interactive_hold()
 
-    def _next_batch(self) -> list[Request]:
+    def _interactive_hold(self) -> float | None:
+        """Until when bulk groups wait for interactive messages that wait in the broker (None: they do not)."""
+        if self.interactive_waiting is None or self.interactive_hold <= 0:
+            return None
+        with self._cond:
+            if not any(r.priority > 0 for r in self._pending):
+                return None  # no bulk group to hold back: no need to ask the broker
+            if self.slots is not None and self._arriving == 0 and self._busy >= self.slots \
+                    and self._busy <= len(self._pending):
+                return None  # every slot holds a job waiting here: no message can arrive, holding only idles
+        try:
+            waiting = self.interactive_waiting()
+        except Exception as exc:  # noqa: BLE001 - a Redis blip must not stop the engine; bulk just runs
+            log.debug("could not look for waiting interactive jobs: %s", exc)
+            return None
+        if not waiting:
+            return None
+        self.holds += 1
+        return time.monotonic() + self.interactive_hold
+
+    def _next_batch(self, hold_until: float | None = None) -> list[Request]:
         with self._cond:
             while True:
                 now = time.monotonic()
                 can_grow = self._arriving > 0 or self.slots is None or self._busy < self.slots
                 batch, wake = self.policy.choose(self._pending, now, can_grow)
+                if batch and hold_until is not None and now < hold_until and min(r.priority for r in batch) > 0:
+                    # a bulk group is ready, but interactive work is on its way: it waits, and an interactive
+                    # group already here runs when it is ready (compatible bulk jobs still fill its call)
+                    _, due = self.policy.choose([r for r in self._pending if r.priority == 0], now, can_grow)
+                    batch, wake = [], hold_until if due is None else min(due, hold_until)
                 if batch:
                     chosen = set(map(id, batch))
                     self._pending = [r for r in self._pending if id(r) not in chosen]
