@@ -18,6 +18,8 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               model, further jobs go to its cold queue, where any worker may take them (and load the model).
 ``static``    darkroom's routing with assist off (``DARKROOM_ASSIST=false``: no idle worker joins a flood's
               holders), i.e. hot/cold routing alone.
+``nohold``    darkroom with ``DARKROOM_INTERACTIVE_HOLD_MS=0``: after a call, a ready bulk batch never waits for
+              interactive jobs that wait in the broker.
 ``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
               flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``);
               ``assist=R/D`` also sets ``DARKROOM_ASSIST_QUEUE_DEPTH=D`` (waiting messages per helper, default 4).
@@ -305,6 +307,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
     profile.write_text(json.dumps(profile_for(args, workload)))
     if policy == "static":
         env = {**env, "DARKROOM_ASSIST": "false"}
+    if policy == "nohold":
+        env = {**env, "DARKROOM_INTERACTIVE_HOLD_MS": "0"}
     if policy.startswith("assist="):
         ratio, _, depth = policy.partition("=")[2].partition("/")
         env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": ratio, **({"DARKROOM_ASSIST_QUEUE_DEPTH": depth} if depth else {})}
@@ -430,6 +434,15 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     loading = sum(s.get("load_seconds", 0.0) for s in sims)
     hits = sum(1 for r in ok if (r.result.timings.model_load or 0.0) < 0.5 * args.time_scale)
     interactive = [r.result.timings.queue_wait or 0.0 for r in ok if submitted[r.job_id][0] == "interactive"]
+    # until its own call began: the queue wait plus the time its task slot waited in the worker's engine
+    to_call = [(s["busy_from"] - r.created_at.timestamp(), r) for r, s in zip(ok, sims, strict=True)
+               if submitted[r.job_id][0] == "interactive" and "busy_from" in s]
+    for wait, r in sorted(to_call, key=lambda entry: -entry[0])[:5]:  # the worst, to see where they waited
+        t = r.result.timings
+        print(f"[{policy}] interactive {r.job_id}: {wait:.1f} s to its call (queue {t.queue_wait or 0.0:.1f}, "
+              f"engine {t.batch_wait:.1f}, load {t.model_load:.1f}) on {r.result.worker}, model {r.result.model}, "
+              f"call of {r.result.parameters.get('batch', {}).get('jobs', 1)} job(s)", file=sys.stderr)
+    call_waits = [max(0.0, wait) for wait, _ in to_call]
     batch1 = STEP_SECONDS[1] * STEPS * STRENGTH * args.time_scale
     bulk = [r for r in ok if submitted[r.job_id][0] == "bulk"]
     bulk_window = 0.0
@@ -461,6 +474,10 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "interactive_wait_p50_s": round(pct(interactive, 0.5), 2),
         "interactive_wait_p99_s": round(pct(interactive, 0.99), 2),
         "interactive_p99_over_batch": round(pct(interactive, 0.99) / batch1, 2),
+        "interactive_to_call_p50_s": round(pct(call_waits, 0.5), 2),
+        "interactive_to_call_p99_s": round(pct(call_waits, 0.99), 2),
+        "interactive_to_call_p99_over_batch": round(pct(call_waits, 0.99) / batch1, 2),
+        "full_batch_seconds": round(STEP_SECONDS[max(STEP_SECONDS)] * STEPS * STRENGTH * args.time_scale, 2),
         "batch1_seconds": round(batch1, 2),
         "utilization": round(busy / worker_seconds, 3) if worker_seconds else None,
         "load_share": round(loading / worker_seconds, 3) if worker_seconds else None,
@@ -483,6 +500,11 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("interactive wait p50 (s)", lambda f: f["interactive_wait_p50_s"]),
         ("interactive wait p99 (s)", lambda f: f["interactive_wait_p99_s"]),
         ("  p99 / one batch-1 call", lambda f: f["interactive_p99_over_batch"]),
+        ("interactive wait until its call p50 / p99 (s)",
+         lambda f: f"{f.get('interactive_to_call_p50_s')} / {f.get('interactive_to_call_p99_s')}"),
+        ("  p99 / one batch-1 call", lambda f: f.get("interactive_to_call_p99_over_batch")),
+        ("  p99 / one full batch call", lambda f: round(f["interactive_to_call_p99_s"] / f["full_batch_seconds"], 2)
+         if f.get("full_batch_seconds") else None),
         ("busy / available GPU-s", lambda f: f["utilization"]),
         ("loading / available GPU-s", lambda f: f["load_share"]),
         ("bulk jobs/s", lambda f: f["bulk_jobs_per_s"]),
@@ -537,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=8.0, help="multiplies every simulated time")
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
-                        help="comma-separated: darkroom, baseline, static (darkroom without assist), spill (darkroom, "
+                        help="comma-separated: darkroom, baseline, static (darkroom without assist), nohold (darkroom "
+                             "without the interactive hold), spill (darkroom, "
                              "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
                              "queue), assist=R or assist=R/D (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R and "
                              "DARKROOM_ASSIST_QUEUE_DEPTH=D)")
@@ -554,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
-        if policy not in ("darkroom", "baseline", "static", "spill") and not _assist_policy(policy):
-            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, spill, assist=R "
+        if policy not in ("darkroom", "baseline", "static", "spill", "nohold") and not _assist_policy(policy):
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, spill, assist=R "
                          "or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1)")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale

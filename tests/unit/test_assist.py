@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from darkroom.common.assist import Candidate, candidates, helper_places
 from darkroom.common.fleet import ModelTimes, WorkerInfo, WorkerReport
 
@@ -103,3 +105,75 @@ def test_a_model_assisted_with_is_consumed_until_it_loads_or_goes_stale() -> Non
     assert subs.drop_stale(hold_seconds=3600) == []
     assert subs.drop_stale(hold_seconds=0) == ["b"]  # no job came: stop consuming it
     assert consumer.calls[-2:] == [("add", hot_queue("b")), ("cancel", hot_queue("b"))]
+
+
+def test_while_a_model_loads_the_worker_reads_only_that_models_queues() -> None:
+    from darkroom.common.queues import cold_queue, hot_queue
+    from darkroom.worker.routing import QueueSubscriptions
+
+    # Given a worker holding a and serving a, b and c, helping with b (its first job loads b)
+    subs = QueueSubscriptions(["a", "b", "c"])
+    subs.initial(["a"])
+    consumer = Consumer()
+    subs.attach(consumer)
+    subs.adopt("b")
+    before = set(subs.consumed())
+    consumer.calls.clear()
+    # When the engine loads b, and a batch ends meanwhile (the report refreshes the subscriptions)
+    with subs.loading_model("b"):
+        during = set(subs.consumed())
+        subs.sync(["a"])
+        assert set(subs.consumed()) == during
+    # Then meanwhile it reads b's queues only, so other models' jobs go to workers that can start them
+    assert during == {hot_queue("b"), cold_queue("b")}
+    assert sorted(q for action, q in consumer.calls if action == "cancel") == sorted(before - during)
+    # And afterwards every queue is read again, b's hot queue now as a holder's
+    subs.sync(["a", "b"])
+    assert set(subs.consumed()) == before
+
+
+def test_a_worker_context_pauses_its_queues_around_every_model_load() -> None:
+    from darkroom.worker.pipelines import PipelineCache
+
+    # Given the cache's load hook (the worker context sets it to its queue subscriptions' pause)
+    seen: list[str] = []
+
+    class Recording(PipelineCache):
+        def __init__(self) -> None:  # no registry or files: only get()'s hook is exercised
+            self.registry = type("R", (), {"get": staticmethod(lambda model_id: model_id)})()
+            self._resident = __import__("collections").OrderedDict()
+            self.hits = self.misses = self.evictions = 0
+            self.budget_bytes = 1
+            self.on_load = None
+
+        def _load(self, spec: Any) -> Any:
+            seen.append(f"load {spec}")
+            return type("E", (), {"uses": 0, "last_used": 0.0})()
+
+        def _evict_until_within_budget(self, keep: str) -> None:
+            pass
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def pause(model: str) -> Any:
+        seen.append(f"pause {model}")
+        yield
+        seen.append(f"resume {model}")
+
+    cache = Recording()
+    cache.on_load = pause
+    # When a model is loaded, then used again
+    cache.get("m")
+    cache.get("m")
+    # Then the load, and only the load, ran inside the pause
+    assert seen == ["pause m", "load m", "resume m"]
+    # And a worker context wires its cache's loads to its queue subscriptions
+    from types import SimpleNamespace
+
+    from darkroom.worker.context import WorkerContext
+    from darkroom.worker.routing import QueueSubscriptions
+
+    models, queues = SimpleNamespace(on_load=None), QueueSubscriptions(["m"])
+    WorkerContext(*([None] * 7), models, None, queues=queues)  # type: ignore[arg-type]
+    assert models.on_load == queues.loading_model

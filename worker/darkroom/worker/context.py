@@ -170,6 +170,9 @@ class WorkerContext:
     state: WorkerState = field(default_factory=WorkerState)
     simulation: Simulation | None = None  # ``--simulate``: pipelines that only sleep (see :mod:`.simulate`)
 
+    def __post_init__(self) -> None:
+        self.models.on_load = self.queues.loading_model  # a loading worker takes no other model's work
+
     @functools.cached_property
     def lifecycle(self) -> Lifecycle:
         """The owner of every status change (fenced scripts), on this worker's Redis client."""

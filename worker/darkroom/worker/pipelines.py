@@ -29,6 +29,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -171,6 +172,8 @@ class PipelineCache:
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._families: dict[str, Family | None] = {}  # model id -> family known before loading
         self.hits = self.misses = self.evictions = 0
+        # wraps each model load (the worker's queue subscriptions pause while the engine is loading)
+        self.on_load: Callable[[str], AbstractContextManager[Any]] | None = None
 
     # -- queries ---------------------------------------------------------------
     def family_of(self, model_id: str) -> Family | None:
@@ -235,7 +238,8 @@ class PipelineCache:
         entry = self._resident.get(model_id)
         if entry is None:
             self.misses += 1
-            entry = self._load(spec)
+            with self.on_load(model_id) if self.on_load is not None else nullcontext():
+                entry = self._load(spec)
             self._resident[model_id] = entry
             self._evict_until_within_budget(keep=model_id)
         else:

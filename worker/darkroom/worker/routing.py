@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -41,6 +42,7 @@ class QueueSubscriptions:
         self.current: set[str] = set()
         self.adopted: dict[str, float] = {}  # model assisted with, not resident yet -> since (monotonic)
         self.resident: list[str] = []
+        self.loading: str | None = None  # the model the engine is loading now: only its queues are read meanwhile
         self._lock = threading.Lock()
 
     def initial(self, resident: Iterable[str]) -> list[str]:
@@ -62,11 +64,30 @@ class QueueSubscriptions:
                 return
             wanted = ({hot_queue(m) for m in self.resident} | {cold_queue(m) for m in self.served}
                       | {hot_queue(m) for m in self.adopted})
+            if self.loading is not None:  # no new work the engine cannot start before the load ends
+                wanted &= {hot_queue(self.loading), cold_queue(self.loading)}
             for queue in sorted(wanted - self.current):
                 self.consumer.add_task_queue(queue)
             for queue in sorted(self.current - wanted):
                 self.consumer.cancel_task_queue(queue)
             self.current = wanted
+
+    @contextmanager
+    def loading_model(self, model: str) -> Iterator[None]:
+        """While the engine loads ``model`` (seconds to a minute, its only thread busy), read no queue but the
+        model's own: a job of another model taken now would wait for the whole load, where a worker holding
+        that model may be free; other workers' share of a flood also stays in the queue for them."""
+        with self._lock:
+            self.loading = model
+            resident = list(self.resident)
+        self.sync(resident)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.loading = None
+                resident = list(self.resident)
+            self.sync(resident)
 
     def consumed(self) -> list[str]:
         """The queues the consumer reads now."""
