@@ -227,19 +227,25 @@ def wait_for(condition: Any, seconds: float = 30) -> None:
     raise AssertionError("condition not reached")
 
 
-@pytest.mark.parametrize("waiting", [True, False])
-def test_after_a_call_a_bulk_batch_waits_for_interactive_jobs_waiting_in_the_broker(waiting: bool) -> None:
-    # Given an engine running a bulk call, a second bulk job ready behind it, and a broker that says (once)
-    # whether interactive jobs wait in a queue this worker reads
-    answers = iter([waiting])
+def bulk_call_with_one_behind(answer: bool, hold: float) -> tuple[Engine, Gated, list[Request], list[threading.Thread]]:
+    """An engine running a bulk call with a second bulk job ready behind it; once the call ends, the broker says
+    (once) ``answer`` to whether interactive jobs wait in a queue this worker reads."""
+    answers = iter([answer])
     recorder = Gated()
     engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), recorder,
-                    interactive_waiting=lambda: next(answers, False), interactive_hold=30.0)
-    first, behind = request(priority=1, prompt="first"), request(priority=1, prompt="behind", steps=5)
-    threads = [in_thread(engine, first)]
+                    interactive_waiting=lambda: next(answers, False), interactive_hold=hold)
+    requests = [request(priority=1, prompt="first"), request(priority=1, prompt="behind", steps=5)]
+    threads = [in_thread(engine, requests[0])]
     assert recorder.started.wait(30)
-    threads.append(in_thread(engine, behind))
+    threads.append(in_thread(engine, requests[1]))
     wait_for(lambda: engine.pending == 1)
+    return engine, recorder, requests, threads
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_after_a_call_a_bulk_batch_waits_for_interactive_jobs_waiting_in_the_broker(waiting: bool) -> None:
+    # Given a bulk call with a bulk job ready behind it, and interactive jobs waiting in the broker (or none)
+    engine, recorder, (first, behind), threads = bulk_call_with_one_behind(waiting, hold=30.0)
     # When the call ends, and an interactive job arrives a moment later (its message had to wait for a slot)
     recorder.release.set()
     if waiting:
@@ -260,15 +266,7 @@ def test_after_a_call_a_bulk_batch_waits_for_interactive_jobs_waiting_in_the_bro
 
 def test_a_held_bulk_batch_runs_when_no_interactive_job_comes() -> None:
     # Given interactive jobs waiting in the broker after a call, which another worker then takes
-    answers = iter([True])
-    recorder = Gated()
-    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), recorder,
-                    interactive_waiting=lambda: next(answers, False), interactive_hold=0.2)
-    first, behind = request(priority=1, prompt="first"), request(priority=1, prompt="behind", steps=5)
-    threads = [in_thread(engine, first)]
-    assert recorder.started.wait(30)
-    threads.append(in_thread(engine, behind))
-    wait_for(lambda: engine.pending == 1)
+    engine, recorder, (first, behind), threads = bulk_call_with_one_behind(True, hold=0.2)
     recorder.release.set()
     for thread in threads:
         thread.join(60)
@@ -279,8 +277,13 @@ def test_a_held_bulk_batch_runs_when_no_interactive_job_comes() -> None:
 def test_no_hold_when_every_slot_holds_a_job_waiting_for_the_engine() -> None:
     # Given a worker of one task slot whose only job waits for the engine: no interactive message can arrive
     asked: list[bool] = []
-    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), Recorder(), slots=1,
-                    interactive_waiting=lambda: asked.append(True) or True, interactive_hold=30.0)
+
+    def waiting() -> bool:
+        asked.append(True)
+        return True
+
+    engine = Engine(BatchPolicy(max_images=8, max_wait=0.0), Recorder(), slots=1, interactive_waiting=waiting,
+                    interactive_hold=30.0)
     with engine.occupied():
         engine._pending.append(request(priority=1))
         # Then the engine does not hold its bulk batch (nor ask the broker)
