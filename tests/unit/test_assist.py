@@ -107,6 +107,22 @@ def test_a_model_assisted_with_is_consumed_until_it_loads_or_goes_stale() -> Non
     assert consumer.calls[-2:] == [("add", hot_queue("b")), ("cancel", hot_queue("b"))]
 
 
+def test_a_model_adopted_before_the_consumer_is_ready_is_consumed_once_it_is() -> None:
+    from darkroom.common.queues import hot_queue
+    from darkroom.worker.routing import QueueSubscriptions
+
+    # Given a worker whose assist thread adopts b before Celery's consumer is ready
+    subs = QueueSubscriptions(["a", "b"])
+    subs.initial(["a"])
+    subs.adopt("b")
+    consumer = Consumer()
+    # When the consumer attaches
+    subs.attach(consumer)
+    # Then it reads b's hot queue too (it used to start from the initial queues only, and never read it)
+    assert consumer.calls == [("add", hot_queue("b"))]
+    assert hot_queue("b") in subs.consumed()
+
+
 def test_while_a_model_loads_the_worker_reads_only_that_models_queues() -> None:
     from darkroom.common.queues import cold_queue, hot_queue
     from darkroom.worker.routing import QueueSubscriptions
@@ -145,10 +161,11 @@ def test_a_worker_context_pauses_its_queues_around_every_model_load() -> None:
             self.hits = self.misses = self.evictions = 0
             self.budget_bytes = 1
             self.on_load = None
+            self._lock = __import__("threading").Condition()
 
         def _load(self, spec: Any) -> Any:
             seen.append(f"load {spec}")
-            return type("E", (), {"uses": 0, "last_used": 0.0})()
+            return type("E", (), {"uses": 0, "last_used": 0.0, "unreported_load": None})()
 
         def _evict_until_within_budget(self, keep: str) -> None:
             pass

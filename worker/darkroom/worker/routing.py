@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import redis
@@ -43,6 +43,8 @@ class QueueSubscriptions:
         self.adopted: dict[str, float] = {}  # model assisted with, not resident yet -> since (monotonic)
         self.resident: list[str] = []
         self.loading: str | None = None  # the model the engine is loading now: only its queues are read meanwhile
+        self.beside = False  # the load runs beside the engine: the resident models' hot queues are read too
+        self.loading_full = False  # enough of the loading model's jobs are held: its queues are not read
         self._lock = threading.Lock()
 
     def initial(self, resident: Iterable[str]) -> list[str]:
@@ -52,7 +54,12 @@ class QueueSubscriptions:
         return queues
 
     def attach(self, consumer: Any) -> None:
-        self.consumer = consumer
+        """Take the consumer (once Celery is ready) and apply what changed since :meth:`initial`: a model
+        adopted, loaded or evicted before the consumer was ready would otherwise not be followed."""
+        with self._lock:
+            self.consumer = consumer
+            resident = list(self.resident)
+        self.sync(resident)
 
     def sync(self, resident: Iterable[str]) -> None:
         """Start consuming newly resident models' queues; stop for evicted ones."""
@@ -65,7 +72,10 @@ class QueueSubscriptions:
             wanted = ({hot_queue(m) for m in self.resident} | {cold_queue(m) for m in self.served}
                       | {hot_queue(m) for m in self.adopted})
             if self.loading is not None:  # no new work the engine cannot start before the load ends
-                wanted &= {hot_queue(self.loading), cold_queue(self.loading)}
+                keep = set() if self.loading_full else {hot_queue(self.loading), cold_queue(self.loading)}
+                if self.beside:
+                    keep |= {hot_queue(m) for m in self.resident}
+                wanted &= keep
             for queue in sorted(wanted - self.current):
                 self.consumer.add_task_queue(queue)
             for queue in sorted(self.current - wanted):
@@ -73,21 +83,39 @@ class QueueSubscriptions:
             self.current = wanted
 
     @contextmanager
-    def loading_model(self, model: str) -> Iterator[None]:
-        """While the engine loads ``model`` (seconds to a minute, its only thread busy), read no queue but the
-        model's own: a job of another model taken now would wait for the whole load, where a worker holding
-        that model may be free; other workers' share of a flood also stays in the queue for them."""
+    def loading_model(self, model: str, beside: bool = False) -> Iterator[None]:
+        """While ``model`` loads (seconds to a minute), read no queue but the model's own: a job of another
+        model taken now would wait for the whole load, where a worker holding that model may be free; other
+        workers' share of a flood also stays in the queue for them.
+
+        ``beside``: the load runs beside the engine (:mod:`.inference.loads`), which keeps serving the resident
+        models, so their hot queues are read too; :meth:`loading_enough` then stops taking the loading model's
+        jobs, so that task slots stay free for them."""
         with self._lock:
-            self.loading = model
+            self.loading, self.beside, self.loading_full = model, beside, False
             resident = list(self.resident)
         self.sync(resident)
         try:
             yield
         finally:
             with self._lock:
-                self.loading = None
+                self.loading, self.beside, self.loading_full = None, False, False
                 resident = list(self.resident)
             self.sync(resident)
+
+    def loading_beside(self, model: str) -> AbstractContextManager[None]:
+        """:meth:`loading_model` for a load beside the engine."""
+        return self.loading_model(model, beside=True)
+
+    def loading_enough(self, model: str) -> None:
+        """The worker holds enough of the loading ``model``'s jobs for its first call: take no more until it is
+        resident (a load beside the engine only)."""
+        with self._lock:
+            if self.loading != model or not self.beside:
+                return
+            self.loading_full = True
+            resident = list(self.resident)
+        self.sync(resident)
 
     def consumed(self) -> list[str]:
         """The queues the consumer reads now."""
