@@ -20,12 +20,14 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               holders), i.e. hot/cold routing alone.
 ``nohold``    darkroom with ``DARKROOM_INTERACTIVE_HOLD_MS=0``: after a call, a ready bulk batch never waits for
               interactive jobs that wait in the broker.
+``inline``    darkroom with ``DARKROOM_LOAD_BESIDE=false``: a model loads on the engine thread, which serves
+              nothing else meanwhile.
 ``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
               flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``);
               ``assist=R/D`` also sets ``DARKROOM_ASSIST_QUEUE_DEPTH=D`` (waiting messages per helper, default 4).
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
-              takes whatever job comes next and loads its model if needed (what Ray Serve's model
-              multiplexing does without its routing hint).
+              takes whatever job comes next and loads its model if needed, on its engine thread (what Ray
+              Serve's model multiplexing does without its routing hint).
 
 Printed per policy: hot-hit rate (jobs whose model was resident when their call ran), cold loads and adapter
 loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk-backlog
@@ -309,6 +311,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         env = {**env, "DARKROOM_ASSIST": "false"}
     if policy == "nohold":
         env = {**env, "DARKROOM_INTERACTIVE_HOLD_MS": "0"}
+    if policy in ("inline", "baseline"):
+        env = {**env, "DARKROOM_LOAD_BESIDE": "false"}
     if policy.startswith("assist="):
         ratio, _, depth = policy.partition("=")[2].partition("/")
         env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": ratio, **({"DARKROOM_ASSIST_QUEUE_DEPTH": depth} if depth else {})}
@@ -459,6 +463,8 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
     for r, s in zip(ok, sims, strict=True):
         if s.get("first") and "busy_from" in s:
             calls.setdefault(r.result.worker, []).append((s["busy_from"], s["busy_to"]))
+            if "load_from" in s:  # a load beside the engine, before this call (other calls may overlap it)
+                calls[r.result.worker].append((s["load_from"], s["load_to"]))
             pipeline.setdefault(r.result.worker, []).append((s["busy_to"] - s["call_seconds"], s["busy_to"]))
     waits = [(r.created_at.timestamp(), s["busy_from"]) for r, s in zip(ok, sims, strict=True)
              if submitted[r.job_id][0] == "bulk" and "busy_from" in s]
@@ -561,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
                         help="comma-separated: darkroom, baseline, static (darkroom without assist), nohold (darkroom "
-                             "without the interactive hold), spill (darkroom, "
+                             "without the interactive hold), inline (darkroom loading models on the engine thread), "
+                             "spill (darkroom, "
                              "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
                              "queue), assist=R or assist=R/D (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R and "
                              "DARKROOM_ASSIST_QUEUE_DEPTH=D)")
@@ -578,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
-        if policy not in ("darkroom", "baseline", "static", "spill", "nohold") and not _assist_policy(policy):
-            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, spill, assist=R "
-                         "or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1)")
+        if policy not in ("darkroom", "baseline", "static", "spill", "nohold", "inline") and not _assist_policy(policy):
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, inline, spill, "
+                         "assist=R or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1)")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale
     if args.workers < 1 or args.jobs < 1 or not 0 < args.load <= 2:

@@ -117,3 +117,41 @@ def test_a_profile_is_checked_at_start(tmp_path: Path, services: Any, settings: 
     worker = spawn_worker(services, settings, f"badsim-{uuid.uuid4().hex[:6]}", "--simulate", str(bad))
     with pytest.raises(RuntimeError, match="WIDTHxHEIGHT"):
         worker.start(timeout=30)
+
+
+def test_a_worker_serves_the_model_it_holds_while_another_loads_beside_its_engine(
+        tmp_path: Path, services: Any, settings: Settings, client: Client) -> None:
+    import os
+
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    a, b = f"la{uuid.uuid4().hex[:6]}", f"lb{uuid.uuid4().hex[:6]}"
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({
+        "name": "beside", "memory_budget_bytes": 2000,
+        "models": {a: {"bytes": 600, "load_seconds": 0.1}, b: {"bytes": 700, "load_seconds": 4.0}},
+        "step_seconds": {"64x64": {"1": 0.005}},
+    }))
+    path = os.pathsep.join([str(tmp_path / "blocker"), os.environ.get("PYTHONPATH", "")])
+    # Given a worker holding a, and a job for b, which takes seconds to load
+    [worker] = simulated_workers(services, settings, profile, "beside", [a], PYTHONPATH=path)
+    try:
+        uri = client.upload(png_bytes(sample_image(64)), f"s3://darkroom/inputs/{uuid.uuid4().hex}.png")
+        cold = client.submit({"model": b, "image": uri, **PARAMS})
+        deadline = time.monotonic() + 30
+        while client.status(cold.job_id).status.value == "queued":
+            assert time.monotonic() < deadline, "b's job was never taken"
+            time.sleep(0.05)
+        # When a job for a arrives while b loads
+        hot = client.submit({"model": a, "image": uri, **PARAMS})
+        first, second = hot.wait(timeout=60), cold.wait(timeout=60)
+        # Then a's job ran during b's load (on the engine thread it would have waited for the load and b's call)
+        assert first.worker == second.worker == worker.name
+        assert first.finished_at < second.finished_at
+        assert first.timings.model_load == 0 and second.timings.model_load >= 4.0
+        # And both models stay resident within the budget: one load, no eviction
+        report = _report(client, worker.name, lambda r: r.jobs_done == 2 and len(r.resident_models) == 2)
+        assert sorted(report.resident_models) == sorted([a, b]) and report.cache.evictions == 0
+        assert report.cache.misses == 2 and report.cache.hits == 1  # a at start-up, b beside; a's job a hit
+    finally:
+        worker.stop()

@@ -172,6 +172,7 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.models.on_load = self.queues.loading_model  # a loading worker takes no other model's work
+        self.models.on_load_beside = self.queues.loading_beside  # ... but the resident models' hot work
 
     @functools.cached_property
     def lifecycle(self) -> Lifecycle:
@@ -214,11 +215,11 @@ class WorkerContext:
     def refresh_report(self) -> WorkerReport:
         """Recompute what the worker reports (on the job thread: the heartbeat thread never touches models)."""
         models = self.models
-        entries = {m: models.get_entry(m) for m in models.resident}
+        entries = models.entries()
         report = WorkerReport(
             name=self.name, pid=os.getpid(), host=socket.gethostname(), device=self.device.device,
             device_name=self.device.name, dtype=self.device.dtype, tuning=models.tuning.describe(),
-            total_memory=self.device.total_memory, models=models.registry.ids, resident_models=models.resident,
+            total_memory=self.device.total_memory, models=models.registry.ids, resident_models=list(entries),
             resident_bytes=models.resident_bytes(), memory_budget=models.budget_bytes,
             resident_adapters={m: e.adapters.resident for m, e in entries.items()},
             cache=CacheCounts(hits=models.hits, misses=models.misses, evictions=models.evictions),

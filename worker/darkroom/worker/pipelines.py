@@ -13,7 +13,12 @@ local or ``s3://``. Every pipeline gets the worker's :class:`~.tuning.Tuning`
 (attention, VAE slicing/tiling, fused QKV, channels-last, compile, offload) as it loads.
 
 One pipeline is never called from two threads at once (its scheduler holds
-state): the worker runs one pipeline call at a time.
+state): the worker runs one pipeline call at a time. A model may load *beside*
+the engine (:meth:`PipelineCache.load_beside`, on the loader thread of
+:mod:`.inference.loads`) while the engine calls another one: the engine claims the
+model of each call (:meth:`PipelineCache.claim`), and a load that must make room
+marks its victims as leaving (never claimed again) and evicts each one only once
+its call has ended.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class LoadedModel:
     weights_sha256: str | None = None  # of every file of the model (content, not paths or dates)
     family: Family = Family.SD  # of the loaded pipeline (its class)
     image_seconds: float | None = None  # pipeline seconds per image, a moving average over its calls
+    unreported_load: float | None = None  # seconds of a load beside the engine, until a call reports it
+    loaded_span: tuple[float, float] | None = None  # wall clock of a load beside the engine (start, end)
     schedulers: SchedulerSwitch = field(init=False)
 
     def __post_init__(self) -> None:
@@ -174,6 +181,13 @@ class PipelineCache:
         self.hits = self.misses = self.evictions = 0
         # wraps each model load (the worker's queue subscriptions pause while the engine is loading)
         self.on_load: Callable[[str], AbstractContextManager[Any]] | None = None
+        # wraps a load beside the engine (the subscriptions keep the resident models' hot queues)
+        self.on_load_beside: Callable[[str], AbstractContextManager[Any]] | None = None
+        # the loader thread and the engine thread both change the resident set: every change, and every
+        # claim of a model by the engine's call, holds this lock; a load waiting for a victim's call waits on it
+        self._lock = threading.Condition(threading.RLock())
+        self._in_use: dict[str, int] = {}  # model -> calls running with it now (claimed by the engine)
+        self._leaving: set[str] = set()  # resident models a load beside the engine evicts once their call ends
 
     # -- queries ---------------------------------------------------------------
     def family_of(self, model_id: str) -> Family | None:
@@ -188,20 +202,30 @@ class PipelineCache:
             return None
 
     def is_resident(self, model_id: str) -> bool:
-        return model_id in self._resident
+        """Whether the model is resident and may be claimed for a call (not leaving for a load beside)."""
+        with self._lock:
+            return model_id in self._resident and model_id not in self._leaving
 
     @property
     def resident(self) -> list[str]:
-        return list(self._resident)
+        with self._lock:
+            return list(self._resident)
 
     def get_entry(self, model_id: str) -> LoadedModel:
         """A resident entry without counting a use (for reporting)."""
         return self._resident[model_id]
 
+    def entries(self) -> dict[str, LoadedModel]:
+        """The resident entries, least recently used first, without counting a use (for reporting, any thread)."""
+        with self._lock:
+            return dict(self._resident)
+
     def resident_bytes(self) -> int:
         """Bytes of all resident weights, each shared module counted once."""
         seen: dict[int, int] = {}
-        for entry in self._resident.values():
+        for entry in self.entries().values():
+            if entry.pipeline is None:
+                continue
             for module in entry.pipeline.components.values():
                 if hasattr(module, "parameters") and id(module) not in seen:
                     seen[id(module)] = module_bytes(module)
@@ -234,23 +258,80 @@ class PipelineCache:
     # -- use -------------------------------------------------------------------
     def get(self, model_id: str) -> LoadedModel:
         """The resident model, loading it (and evicting least recently used ones) if needed."""
+        return self.use(model_id)[0]
+
+    def use(self, model_id: str) -> tuple[LoadedModel, float, bool]:
+        """The resident model for a call, loading it here if needed, with the load's seconds and whether this
+        call pays for a load (its own, or the load beside the engine that made the model resident for it)."""
         spec = self.registry.get(model_id)
-        entry = self._resident.get(model_id)
+        with self._lock:
+            entry = self._resident.get(model_id)
         if entry is None:
-            self.misses += 1
+            started = time.perf_counter()
+            with self._lock:
+                self.misses += 1
             with self.on_load(model_id) if self.on_load is not None else nullcontext():
                 entry = self._load(spec)
-            self._resident[model_id] = entry
-            self._evict_until_within_budget(keep=model_id)
+            with self._lock:
+                self._resident[model_id] = entry
+                self._evict_until_within_budget(keep=model_id)
+            load, loaded = time.perf_counter() - started, True
+        elif entry.unreported_load is not None:  # loaded beside the engine for this call: already a miss
+            load, loaded, entry.unreported_load = entry.unreported_load, True, None
         else:
+            load, loaded = 0.0, False
             self.hits += 1
-        self._resident.move_to_end(model_id)
+        with self._lock:
+            if model_id in self._resident:
+                self._resident.move_to_end(model_id)
         entry.uses += 1
         entry.last_used = time.monotonic()
+        return entry, load, loaded
+
+    # -- loads beside the engine ------------------------------------------------
+    def claim(self, model_id: str) -> bool:
+        """Mark a resident model as used by the call about to run (False: not resident, or leaving)."""
+        with self._lock:
+            if model_id not in self._resident or model_id in self._leaving:
+                return False
+            self._in_use[model_id] = self._in_use.get(model_id, 0) + 1
+            return True
+
+    def release(self, model_id: str) -> None:
+        """The call that claimed ``model_id`` has ended (a load waiting to evict it may go on)."""
+        with self._lock:
+            left = self._in_use.get(model_id, 0) - 1
+            if left > 0:
+                self._in_use[model_id] = left
+            else:
+                self._in_use.pop(model_id, None)
+            self._lock.notify_all()
+
+    def load_beside(self, model_id: str) -> LoadedModel:
+        """Load ``model_id`` on this (non-engine) thread while the engine calls resident models; the first call
+        that uses it reports the load (:meth:`use`). Room is made as for any load, least recently used first,
+        except that a model in a call is evicted once the call ends (it is never claimed again meanwhile)."""
+        spec = self.registry.get(model_id)
+        with self._lock:
+            entry = self._resident.get(model_id)
+            if entry is not None:
+                return entry
+            self.misses += 1
+        started = time.perf_counter()
+        since = time.time()
+        with self.on_load_beside(model_id) if self.on_load_beside is not None else nullcontext():
+            entry = self._load(spec)
+        entry.unreported_load = time.perf_counter() - started
+        entry.loaded_span = (since, time.time())
+        with self._lock:
+            self._resident[model_id] = entry
+            self._evict_until_within_budget(keep=model_id)
         return entry
 
     def evict(self, model_id: str) -> None:
-        entry = self._resident.pop(model_id, None)
+        with self._lock:
+            entry = self._resident.pop(model_id, None)
+            self._leaving.discard(model_id)
         if entry is None:
             return
         entry.state = EntryState.EVICTED
@@ -410,15 +491,27 @@ class PipelineCache:
         return sum(_loaded_bytes(p, dtype) for p in files)
 
     def _make_room(self, incoming: int) -> None:
-        while self._resident and self.resident_bytes() + incoming > self.budget_bytes:
-            self.evict(next(iter(self._resident)))
+        """Evict least recently used models until ``incoming`` bytes fit. A model in a call (only while loading
+        beside the engine) is marked leaving first, so no new call claims it, and evicted when its call ends."""
+        with self._lock:
+            while self._resident and self.resident_bytes() + incoming > self.budget_bytes:
+                free = next((m for m in self._resident if m not in self._in_use), None)
+                if free is not None:
+                    self.evict(free)
+                    continue
+                victim = next(iter(self._resident))
+                self._leaving.add(victim)
+                while victim in self._in_use:
+                    self._lock.wait()
+                self.evict(victim)
 
     def _evict_until_within_budget(self, keep: str) -> None:
-        while self.resident_bytes() > self.budget_bytes:
-            victim = next((m for m in self._resident if m != keep), None)
-            if victim is None:
-                break
-            self.evict(victim)
+        with self._lock:
+            while self.resident_bytes() > self.budget_bytes:
+                victim = next((m for m in self._resident if m != keep and m not in self._in_use), None)
+                if victim is None:
+                    break
+                self.evict(victim)
 
 
 def module_bytes_all(pipeline: Any) -> int:

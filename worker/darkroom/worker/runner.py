@@ -49,6 +49,7 @@ from .inference.batching import BatchPolicy
 from .inference.call import WorkItem, batch_key
 from .inference.engine import Engine, Request
 from .inference.executor import BatchExecutor
+from .inference.loads import ModelLoads
 from .latents import LatentCache, pixel_digest
 from .safety import object_metadata, object_tags, public_image
 from .screening import InputFlaggedError
@@ -94,6 +95,7 @@ class JobRunner:
             self.executor, slots=settings.slots, after_batch=ctx.after_job,
             interactive_waiting=lambda: ctx.queues.interactive_waiting(ctx.redis),
             interactive_hold=settings.interactive_hold_ms / 1000,
+            loads=ModelLoads.for_worker(settings, ctx.models, ctx.queues),
         )
         ctx.state.watch_engine(lambda: self.engine.busy_since)
         self._local = threading.local()  # per task thread: the delivery's lease

@@ -110,6 +110,12 @@ class WorkerSettings(Settings):
                     "ready bulk batch waits for one of them to arrive (the call's task slots free as its outputs "
                     "upload) so that it runs first; 0: bulk batches never wait.",
     )
+    load_beside: bool = Field(
+        True,
+        description="Load a model on its own thread while the engine keeps serving the resident ones (one load "
+                    "at a time; a model in a call is evicted once the call ends). Compiled workers "
+                    "(DARKROOM_COMPILE) always load on the engine thread.",
+    )
     task_slots: int | None = Field(
         None, ge=1, le=512,
         description="Messages a worker holds at once (Celery thread pool): jobs being fetched/decoded, waiting "

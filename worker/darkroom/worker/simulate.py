@@ -221,7 +221,7 @@ class SimulatedModels(PipelineCache):
         self.profile = profile
 
     def resident_bytes(self) -> int:
-        return sum(entry.pipeline.nbytes for entry in self._resident.values() if entry.pipeline is not None)
+        return sum(entry.pipeline.nbytes for entry in self.entries().values() if entry.pipeline is not None)
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         cost = self.profile.cost(spec.id)
@@ -251,14 +251,12 @@ class SimulatedExecutor(BatchExecutor):
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         started = time.monotonic()
         since = time.time()  # wall clock: the fleet simulator lines calls up with submission times
-        misses = self.ctx.models.misses
         try:
-            t0 = time.perf_counter()
-            loaded = self.ctx.models.get(batch[0].job.model)
-            model_load = time.perf_counter() - t0
+            loaded, model_load, fresh = self.ctx.models.use(batch[0].job.model)
         except Exception as exc:  # noqa: BLE001 - the same model: the same error for all
             return [exc] * len(batch)
-        model_loads = self.ctx.models.misses - misses
+        model_loads = int(fresh)
+        beside = loaded.loaded_span if fresh and loaded.loaded_span is not None else None
         outcomes: list[Inference | BaseException | None] = [None] * len(batch)
         groups: dict[str | None, list[int]] = {}
         for index, request in enumerate(batch):
@@ -276,18 +274,19 @@ class SimulatedExecutor(BatchExecutor):
             counts = {"model_loads": model_loads, "adapter_loads": activation.loaded + activation.hotswapped}
             model_loads = 0
             for index, outcome in zip(indices, self._call([batch[i] for i in indices], loaded, activation.adapters,
-                                                          started, model_load, switch, counts, since),
+                                                          started, model_load, switch, counts, since, beside),
                                       strict=True):
                 outcomes[index] = outcome
             since = time.time()
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
 
     def _call(self, requests: list[Request], loaded: LoadedModel, adapters: list[dict[str, Any]], started: float,
-              model_load: float, switch: float, counts: dict[str, int],
-              since: float) -> list[Inference | BaseException]:
+              model_load: float, switch: float, counts: dict[str, int], since: float,
+              beside: tuple[float, float] | None = None) -> list[Inference | BaseException]:
         """One simulated call; the first job's details carry the call's counts (``sim``: loads and busy
         seconds of the call, once per call so that a fleet's totals add up); every job's carry the call's
-        wall-clock span (``busy_from``: the call's model load or adapter switch began, ``busy_to``: it ended)."""
+        wall-clock span (``busy_from``: the call's model load or adapter switch began, ``busy_to``: it ended)
+        and, for the first call after a load beside the engine, that load's span (``load_from``, ``load_to``)."""
         job = requests[0].job
         images = sum(r.images for r in requests)
         width, height = requests[0].item.image.size
@@ -330,7 +329,8 @@ class SimulatedExecutor(BatchExecutor):
                                  "adapter_loads": counts["adapter_loads"] if first else 0,
                                  "call_seconds": elapsed if first else 0.0,
                                  "load_seconds": (model_load if counts["model_loads"] else 0.0) if first else 0.0,
-                                 "busy_from": since, "busy_to": until, "first": first}},
+                                 "busy_from": since, "busy_to": until, "first": first,
+                                 **({} if beside is None else {"load_from": beside[0], "load_to": beside[1]})}},
                 batch_wait=max(0.0, started - request.enqueued), model_load=model_load, adapters=switch,
                 inference=elapsed,
             ))

@@ -25,6 +25,11 @@ Which group runs next (:meth:`BatchPolicy.choose`):
 
 A failure inside a batched call (an injected fault, out of memory) is not blamed on the whole
 batch: each of its jobs runs again alone, so only the job that fails alone fails.
+
+With :class:`~.loads.ModelLoads` (eager workers, by default) a job whose model is not resident does not stop
+the engine: its model loads on the loader thread while calls for resident models go on, and its group runs
+once the model is resident. The engine claims each call's model, so a load that needs the memory evicts it
+only after the call. Jobs that waited for a load that failed fail with its error.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from .call import BatchKey, WorkItem
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from .loads import ModelLoads
 
 __all__ = ["Engine", "Inference", "Request", "Slot", "mark_batch_wide"]
 
@@ -120,8 +127,10 @@ class Engine:
 
     def __init__(self, policy: BatchPolicy, execute: Executor, *, slots: int | None = None,
                  after_batch: Callable[[], None] | None = None, name: str = "darkroom-engine",
-                 interactive_waiting: Callable[[], bool] | None = None, interactive_hold: float = 0.0) -> None:
+                 interactive_waiting: Callable[[], bool] | None = None, interactive_hold: float = 0.0,
+                 loads: ModelLoads | None = None) -> None:
         self.policy = policy
+        self.loads = loads  # None: a model loads inside the call that needs it, on this thread
         self.slots = slots  # task slots of the worker; None: unknown (more jobs may always come)
         self.interactive_waiting = interactive_waiting  # whether interactive messages wait in the broker for us
         self.interactive_hold = interactive_hold  # longest a bulk group waits for them after a call (seconds)
@@ -138,6 +147,11 @@ class Engine:
         self.batched_jobs = 0
         self.busy_since: float | None = None  # monotonic start of the call running now (the stall watchdog)
         self.split_batches = 0
+        self._loads_seen = 0  # loads ended that the after-batch hook has reported
+        self._enough_noted = 0  # the load (its number) whose model was noted to have enough jobs waiting
+        self._news: tuple[bool, str | None] = (False, None)  # (a load ended, loading model with enough jobs)
+        if loads is not None:
+            loads.bind(self._wake)
 
     # -- task threads --------------------------------------------------------
     @contextmanager
@@ -199,10 +213,17 @@ class Engine:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _loop(self) -> None:
         hold_until: float | None = None
         while True:
             batch = self._next_batch(hold_until)
+            if not batch:  # news from a load beside the engine
+                self._report_loads()
+                continue
             self.busy_since = time.monotonic()
             try:
                 self._run(batch)
@@ -211,13 +232,57 @@ class Engine:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
+            finally:
+                if self.loads is not None:
+                    self.loads.release(batch[0].key.model)
             self.busy_since = None
-            if self._after_batch is not None:
-                try:
-                    self._after_batch()
-                except Exception:  # noqa: BLE001 - reporting is best effort
-                    log.exception("after-batch hook failed")
+            self._after()
             hold_until = self._interactive_hold()
+
+    def _after(self) -> None:
+        if self._after_batch is not None:
+            try:
+                self._after_batch()
+            except Exception:  # noqa: BLE001 - reporting is best effort
+                log.exception("after-batch hook failed")
+
+    def _report_loads(self) -> None:
+        """Outside the lock: a load ended (the report and subscriptions follow the resident models), or the
+        loading model has enough jobs waiting (stop taking more)."""
+        with self._cond:
+            (ended, enough), self._news = self._news, (False, None)
+        if enough is not None and self.loads is not None:
+            self.loads.enough(enough)
+        if ended:
+            self._after()
+
+    def _loads_step(self) -> list[Request]:
+        """With loads beside the engine (lock held): fail jobs whose load failed, start the next load, note news;
+        return the requests a call may take now (their model is resident)."""
+        loads = self.loads
+        assert loads is not None
+        if loads.ended != self._loads_seen:
+            self._loads_seen = loads.ended
+            self._news = (True, self._news[1])
+        waiting = [r for r in self._pending if not loads.runnable(r.key.model)]
+        for model in {r.key.model for r in waiting}:
+            failed = loads.failure(model)
+            if failed is None:
+                continue
+            when, exc = failed
+            for request in [r for r in waiting if r.key.model == model and r.enqueued <= when]:
+                self._pending.remove(request)
+                waiting.remove(request)
+                request.future.set_exception(exc)
+        if waiting and not loads.busy:
+            first = min(waiting, key=lambda r: (r.priority, r.enqueued))  # interactive, then the oldest
+            loads.start(first.key.model)
+        loading = loads.loading
+        if loading is not None and self._enough_noted != loads.started \
+                and sum(r.images for r in waiting if r.key.model == loading) >= self.policy.max_images:
+            self._enough_noted = loads.started  # once per load
+            self._news = (self._news[0], loading)
+        return [r for r in self._pending if loads.runnable(r.key.model)]
 
     def _interactive_hold(self) -> float | None:
         """Until when bulk groups wait for interactive messages that wait in the broker (None: they do not)."""
@@ -240,16 +305,22 @@ class Engine:
         return time.monotonic() + self.interactive_hold
 
     def _next_batch(self, hold_until: float | None = None) -> list[Request]:
+        """The next group to run; empty when there is news from a load to report first."""
         with self._cond:
             while True:
                 now = time.monotonic()
+                pending = self._pending if self.loads is None else self._loads_step()
+                if self._news != (False, None):
+                    return []
                 can_grow = self._arriving > 0 or self.slots is None or self._busy < self.slots
-                batch, wake = self.policy.choose(self._pending, now, can_grow)
+                batch, wake = self.policy.choose(pending, now, can_grow)
                 if batch and hold_until is not None and now < hold_until and min(r.priority for r in batch) > 0:
                     # a bulk group is ready, but interactive work is on its way: it waits, and an interactive
                     # group already here runs when it is ready (compatible bulk jobs still fill its call)
-                    _, due = self.policy.choose([r for r in self._pending if r.priority == 0], now, can_grow)
+                    _, due = self.policy.choose([r for r in pending if r.priority == 0], now, can_grow)
                     batch, wake = [], hold_until if due is None else min(due, hold_until)
+                if batch and self.loads is not None and not self.loads.claim(batch[0].key.model):
+                    continue  # a load began evicting its model just now: its jobs wait for it to load again
                 if batch:
                     chosen = set(map(id, batch))
                     self._pending = [r for r in self._pending if id(r) not in chosen]

@@ -51,9 +51,7 @@ class BatchExecutor:
         outcomes: list[Inference | BaseException | None] = [None] * len(batch)
         started = time.monotonic()
         try:
-            t0 = time.perf_counter()
-            loaded = self.ctx.models.get(batch[0].job.model)
-            model_load = time.perf_counter() - t0
+            loaded, model_load, _ = self.ctx.models.use(batch[0].job.model)
         except Exception as exc:  # noqa: BLE001 - the same model: the same error for all
             return [exc] * len(batch)
         sets = {index: request.item.adapters for index, request in enumerate(batch)}
