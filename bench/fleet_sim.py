@@ -30,7 +30,10 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               Serve's model multiplexing does without its routing hint).
 
 Printed per policy: hot-hit rate (jobs whose model was resident when their call ran), cold loads and adapter
-loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), bulk-backlog
+loads per 1,000 jobs, interactive queue wait p50/p99 (wall seconds, and / one batch-1 call), interactive wait
+until the job's call began and until its steps began less the part of its own model's load it waited for
+("behind other work": the queue, other jobs' calls and other models' loads; a model nobody holds must load
+first, a cold start rather than a wait), bulk-backlog
 utilization (while some bulk job waited, submitted and its call not begun: busy worker-seconds, in calls or model
 loads, over the fleet's worker-seconds; the issue's "bulk throughput / ideal"), bulk jobs/s over the fleet's
 batch-1 capacity (bounded by the arrival rate: it measures the workload as much as the fleet), the planned and
@@ -447,6 +450,10 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
               f"engine {t.batch_wait:.1f}, load {t.model_load:.1f}) on {r.result.worker}, model {r.result.model}, "
               f"call of {r.result.parameters.get('batch', {}).get('jobs', 1)} job(s)", file=sys.stderr)
     call_waits = [max(0.0, wait) for wait, _ in to_call]
+    # until its steps began, less the part of its own model's load it waited for (a cold model's load is a cold
+    # start, not a wait behind other work): queue, engine and other models' loads and calls
+    behind = [max(0.0, s["denoise_from"] - r.created_at.timestamp() - (r.result.timings.model_load or 0.0))
+              for r, s in zip(ok, sims, strict=True) if submitted[r.job_id][0] == "interactive" and "denoise_from" in s]
     batch1 = STEP_SECONDS[1] * STEPS * STRENGTH * args.time_scale
     full_batch = STEP_SECONDS[max(STEP_SECONDS)] * STEPS * STRENGTH * args.time_scale  # a call of the largest batch
     bulk = [r for r in ok if submitted[r.job_id][0] == "bulk"]
@@ -485,6 +492,10 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "interactive_to_call_p99_s": round(pct(call_waits, 0.99), 2),
         "interactive_to_call_p99_over_batch": round(pct(call_waits, 0.99) / batch1, 2),
         "interactive_to_call_p99_over_full_batch": round(pct(call_waits, 0.99) / full_batch, 2),
+        "interactive_behind_p50_s": round(pct(behind, 0.5), 2),
+        "interactive_behind_p99_s": round(pct(behind, 0.99), 2),
+        "interactive_behind_p99_over_batch": round(pct(behind, 0.99) / batch1, 2),
+        "interactive_behind_p99_over_full_batch": round(pct(behind, 0.99) / full_batch, 2),
         "full_batch_seconds": round(full_batch, 2),
         "batch1_seconds": round(batch1, 2),
         "utilization": round(busy / worker_seconds, 3) if worker_seconds else None,
@@ -512,6 +523,10 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
          lambda f: f"{f.get('interactive_to_call_p50_s')} / {f.get('interactive_to_call_p99_s')}"),
         ("  p99 / one batch-1 call", lambda f: f.get("interactive_to_call_p99_over_batch")),
         ("  p99 / one full batch call", lambda f: f.get("interactive_to_call_p99_over_full_batch")),
+        ("interactive wait behind other work p50 / p99 (s)",
+         lambda f: f"{f.get('interactive_behind_p50_s')} / {f.get('interactive_behind_p99_s')}"),
+        ("  p99 / one batch-1 call", lambda f: f.get("interactive_behind_p99_over_batch")),
+        ("  p99 / one full batch call", lambda f: f.get("interactive_behind_p99_over_full_batch")),
         ("busy / available GPU-s", lambda f: f["utilization"]),
         ("loading / available GPU-s", lambda f: f["load_share"]),
         ("bulk jobs/s", lambda f: f["bulk_jobs_per_s"]),

@@ -73,11 +73,11 @@ class Calls:
     def __call__(self, batch: list[Request]) -> list[Inference | BaseException]:
         model = batch[0].key.model
         try:
-            _, load, fresh = self.models.use(model)
+            entry, load, fresh = self.models.use(model)
         except Exception as exc:  # noqa: BLE001 - as the real executor
             return [exc] * len(batch)
         self.calls.append((model, len(batch), self.loads.busy, fresh))
-        return [Inference([IMAGE], 2, {}, 0.0, load, 0.0, 0.0) for _ in batch]
+        return [Inference([IMAGE], 2, {}, 0.0, entry.load_waited(load, r.enqueued), 0.0, 0.0) for r in batch]
 
 
 def engine_with(models: GatedModels, **kwargs: Any) -> tuple[Engine, Calls, ModelLoads]:
@@ -102,11 +102,15 @@ def test_the_engine_serves_resident_models_while_another_loads_beside_it() -> No
     # Then a's call runs while b is still loading
     assert a.future.result(10).model_load == 0.0
     assert calls.calls == [("a", 1, True, False)] and not b.future.done()
-    # And once b is resident its job runs, reporting the load it waited for (one miss, no hit)
+    # And once b is resident its jobs run in one call, each reporting the part of the load it waited for
+    time.sleep(0.05)
+    late = request("b")
+    engine._submit(late, announced=False)
     models.gates["b"].set()
-    inference = b.future.result(10)
-    assert calls.calls[-1] == ("b", 1, False, True) and inference.model_load > 0.0
-    assert (models.misses, models.hits, loads.started) == (2, 1, 1)
+    inference, came_late = b.future.result(10), late.future.result(10)
+    assert calls.calls[-1] == ("b", 2, False, True)
+    assert inference.model_load > came_late.model_load + 0.04 and came_late.model_load >= 0.0
+    assert (models.misses, models.hits, loads.started) == (2, 1, 1)  # one miss for b, no hit
     assert models.resident == ["a", "b"]
 
 
@@ -151,10 +155,13 @@ def test_a_load_evicts_idle_models_first_and_waits_for_the_last_call_of_a_busy_o
 def test_jobs_that_waited_for_a_failed_load_fail_with_its_error_and_the_engine_goes_on() -> None:
     models = GatedModels(budget=1000)
     engine, calls, loads = engine_with(models)
-    # When a model larger than the budget is asked for
+    # When two jobs wait for a model larger than the budget (its load fails once both are there)
+    models.gates["huge"] = threading.Event()
     huge = [request("huge"), request("huge")]
     for r in huge:
         engine._submit(r, announced=False)
+    until(lambda: models.loading == ["huge"])
+    models.gates["huge"].set()
     # Then its jobs fail with the load's error, without a call
     for r in huge:
         with pytest.raises(JobError) as failure:

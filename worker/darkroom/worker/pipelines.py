@@ -89,10 +89,19 @@ class LoadedModel:
     image_seconds: float | None = None  # pipeline seconds per image, a moving average over its calls
     unreported_load: float | None = None  # seconds of a load beside the engine, until a call reports it
     loaded_span: tuple[float, float] | None = None  # wall clock of a load beside the engine (start, end)
+    loaded_at: float | None = None  # monotonic end of a load beside the engine
     schedulers: SchedulerSwitch = field(init=False)
 
     def __post_init__(self) -> None:
         self.schedulers = SchedulerSwitch(getattr(self.pipeline, "scheduler", None))
+
+    def load_waited(self, load: float, enqueued: float) -> float:
+        """The part of ``load`` seconds a job that reached the engine at ``enqueued`` (monotonic) waited for: all
+        of a load its own call ran; of a load beside the engine, from its arrival to the load's end (a job that
+        came late in the load waited only for the rest of it)."""
+        if self.loaded_at is None:
+            return load
+        return min(load, max(0.0, self.loaded_at - enqueued))
 
     def timed_call(self, seconds: float, images: int) -> None:
         """Fold one pipeline call into :attr:`image_seconds` (reported, so that idle workers can weigh a load)."""
@@ -323,6 +332,7 @@ class PipelineCache:
             entry = self._load(spec)
         entry.unreported_load = time.perf_counter() - started
         entry.loaded_span = (since, time.time())
+        entry.loaded_at = time.monotonic()
         with self._lock:
             self._resident[model_id] = entry
             self._evict_until_within_budget(keep=model_id)

@@ -285,14 +285,15 @@ class SimulatedExecutor(BatchExecutor):
               beside: tuple[float, float] | None = None) -> list[Inference | BaseException]:
         """One simulated call; the first job's details carry the call's counts (``sim``: loads and busy
         seconds of the call, once per call so that a fleet's totals add up); every job's carry the call's
-        wall-clock span (``busy_from``: the call's model load or adapter switch began, ``busy_to``: it ended)
-        and, for the first call after a load beside the engine, that load's span (``load_from``, ``load_to``)."""
+        wall-clock span (``busy_from``: the call's model load or adapter switch began, ``denoise_from``: its
+        steps began, ``busy_to``: it ended) and, for the first call after a load beside the engine, that load's
+        span (``load_from``, ``load_to``)."""
         job = requests[0].job
         images = sum(r.images for r in requests)
         width, height = requests[0].item.image.size
         steps = max(1, job.steps_to_run)
         per_step = self.profile.step_time(images, width * height)
-        t0 = time.perf_counter()
+        t0, denoise_from = time.perf_counter(), time.time()
         try:
             for step in range(1, steps + 1):
                 self.profile.sleep(per_step)
@@ -329,9 +330,10 @@ class SimulatedExecutor(BatchExecutor):
                                  "adapter_loads": counts["adapter_loads"] if first else 0,
                                  "call_seconds": elapsed if first else 0.0,
                                  "load_seconds": (model_load if counts["model_loads"] else 0.0) if first else 0.0,
-                                 "busy_from": since, "busy_to": until, "first": first,
+                                 "busy_from": since, "busy_to": until, "denoise_from": denoise_from, "first": first,
                                  **({} if beside is None else {"load_from": beside[0], "load_to": beside[1]})}},
-                batch_wait=max(0.0, started - request.enqueued), model_load=model_load, adapters=switch,
+                batch_wait=max(0.0, started - request.enqueued),
+                model_load=loaded.load_waited(model_load, request.enqueued), adapters=switch,
                 inference=elapsed,
             ))
         return results

@@ -141,7 +141,7 @@ class BatchExecutor:
                             {"token": e.token, "sha256": e.sha256} for e in request.item.textual_inversions],
                     },
                     batch_wait=max(0.0, started - request.enqueued),
-                    model_load=model_load,
+                    model_load=loaded.load_waited(model_load, request.enqueued),
                     adapters=adapters,
                     inference=elapsed,
                 )
