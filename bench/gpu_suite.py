@@ -27,7 +27,11 @@ Sections, in order (``--list`` prints them with their estimated GPU seconds):
 - ``offload``: ``DARKROOM_CPU_OFFLOAD=model`` (and one ``sequential`` call): it/s and peak GPU memory;
 - ``memory_budget``: ``PipelineCache`` under a ``DARKROOM_MODEL_MEMORY_BUDGET_BYTES`` that holds one model: load,
   load a second (the first is evicted), GPU memory before and after, reload, and a model larger than the budget
-  refused with ``model_too_large``.
+  refused with ``model_too_large``;
+- ``load_beside``: the worker's engine with loads beside it (``ModelLoads``): a job for a second model, then
+  ``--batch`` x calls jobs for a resident one; the resident model's calls run while the second loads on the loader
+  thread. Wall time against the calls and the load each alone (``overlap``: their sum ÷ the wall time, 1.0 when
+  nothing overlapped), peak GPU memory, and each job's reported load.
 
 Every section is timed and guarded: a failure is recorded (error and traceback) and the suite goes on. The
 report is rewritten after every section, so a run stopped half-way still leaves one. ``--budget-s`` (default
@@ -341,7 +345,7 @@ def compile_backend(config: Config) -> Iterator[None]:
 class InProcessDarkroom:
     """The worker's engine and executor over a ``PipelineCache``, fed by threads like a worker's task slots."""
 
-    def __init__(self, suite: Suite, models: Any, *, batch: int, mixed: bool = True) -> None:
+    def __init__(self, suite: Suite, models: Any, *, batch: int, mixed: bool = True, loads: Any = None) -> None:
         from darkroom.worker.inference.batching import BatchPolicy
         from darkroom.worker.inference.engine import Engine
         from darkroom.worker.inference.executor import BatchExecutor
@@ -354,14 +358,14 @@ class InProcessDarkroom:
         ctx = SimpleNamespace(settings=settings, models=models, files=None)  # what BatchExecutor reads
         self.executor = BatchExecutor(cast(Any, ctx), LatentCache(settings.latent_cache_bytes))
         self.engine = Engine(BatchPolicy(max_images=batch, max_wait=settings.batch_max_wait_ms / 1000),
-                             self.executor, slots=settings.slots)
+                             self.executor, slots=settings.slots, loads=loads)
         self.slots = settings.slots
 
-    def jobs(self, count: int, offset: int = 0, adapters: list[str] | None = None) -> list[Any]:
+    def jobs(self, count: int, offset: int = 0, adapters: list[str] | None = None, model: str = "bench") -> list[Any]:
         from darkroom.common.jobs import Img2ImgJob
 
         c = self.suite.config
-        return [cast(Any, Img2ImgJob)(model="bench", image=f"s3://darkroom/bench/{offset + i:05d}.png",
+        return [cast(Any, Img2ImgJob)(model=model, image=f"s3://darkroom/bench/{offset + i:05d}.png",
                            prompt=f"a lighthouse at dusk, variant {offset + i}", seed=1000 + offset + i,
                            strength=c.strength, num_inference_steps=c.steps, guidance_scale=c.guidance,
                            adapters=[] if adapters is None else [{"uri": adapters[i % len(adapters)], "weight": 1.0}],
@@ -555,9 +559,7 @@ def section_memory_budget(suite: Suite) -> dict[str, Any]:
 
     c = suite.config
     model = suite.model_path
-    twin = c.workdir / "model-twin"  # the same files under another id (hard links: no copy)
-    if not twin.exists():
-        shutil.copytree(model, twin, copy_function=os.link)
+    twin = _twin(suite)
     probe = suite.pipeline_cache(suite.registry({"a": model}, adapters=False))
     probe.get("a")
     one = probe.resident_bytes()
@@ -597,6 +599,46 @@ def section_memory_budget(suite: Suite) -> dict[str, Any]:
     return result
 
 
+def _twin(suite: Suite) -> Path:
+    """The suite's model under another folder, so that it loads as a second model (hard links: no copy)."""
+    twin = suite.config.workdir / "model-twin"
+    if not twin.exists():
+        shutil.copytree(suite.model_path, twin, copy_function=os.link)
+    return twin
+
+
+def section_load_beside(suite: Suite) -> dict[str, Any]:
+    from darkroom.worker.inference.loads import ModelLoads
+
+    c = suite.config
+    models = suite.pipeline_cache(suite.registry({"bench": suite.model_path, "twin": _twin(suite)}, adapters=False))
+    models.get("bench")
+    darkroom = InProcessDarkroom(suite, models, batch=c.batch, loads=ModelLoads(models))
+    darkroom.run(darkroom.jobs(c.batch, offset=900))  # warm: this batch size called once
+    jobs = max(c.calls * c.batch, 2 * c.batch)
+    calls_alone, _ = darkroom.run(darkroom.jobs(jobs))
+    t0 = time.perf_counter()
+    models.get("twin")
+    _sync(c.device)
+    load_alone = time.perf_counter() - t0
+    models.evict("twin")
+    _free(c.device)
+    _reset_peak(c.device)
+    # together: the twin's job first (its load starts on the loader thread), the resident model's jobs meanwhile
+    together, results = darkroom.run([*darkroom.jobs(1, offset=950, model="twin"), *darkroom.jobs(jobs, offset=1000)])
+    peak = _peak_memory(c.device)
+    twin, resident = results[0], results[1:]
+    result = {"jobs": jobs, "calls_alone_s": calls_alone, "load_alone_s": load_alone, "together_s": together,
+              "overlap": (calls_alone + load_alone) / together, "twin_job_model_load_s": twin.model_load,
+              "resident_jobs_model_load_s_max": max(r.model_load for r in resident),
+              "loads_started": darkroom.engine.loads.started, "peak_memory_bytes": peak,
+              "resident": models.resident}
+    if twin.model_load <= 0 or result["resident_jobs_model_load_s_max"] > 0 or sorted(models.resident) != ["bench", "twin"]:
+        raise RuntimeError(f"the load did not run beside the calls as expected: {result}")
+    _release(models)
+    return result
+
+
 SECTIONS = [
     Section("environment", 5, section_environment, needs=()),
     Section("build", 40, section_build, needs=()),
@@ -605,6 +647,7 @@ SECTIONS = [
     Section("mixed_lora", 40, section_mixed_lora),
     Section("lora_switch", 15, section_lora_switch),
     Section("memory_budget", 30, section_memory_budget),
+    Section("load_beside", 40, section_load_beside),
     Section("attention", 25, section_attention),
     Section("offload", 40, section_offload),
     Section("bare_compiled", 120, section_bare_compiled),

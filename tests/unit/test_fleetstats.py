@@ -35,3 +35,13 @@ def test_a_workers_overlapping_calls_count_once_and_idle_workers_count_as_availa
 
 def test_no_bulk_work_waiting_gives_no_figure() -> None:
     assert backlog_utilization([], {"a": [(0, 1)]}, workers=1).fraction is None
+
+
+def test_a_job_waited_for_the_part_of_its_models_loads_inside_its_time_in_the_engine() -> None:
+    from darkroom.dev.fleetstats import load_wait
+
+    loads = [(10, 20), (15, 25), (40, 50)]  # overlapping loads count once
+    assert load_wait((0, 30), loads) == pytest.approx(15)  # arrived before a load that its own call ran
+    assert load_wait((18, 30), loads) == pytest.approx(7)  # arrived late in a load beside the engine
+    assert load_wait((26, 39), loads) == 0  # the model was resident all along
+    assert load_wait((30, 30), loads) == 0

@@ -34,7 +34,8 @@ def test_dry_run_runs_every_section_with_positive_figures(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert report["finished"] is True and report["dry_run"] is True
     assert set(sections) == {"environment", "build", "bare_eager", "bare_compiled", "darkroom_eager",
-                             "darkroom_compiled", "mixed_lora", "lora_switch", "attention", "offload", "memory_budget"}
+                             "darkroom_compiled", "mixed_lora", "lora_switch", "attention", "offload", "memory_budget",
+                             "load_beside"}
     for name, record in sections.items():
         assert record["seconds"] > 0, name
         assert record["peak_memory_bytes"] > 0, name
@@ -63,6 +64,9 @@ def test_dry_run_runs_every_section_with_positive_figures(tmp_path: Path) -> Non
     assert r["memory_budget"]["evictions"] >= 2
     assert r["memory_budget"]["resident_bytes"] <= r["memory_budget"]["budget_bytes"]
     assert r["memory_budget"]["too_large"].startswith("model_too_large")
+    # the second model loaded beside the engine while the resident one's jobs ran (their load 0, its own > 0)
+    assert r["load_beside"]["twin_job_model_load_s"] > 0 and r["load_beside"]["resident_jobs_model_load_s_max"] == 0
+    assert r["load_beside"]["overlap"] > 0 and r["load_beside"]["loads_started"] == 1
     assert "bare_eager" in proc.stdout and "report:" in proc.stdout  # the printed table
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Interval", "merge", "overlap", "BacklogUtilization", "backlog_utilization"]
+__all__ = ["Interval", "merge", "overlap", "BacklogUtilization", "backlog_utilization", "load_wait"]
 
 Interval = tuple[float, float]
 
@@ -63,3 +63,11 @@ def backlog_utilization(waits: Iterable[Interval], busy: Mapping[str, Iterable[I
     span = sum(end - start for start, end in backlog)
     used = sum(overlap(merge(calls), backlog) for calls in busy.values())
     return BacklogUtilization(span, used, workers * span)
+
+
+def load_wait(span: Interval, loads: Iterable[Interval]) -> float:
+    """Seconds of a job's ``span`` (from reaching its worker's engine to its steps beginning) during which its
+    model was loading on that worker (``loads``: the model's loads there, in its own call or beside the engine).
+    The same measure for both ways of loading: a job that arrived while its model loaded waited for the load
+    whichever call then ran it."""
+    return overlap(merge([span]), merge(loads))
