@@ -747,6 +747,10 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("memory_budget", f"model {r['model_bytes'] / 2**20:,.0f} MiB, budget {r['budget_bytes'] / 2**20:,.0f}"
                                      f" MiB: load {r['load_a_s']:.2f} s, load+evict {r['load_b_evicting_a_s']:.2f} s, "
                                      f"reload {r['reload_a_s']:.2f} s, {r['evictions']} evictions"))
+    r = res("load_beside")
+    if r:
+        out.append(("load_beside", f"{r['jobs']} jobs {r['calls_alone_s']:.2f} s + load {r['load_alone_s']:.2f} s alone, "
+                                   f"{r['together_s']:.2f} s with the load beside them: overlap {r['overlap']:.2f}"))
     r = res("attention")
     if r:
         out.append(("attention", ", ".join(f"{k} {v['it_per_s']:.2f} it/s" for k, v in r.items() if isinstance(v, dict))
