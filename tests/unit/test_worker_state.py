@@ -45,6 +45,24 @@ def test_engine_busy_and_exit_code() -> None:
     assert state.exit_code == 75
 
 
+def test_a_load_beside_the_engine_that_never_ends_is_a_stall_like_a_call_that_never_steps() -> None:
+    from types import SimpleNamespace
+
+    from darkroom.worker.context import Heartbeat
+
+    state = WorkerState()
+    ctx = SimpleNamespace(state=state, settings=SimpleNamespace(engine_stall_seconds=600.0))
+    beat = SimpleNamespace(ctx=ctx)
+    since: list[float | None] = [None]
+    state.watch_loads(lambda: since[0])
+    assert Heartbeat.engine_stalled(beat, now=10_000.0) is None  # type: ignore[arg-type]  # idle, no load
+    since[0] = 9_500.0
+    assert Heartbeat.engine_stalled(beat, now=10_000.0) is None  # type: ignore[arg-type]  # loading for 500 s
+    since[0] = 9_000.0
+    state.progressed(9_999.0)  # other models' calls still step: the load alone is stuck
+    assert Heartbeat.engine_stalled(beat, now=10_000.0) == 1_000.0  # type: ignore[arg-type]
+
+
 def test_set_report_returns_the_previous_one() -> None:
     state = WorkerState()
     first = WorkerReport(name="w", resident_models=["a"])

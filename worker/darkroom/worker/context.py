@@ -62,6 +62,7 @@ class WorkerState:
         self._alive_at = time.time()  # the heartbeat thread's last round, whether Redis answered or not
         self._progress_at = time.monotonic()  # last denoising step of any job (engine thread)
         self._engine_busy: Callable[[], float | None] | None = None
+        self._loading_since: Callable[[], float | None] | None = None
         self.wake = threading.Event()  # set: the heartbeat should announce now (resident models changed)
 
     @property
@@ -149,6 +150,16 @@ class WorkerState:
         with self._lock:
             busy = self._engine_busy
         return busy() if busy is not None else None
+
+    def watch_loads(self, loading_since: Callable[[], float | None]) -> None:
+        """Where the loads beside the engine tell when the load running now began (None: none)."""
+        with self._lock:
+            self._loading_since = loading_since
+
+    def loading_since(self) -> float | None:
+        with self._lock:
+            since = self._loading_since
+        return since() if since is not None else None
 
 
 @dataclass(frozen=True)
@@ -269,12 +280,18 @@ class Heartbeat:
         self._thread.start()
 
     def engine_stalled(self, now: float | None = None) -> float | None:
-        """Seconds the engine has been in one call with no denoising step, when past ``engine_stall_seconds``."""
+        """Seconds the engine has been in one call with no denoising step, or a model load beside it has run, when
+        past ``engine_stall_seconds`` (a load that never ends would keep its jobs waiting for good)."""
+        now = time.monotonic() if now is None else now
+        limit = self.ctx.settings.engine_stall_seconds
+        loading_since = self.ctx.state.loading_since()
+        if loading_since is not None and now - loading_since > limit:
+            return now - loading_since
         busy_since = self.ctx.state.engine_busy_since()
         if busy_since is None:
             return None
-        idle = (time.monotonic() if now is None else now) - max(busy_since, self.ctx.state.progress_at)
-        return idle if idle > self.ctx.settings.engine_stall_seconds else None
+        idle = now - max(busy_since, self.ctx.state.progress_at)
+        return idle if idle > limit else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -297,7 +314,8 @@ class Heartbeat:
             self.ctx.state.still_alive(time.time())
             stalled = self.engine_stalled()
             if stalled is not None:  # a pipeline call that never returns cannot be interrupted: recycle
-                log.critical("the engine made no denoising step for %.0f s (engine_stall_seconds); recycling this "
+                log.critical("the engine made no denoising step (or a model load did not end) for %.0f s "
+                             "(engine_stall_seconds); recycling this "
                              "worker (exit 75); its jobs are taken over once their leases expire", stalled)
                 logging.shutdown()
                 os._exit(75)

@@ -98,6 +98,9 @@ class JobRunner:
             loads=ModelLoads.for_worker(settings, ctx.models, ctx.queues),
         )
         ctx.state.watch_engine(lambda: self.engine.busy_since)
+        loads = self.engine.loads
+        if loads is not None:
+            ctx.state.watch_loads(lambda: loads.loading_since)
         self._local = threading.local()  # per task thread: the delivery's lease
 
     @property

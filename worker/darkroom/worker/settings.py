@@ -184,8 +184,9 @@ class WorkerSettings(Settings):
     )
     job_time_ceiling_seconds: float = Field(3600.0, gt=0, description="The longest any job may run.")
     engine_stall_seconds: float = Field(
-        600.0, gt=0, description="A worker whose engine made no denoising step for this long while it had work "
-                                 "is recycled (exit 75, restarted by its supervisor).",
+        600.0, gt=0, description="A worker whose engine made no denoising step for this long while it had work, "
+                                 "or whose model load beside the engine ran this long, is recycled (exit 75, "
+                                 "restarted by its supervisor).",
     )
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics, /healthz and /readyz (0.0.0.0 in pods).")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of the metrics server; 0 disables it.")

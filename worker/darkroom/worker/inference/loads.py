@@ -46,6 +46,7 @@ class ModelLoads:
         self._enough = enough  # the loading model has jobs for a full first call (the subscriptions stop taking)
         self._lock = threading.Lock()
         self.loading: str | None = None
+        self.loading_since: float | None = None  # monotonic start of the load running now (the stall watchdog)
         self.ended = 0  # loads finished, failed or not (the engine refreshes its report when this moves)
         self.started = 0
         self._failed: dict[str, tuple[float, BaseException]] = {}  # model -> (when, why) until the engine reads it
@@ -85,7 +86,7 @@ class ModelLoads:
         with self._lock:
             if self.loading is not None:
                 return False
-            self.loading = model
+            self.loading, self.loading_since = model, time.monotonic()
             self.started += 1
             self._enough_sent = None
         threading.Thread(target=self._run, args=(model,), name=f"darkroom-load-{model}", daemon=True).start()
@@ -118,6 +119,6 @@ class ModelLoads:
                 self._failed[model] = (time.monotonic(), exc)
         finally:
             with self._lock:
-                self.loading = None
+                self.loading, self.loading_since = None, None
                 self.ended += 1
             self._notify()
