@@ -71,3 +71,16 @@ def use_adapters(reference: Any, loras: dict[str, Any], adapters: Sequence[tuple
         reference.set_adapters([names[f] for f, _ in adapters], adapter_weights=[w for _, w in adapters])
     else:
         reference.disable_lora()
+
+
+class RecordingConsumer:
+    """Stands for Celery's consumer: records what queue subscriptions ask of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def add_task_queue(self, queue: str) -> None:
+        self.calls.append(("add", queue))
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.calls.append(("cancel", queue))

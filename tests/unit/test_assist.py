@@ -7,6 +7,8 @@ from typing import Any
 from darkroom.common.assist import Candidate, candidates, helper_places
 from darkroom.common.fleet import ModelTimes, WorkerInfo, WorkerReport
 
+from ..helpers import RecordingConsumer
+
 GB = 10**9
 
 
@@ -74,26 +76,13 @@ def test_unknown_holder_size_is_not_taken_over() -> None:
     assert candidates({"sd": 100}, fleet, me="me", free_bytes=10 * GB, queue_depth=16) == []
 
 
-class Consumer:
-    """Records what the subscriptions ask of Celery's consumer."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def add_task_queue(self, queue: str) -> None:
-        self.calls.append(("add", queue))
-
-    def cancel_task_queue(self, queue: str) -> None:
-        self.calls.append(("cancel", queue))
-
-
 def test_a_model_assisted_with_is_consumed_until_it_loads_or_goes_stale() -> None:
     from darkroom.common.queues import hot_queue
     from darkroom.worker.routing import QueueSubscriptions
 
     subs = QueueSubscriptions(["a", "b"])
     subs.initial(["a"])
-    consumer = Consumer()
+    consumer = RecordingConsumer()
     subs.attach(consumer)
     subs.adopt("b")
     assert consumer.calls == [("add", hot_queue("b"))]
@@ -115,7 +104,7 @@ def test_a_model_adopted_before_the_consumer_is_ready_is_consumed_once_it_is() -
     subs = QueueSubscriptions(["a", "b"])
     subs.initial(["a"])
     subs.adopt("b")
-    consumer = Consumer()
+    consumer = RecordingConsumer()
     # When the consumer attaches
     subs.attach(consumer)
     # Then it reads b's hot queue too (it used to start from the initial queues only, and never read it)
@@ -130,7 +119,7 @@ def test_while_a_model_loads_the_worker_reads_only_that_models_queues() -> None:
     # Given a worker holding a and serving a, b and c, helping with b (its first job loads b)
     subs = QueueSubscriptions(["a", "b", "c"])
     subs.initial(["a"])
-    consumer = Consumer()
+    consumer = RecordingConsumer()
     subs.attach(consumer)
     subs.adopt("b")
     before = set(subs.consumed())

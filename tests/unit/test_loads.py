@@ -23,6 +23,8 @@ from darkroom.worker.registry import ModelSpec
 from darkroom.worker.routing import QueueSubscriptions
 from darkroom.worker.simulate import Profile, SimulatedDevice, SimulatedModels, simulated_registry
 
+from ..helpers import RecordingConsumer
+
 IMAGE = Image.new("RGB", (64, 64))
 IDS = itertools.count()
 PROFILE: dict[str, Any] = {"step_seconds": {"64x64": {"1": 0.01}}, "time_scale": 0.001,
@@ -196,22 +198,11 @@ def test_enough_jobs_for_the_first_call_stop_the_worker_taking_more_once() -> No
     assert [c[1] for c in calls.calls] == [2, 2]  # the held jobs fill the first calls
 
 
-class Consumer:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def add_task_queue(self, queue: str) -> None:
-        self.calls.append(("add", queue))
-
-    def cancel_task_queue(self, queue: str) -> None:
-        self.calls.append(("cancel", queue))
-
-
 def test_a_load_beside_the_engine_keeps_the_resident_models_hot_queues() -> None:
     # Given a worker holding a and serving a, b and c
     subs = QueueSubscriptions(["a", "b", "c"])
     subs.initial(["a"])
-    subs.attach(Consumer())
+    subs.attach(RecordingConsumer())
     before = set(subs.consumed())
     # When b loads beside the engine
     with subs.loading_beside("b"):
