@@ -20,11 +20,15 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               holders), i.e. hot/cold routing alone.
 ``nohold``    darkroom with ``DARKROOM_INTERACTIVE_HOLD_MS=0``: after a call, a ready bulk batch never waits for
               interactive jobs that wait in the broker.
+``adopt``     darkroom with ``DARKROOM_ASSIST_LOAD_FIRST=false``: a worker that comes to help with a flood takes
+              its jobs at once and its first job loads the model (they wait out the load in its task slots).
 ``inline``    darkroom with ``DARKROOM_LOAD_BESIDE=false``: a model loads on the engine thread, which serves
               nothing else meanwhile.
 ``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
               flood while each worker's share of its work is at least R model loads (e.g. ``assist=0.25``);
               ``assist=R/D`` also sets ``DARKROOM_ASSIST_QUEUE_DEPTH=D`` (waiting messages per helper, default 4).
+``slots=N``   darkroom with ``DARKROOM_TASK_SLOTS=N`` (default: twice the largest batch): how many jobs a worker
+              takes from the broker at once, its call's and the next call's.
 ``baseline``  one shared queue per model (its cold queue, consumed by every worker), LRU residency: a worker
               takes whatever job comes next and loads its model if needed, on its engine thread (what Ray
               Serve's model multiplexing does without its routing hint).
@@ -75,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from darkroom.common.queues import cold_queue, hot_queue, priority_keys
-from darkroom.dev.fleetstats import backlog_utilization, load_wait
+from darkroom.dev.fleetstats import backlog_split, backlog_utilization, load_wait
 from darkroom.dev.process import WorkerProcess
 from darkroom.producer.client import Client
 
@@ -315,8 +319,12 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         env = {**env, "DARKROOM_ASSIST": "false"}
     if policy == "nohold":
         env = {**env, "DARKROOM_INTERACTIVE_HOLD_MS": "0"}
+    if policy == "adopt":
+        env = {**env, "DARKROOM_ASSIST_LOAD_FIRST": "false"}
     if policy in ("inline", "baseline"):
         env = {**env, "DARKROOM_LOAD_BESIDE": "false"}
+    if policy.startswith("slots="):
+        env = {**env, "DARKROOM_TASK_SLOTS": policy.partition("=")[2]}
     if policy.startswith("assist="):
         ratio, _, depth = policy.partition("=")[2].partition("/")
         env = {**env, "DARKROOM_ASSIST_WORK_PER_LOAD": ratio, **({"DARKROOM_ASSIST_QUEUE_DEPTH": depth} if depth else {})}
@@ -495,6 +503,11 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
              if submitted[r.job_id][0] == "bulk" and "busy_from" in s]
     backlog = backlog_utilization(waits, calls, args.workers)
     in_calls = backlog_utilization(waits, pipeline, args.workers).fraction
+    # the same seconds split: some bulk job still in the broker (an idle worker could take it, if it read that
+    # queue), or every waiting bulk job already taken by some worker (reserved, or waiting in its engine)
+    queued_spans = [(r.created_at.timestamp(), r.created_at.timestamp() + (r.result.timings.queue_wait or 0.0))
+                    for r in bulk]
+    in_broker, taken = backlog_split(waits, queued_spans, calls, args.workers)
     return {
         "policy": policy, "jobs": len(records), "succeeded": len(ok),
         "failed": len(records) - len(ok), "unfinished": len(submitted) - len(records),
@@ -523,6 +536,10 @@ def summarize(records: list[Any], submitted: dict[str, tuple[str, float]], args:
         "bulk_backlog_seconds": round(backlog.backlog_seconds, 1),
         "bulk_backlog_utilization": round(backlog.fraction, 3) if backlog.fraction is not None else None,
         "bulk_backlog_in_calls": round(in_calls, 3) if in_calls is not None else None,
+        "bulk_backlog_broker_seconds": round(in_broker.backlog_seconds, 1),
+        "bulk_backlog_broker_utilization": round(in_broker.fraction, 3) if in_broker.fraction is not None else None,
+        "bulk_backlog_taken_seconds": round(taken.backlog_seconds, 1),
+        "bulk_backlog_taken_utilization": round(taken.fraction, 3) if taken.fraction is not None else None,
         "elapsed_s": round(elapsed, 1), "worker_seconds": round(worker_seconds, 1),
     }
 
@@ -553,6 +570,10 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("bulk-backlog utilization (busy / available while bulk work waits)",
          lambda f: f["bulk_backlog_utilization"]),
         ("  of which in pipeline calls (not loading)", lambda f: f.get("bulk_backlog_in_calls")),
+        ("  while some bulk job is in the broker: seconds / utilization",
+         lambda f: f"{f.get('bulk_backlog_broker_seconds')} / {f.get('bulk_backlog_broker_utilization')}"),
+        ("  while all of it is taken by workers: seconds / utilization",
+         lambda f: f"{f.get('bulk_backlog_taken_seconds')} / {f.get('bulk_backlog_taken_utilization')}"),
         ("arrivals jobs/s planned / achieved", lambda f: f"{f['arrival_rate_planned']} / {f['arrival_rate_achieved']}"),
         ("submitter lag, most (s)", lambda f: f["submit_lag_max_s"]),
         ("elapsed incl. drain (s)", lambda f: f["elapsed_s"]),
@@ -572,6 +593,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, workload: Wo
     for row in [head, *lines]:
         out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     return "\n".join(out)
+
+
+def _slots_policy(policy: str) -> bool:
+    """Whether ``policy`` is ``slots=N`` with N >= 1."""
+    name, _, value = policy.partition("=")
+    return name == "slots" and value.isdigit() and int(value) >= 1
 
 
 def _assist_policy(policy: str) -> bool:
@@ -600,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
                         help="comma-separated: darkroom, baseline, static (darkroom without assist), nohold (darkroom "
-                             "without the interactive hold), inline (darkroom loading models on the engine thread), "
+                             "without the interactive hold), inline (darkroom loading models on the engine thread), adopt "
+                             "(darkroom whose helpers take a flood's jobs before loading its model), "
                              "spill (darkroom, "
                              "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
                              "queue), assist=R or assist=R/D (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R and "
-                             "DARKROOM_ASSIST_QUEUE_DEPTH=D)")
+                             "DARKROOM_ASSIST_QUEUE_DEPTH=D), slots=N (darkroom with DARKROOM_TASK_SLOTS=N)")
     parser.add_argument("--spill", type=int, default=16, help="hot-queue depth per holder before spilling")
     parser.add_argument("--scale", action="store_true", help="scale the fleet by the KEDA formula")
     parser.add_argument("--min-workers", type=int, default=2, help="with --scale: the fewest workers per pool")
@@ -618,9 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
-        if policy not in ("darkroom", "baseline", "static", "spill", "nohold", "inline") and not _assist_policy(policy):
-            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, inline, spill, "
-                         "assist=R or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1)")
+        if policy not in ("darkroom", "baseline", "static", "spill", "nohold", "inline", "adopt") \
+                and not _assist_policy(policy) \
+                and not _slots_policy(policy):
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, inline, adopt, spill, "
+                         "assist=R or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1), slots=N with N >= 1")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale
     if args.workers < 1 or args.jobs < 1 or not 0 < args.load <= 2:

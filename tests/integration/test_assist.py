@@ -68,9 +68,12 @@ def test_an_idle_worker_assists_with_a_flood_for_a_model_it_did_not_hold(client:
     assert by_worker[idle] > 0 and by_worker[holder] > 0
     loads = sum(r.parameters["sim"]["model_loads"] for r in results if r.worker == idle)
     assert loads == 1
+    # loading a first, beside its engine: it took a's jobs only once a was resident, so none of them waited for
+    # the load in its task slots (the flood's jobs stayed in the broker for the holder meanwhile)
+    assert all((r.timings.model_load or 0.0) == 0.0 for r in results if r.worker == idle)
     # and it now holds both models (a fitted beside b: nothing was evicted), so it reads a's hot queue for good
     _wait_for(client, lambda r: sorted(r[idle].resident_models) == sorted([a, b]) and r[idle].cache.evictions == 0)
-    assert f"assisting with model {a}" in pair["workers"][1].tail(4000)
+    assert f"assisting with model {a} (loading it first)" in pair["workers"][1].tail(4000)
 
 
 def test_helper_places_are_bounded_by_the_backlog(client: Client) -> None:

@@ -55,6 +55,21 @@ def test_helpers_stop_where_the_backlog_would_drain_before_their_load_ends() -> 
     assert helper_places("sd", 60, [worker("w1", {"sd": 2 * GB})], queue_depth=4) == 15
 
 
+def test_workers_loading_the_model_to_help_count_against_the_places() -> None:
+    # the 60 images above are worth 9 helpers; two are loading the model already (they take none of the
+    # backlog until it is resident, so the backlog does not show them)
+    holder = worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=3.0, image_seconds=0.5)})
+    assert helper_places("sd", 60, [holder], queue_depth=4, loading=2) == 7
+    assert helper_places("sd", 60, [holder], queue_depth=16, loading=2) == 1
+    loaders = [WorkerInfo(n, WorkerReport(name=n, resident_models=["x"], resident_bytes=GB, memory_budget=16 * GB,
+                                          loading_model="sd")) for n in ("h1", "h2")]
+    found = candidates({"sd": 60}, [holder, *loaders], me="me", free_bytes=10 * GB, queue_depth=4)
+    assert found == [Candidate("sd", 60, 1, 7)]
+    # a report from an older worker (no loading_model field) reads as loading nothing
+    old = WorkerReport.read("w9", '{"resident_models": ["x"], "resident_bytes": 1}')
+    assert old.loading_model is None
+
+
 def test_less_work_per_load_sends_more_helpers() -> None:
     # the same 60 images of 0.5 s and 3 s loads: at half a load of work each, 30 / (1 + n) >= 1.5 up to n = 19
     holder = [worker("w1", {"sd": 2 * GB}, {"sd": ModelTimes(load_seconds=3.0, image_seconds=0.5)})]
@@ -94,6 +109,33 @@ def test_a_model_assisted_with_is_consumed_until_it_loads_or_goes_stale() -> Non
     assert subs.drop_stale(hold_seconds=3600) == []
     assert subs.drop_stale(hold_seconds=0) == ["b"]  # no job came: stop consuming it
     assert consumer.calls[-2:] == [("add", hot_queue("b")), ("cancel", hot_queue("b"))]
+
+
+def test_a_model_loaded_first_to_help_is_read_only_once_it_is_resident() -> None:
+    from darkroom.common.queues import cold_queue, hot_queue
+    from darkroom.worker.routing import QueueSubscriptions
+
+    # Given a worker holding a and serving a, b and c, about to load b beside its engine to help with it
+    subs = QueueSubscriptions(["a", "b", "c"])
+    subs.initial(["a"])
+    consumer = RecordingConsumer()
+    subs.attach(consumer)
+    subs.warm("b")
+    assert hot_queue("b") not in subs.consumed()
+    # When b loads beside the engine
+    with subs.loading_beside("b"):
+        during = set(subs.consumed())
+    # Then meanwhile it reads a's hot queue (the engine serves a) and none of b's queues: b's jobs stay in the
+    # broker for its holders
+    assert during == {hot_queue("a")}
+    # And once b is resident (the engine's report syncs the subscriptions) it reads b's hot queue as a holder
+    subs.sync(["a", "b"])
+    assert hot_queue("b") in subs.consumed() and cold_queue("c") in subs.consumed()
+    assert subs.warming == {} and subs.adopted == {}
+    # A load that never started is forgotten
+    subs.warm("c")
+    subs.cool("c")
+    assert subs.warming == {}
 
 
 def test_a_model_adopted_before_the_consumer_is_ready_is_consumed_once_it_is() -> None:

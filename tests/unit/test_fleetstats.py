@@ -45,3 +45,26 @@ def test_a_job_waited_for_the_part_of_its_models_loads_inside_its_time_in_the_en
     assert load_wait((18, 30), loads) == pytest.approx(7)  # arrived late in a load beside the engine
     assert load_wait((26, 39), loads) == 0  # the model was resident all along
     assert load_wait((30, 30), loads) == 0
+
+
+def test_subtract_keeps_the_parts_outside() -> None:
+    from darkroom.dev.fleetstats import subtract
+
+    assert subtract([(0, 10), (20, 30)], [(2, 4), (8, 22), (25, 26)]) == [(0, 2), (4, 8), (22, 25), (26, 30)]
+    assert subtract([(0, 5)], []) == [(0, 5)]
+    assert subtract([(0, 5)], [(0, 5)]) == []
+
+
+def test_the_backlog_splits_into_seconds_with_work_in_the_broker_and_seconds_with_all_of_it_taken() -> None:
+    from darkroom.dev.fleetstats import backlog_split
+
+    # bulk work waits in [0, 20]; some of it sits in the broker during [0, 8]; after that every waiting job
+    # is already on a worker (reserved), so the idle worker b has nothing to take
+    waits = [(0, 20), (0, 5)]
+    queued = [(0, 8), (0, 2), (25, 30)]  # outside the backlog: ignored
+    busy = {"a": [(0, 20)], "b": [(0, 8)]}
+    broker, taken = backlog_split(waits, queued, busy, workers=2)
+    assert broker.backlog_seconds == pytest.approx(8) and broker.fraction == pytest.approx(1.0)
+    assert taken.backlog_seconds == pytest.approx(12) and taken.fraction == pytest.approx(12 / 24)
+    whole = backlog_utilization(waits, busy, workers=2)
+    assert broker.busy_seconds + taken.busy_seconds == pytest.approx(whole.busy_seconds)

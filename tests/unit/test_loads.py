@@ -231,3 +231,21 @@ def test_a_worker_loads_beside_its_engine_unless_it_compiles_or_is_told_not_to()
     assert ModelLoads.for_worker(WorkerSettings(), cache, queues) is not None
     assert ModelLoads.for_worker(WorkerSettings(load_beside=False), cache, queues) is None
     assert ModelLoads.for_worker(WorkerSettings(compile=True), cache, queues) is None
+
+
+def test_a_load_started_before_any_job_is_reported_by_the_engine() -> None:
+    # Given an idle worker's engine that has never run a job (its thread starts with the first job), holding a
+    models = GatedModels(budget=2000)
+    models.get("a")
+    reports: list[list[str]] = []
+    loads = ModelLoads(models)
+    engine = Engine(BatchPolicy(max_images=2, max_wait=0.0), Calls(models, loads), slots=None, loads=loads,
+                    after_batch=lambda: reports.append(list(models.resident)))
+    # When its assist thread loads b first, with no job of b taken yet
+    assert loads.start("b")
+    # Then the engine reports the load once it ends (the report is what makes the worker read b's hot queue)
+    until(lambda: reports == [["a", "b"]])
+    # And a job of b then runs without waiting for any load
+    job = request("b")
+    engine._submit(job, announced=False)
+    assert job.future.result(10).model_load == 0.0

@@ -9,9 +9,12 @@ worker's free memory budget without evicting anything (its size estimated as the
 of a worker holding it) is a candidate; the deepest candidate first. The worker then claims one helper
 place in Redis: a model has ``backlog // assist_queue_depth`` places at a time, and no more than keep the
 backlog's drain at least one model load long (from the load and per-image seconds its holders report), so
-a fleet of idle workers does not stampede onto a flood it would drain before their loads end. With a place, the worker consumes the model's hot queue (its
-first job cold-loads the model; from then on it is a holder like any other); if no job comes within
-``assist_hold_seconds``, it stops.
+a fleet of idle workers does not stampede onto a flood it would drain before their loads end; workers
+loading the model already (``WorkerReport.loading_model``) count against both bounds. With a place, an
+eager worker loads the model first, beside its engine, and consumes its hot queue once it is resident
+(the jobs stay in the broker meanwhile, for workers that can run them); a compiled one consumes the hot
+queue at once and its first job cold-loads the model (if no job comes within ``assist_hold_seconds``, it
+stops). From then on it is a holder like any other.
 
 The policy knows nothing of model families: only queue depths, memory bytes and the fleet's reports.
 """
@@ -86,14 +89,16 @@ def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, 
         size = min(w.report.resident_bytes for w in holders)
         if size <= 0 or size > free_bytes:
             continue  # size unknown, or it would evict a model of ours: leave it to the holders
-        places = helper_places(model, depth, holders, queue_depth, work_per_load)
+        # helpers loading it now take none of the backlog until they hold it, but they will: count them in
+        loading = sum(1 for w in workers if w.report.loading_model == model and model not in w.resident_models)
+        places = helper_places(model, depth, holders, queue_depth, work_per_load, loading=loading)
         if places > 0:
             found.append(Candidate(model, depth, len(holders), places))
     return sorted(found, key=lambda c: (-c.backlog / c.holders, c.model))
 
 
 def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_depth: int,
-                  work_per_load: float = 1.0) -> int:
+                  work_per_load: float = 1.0, loading: int = 0) -> int:
     """How many more workers are worth a load of ``model`` for ``backlog`` waiting messages.
 
     At most one per ``queue_depth`` messages; and where the holders report the model's times (load seconds
@@ -102,13 +107,17 @@ def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_dep
     At 1.0 a helper's load never outlasts its share of the drain; below 1.0 more idle workers load the
     model, which drains a flood sooner (while the holders alone would take longer than a load, every
     helper shortens it) at the price of more loads per job.
+
+    ``loading``: workers loading the model now to help with it (they read its queue once it is resident, so
+    the backlog does not shrink for them yet); they count against both bounds.
     """
-    places = backlog // queue_depth
+    places = backlog // queue_depth - loading
     times = [t for t in (w.report.model_times.get(model) for w in holders) if t is not None]
     loads = [t.load_seconds for t in times if t.load_seconds > 0]
     images = [t.image_seconds for t in times if t.image_seconds]
     if loads and images:
-        worth = int(backlog * statistics.median(images) / (work_per_load * statistics.median(loads))) - len(holders)
+        worth = int(backlog * statistics.median(images) / (work_per_load * statistics.median(loads))) \
+            - len(holders) - loading
         places = min(places, worth)
     return max(0, places)
 

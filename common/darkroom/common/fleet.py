@@ -85,6 +85,7 @@ class WorkerReport(BaseModel):
     resident_adapters: dict[str, list[str]] = Field(default_factory=dict)
     cache: CacheCounts = Field(default_factory=CacheCounts)
     model_times: dict[str, ModelTimes] = Field(default_factory=dict, description="Per resident model.")
+    loading_model: str | None = Field(None, description="The model loading beside its engine now (a holder soon).")
     adapter_switches: int = 0
     jobs_done: int = 0
     started_at: float = 0.0

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Interval", "merge", "overlap", "BacklogUtilization", "backlog_utilization", "load_wait"]
+__all__ = ["Interval", "merge", "overlap", "subtract", "BacklogUtilization", "backlog_utilization", "backlog_split",
+           "load_wait"]
 
 Interval = tuple[float, float]
 
@@ -41,6 +42,24 @@ def overlap(a: list[Interval], b: list[Interval]) -> float:
     return total
 
 
+def subtract(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """The parts of ``a`` outside ``b`` (both sorted and disjoint, as ``merge`` returns them)."""
+    out: list[Interval] = []
+    j = 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        k, cursor = j, start
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cursor:
+                out.append((cursor, b[k][0]))
+            cursor = max(cursor, b[k][1])
+            k += 1
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
 @dataclass(frozen=True)
 class BacklogUtilization:
     backlog_seconds: float  # wall seconds during which some bulk job was waiting
@@ -63,6 +82,23 @@ def backlog_utilization(waits: Iterable[Interval], busy: Mapping[str, Iterable[I
     span = sum(end - start for start, end in backlog)
     used = sum(overlap(merge(calls), backlog) for calls in busy.values())
     return BacklogUtilization(span, used, workers * span)
+
+
+def backlog_split(waits: Iterable[Interval], queued: Iterable[Interval], busy: Mapping[str, Iterable[Interval]],
+                  workers: int) -> tuple[BacklogUtilization, BacklogUtilization]:
+    """``backlog_utilization`` split in two: the seconds during which some bulk job was still in the broker
+    (``queued``: per bulk job, submitted until a worker took it), and the rest of the backlog's seconds, when every
+    waiting bulk job had already been taken by a worker (reserved in a task slot or waiting in its engine), so an
+    idle worker had nothing it could take."""
+    backlog, broker = merge(waits), merge(queued)
+    in_broker = [(max(s, b0), min(e, b1)) for s, e in backlog for b0, b1 in broker if min(e, b1) > max(s, b0)]
+    taken = subtract(backlog, merge(in_broker))
+    split = []
+    for part in (merge(in_broker), taken):
+        span = sum(end - start for start, end in part)
+        used = sum(overlap(merge(calls), part) for calls in busy.values())
+        split.append(BacklogUtilization(span, used, workers * span))
+    return split[0], split[1]
 
 
 def load_wait(span: Interval, loads: Iterable[Interval]) -> float:

@@ -1,5 +1,11 @@
 """The worker's side of assist (policy: :mod:`darkroom.common.assist`): a daemon thread that, while the
-worker is idle, looks for a model whose hot queue its holders cannot keep up with and starts consuming it."""
+worker is idle, looks for a model whose hot queue its holders cannot keep up with and joins them.
+
+With loads beside the engine (eager workers, ``DARKROOM_ASSIST_LOAD_FIRST``, the default) it loads the model
+first and reads its hot queue only once the model is resident: the jobs stay in the broker meanwhile, where
+the holders and the helpers that have loaded already take them, instead of waiting out this worker's load in
+its task slots while those workers idle. Otherwise (compiled workers, or the setting off) it reads the hot
+queue at once and its first job loads the model."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ class Assist:
     """Every ``interval`` seconds, while no job runs here: drop a stale assist, else start one if due."""
 
     def __init__(self, ctx: WorkerContext, *, queue_depth: int, interval: float, hold: float,
-                 work_per_load: float = 1.0) -> None:
+                 work_per_load: float = 1.0, load_first: bool = True) -> None:
         self.ctx = ctx
+        self.load_first = load_first
         self.fleet = Fleet(ctx.redis)
         self.queue_depth = queue_depth
         self.work_per_load = work_per_load
@@ -38,8 +45,8 @@ class Assist:
             return None  # busy: only idle capacity helps elsewhere
         queues.drop_stale(self.hold)
         report = self.ctx.state.report
-        if queues.adopted or report is None:
-            return None  # one model at a time, until it loads or goes stale
+        if queues.adopted or queues.warming or report is None:
+            return None  # one model at a time, until it loads (or goes stale)
         others = [m for m in report.models if m not in report.resident_models]
         backlogs = hot_backlogs(self.ctx.redis, others)
         if max(backlogs.values(), default=0) < self.queue_depth:
@@ -48,9 +55,17 @@ class Assist:
         for candidate in candidates(backlogs, self.fleet.workers(), me=self.ctx.name, free_bytes=free,
                                     queue_depth=self.queue_depth, work_per_load=self.work_per_load):
             if claim(self.ctx.redis, candidate, ttl_seconds=2 * self.interval):
-                log.info("assisting with model %s: %d messages wait for %d holder(s)", candidate.model,
-                         candidate.backlog, candidate.holders)
-                queues.adopt(candidate.model)
+                loads = self.ctx.state.loads if self.load_first else None
+                if loads is not None:
+                    queues.warm(candidate.model)
+                    if not loads.start(candidate.model):  # another load runs: look again next time
+                        queues.cool(candidate.model)
+                        return None
+                    self.ctx.state.wake.set()  # announce the load now: other idle workers count this helper
+                else:
+                    queues.adopt(candidate.model)
+                log.info("assisting with model %s%s: %d messages wait for %d holder(s)", candidate.model,
+                         " (loading it first)" if loads is not None else "", candidate.backlog, candidate.holders)
                 self.assisted += 1
                 return candidate.model
         return None

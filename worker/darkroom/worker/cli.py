@@ -128,7 +128,8 @@ def worker(models: tuple[str, ...], models_file: Path | None, device: str | None
     feeder = FairFeeder(ctx.redis, registry.ids, depth=settings.fair_share_depth,
                         interval=settings.fair_share_interval_seconds).start()
     assist = (Assist(ctx, queue_depth=settings.assist_queue_depth, interval=settings.assist_interval_seconds,
-                     hold=settings.assist_hold_seconds, work_per_load=settings.assist_work_per_load).start()
+                     hold=settings.assist_hold_seconds, work_per_load=settings.assist_work_per_load,
+                     load_first=settings.assist_load_first).start()
               if settings.assist else None)
     if settings.metrics_port:
         from .metrics import serve_metrics

@@ -40,6 +40,7 @@ from .settings import WorkerSettings
 from .tuning import Tuning
 
 if TYPE_CHECKING:
+    from .inference.loads import ModelLoads
     from .simulate import Simulation
 
 __all__ = ["WorkerContext", "WorkerState", "Heartbeat"]
@@ -63,6 +64,7 @@ class WorkerState:
         self._progress_at = time.monotonic()  # last denoising step of any job (engine thread)
         self._engine_busy: Callable[[], float | None] | None = None
         self._loading_since: Callable[[], float | None] | None = None
+        self.loads: ModelLoads | None = None  # the engine's loads beside it (set by the runner; None: on the engine)
         self.wake = threading.Event()  # set: the heartbeat should announce now (resident models changed)
 
     @property
@@ -257,7 +259,8 @@ class WorkerContext:
         report = self.state.report or WorkerReport(name=self.name)
         return report.model_copy(update={"free_memory": self.device.free_memory(), "heartbeat_at": time.time(),
                                          "current_jobs": self.state.current_jobs(),
-                                         "jobs_done": self.state.jobs_done})
+                                         "jobs_done": self.state.jobs_done,
+                                         "loading_model": loads.loading if (loads := self.state.loads) is not None else None})
 
 
 class Heartbeat:

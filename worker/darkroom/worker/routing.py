@@ -41,6 +41,7 @@ class QueueSubscriptions:
         self.served = list(served)
         self.current: set[str] = set()
         self.adopted: dict[str, float] = {}  # model assisted with, not resident yet -> since (monotonic)
+        self.warming: dict[str, float] = {}  # model loading first to assist with it (its jobs are not read yet)
         self.resident: list[str] = []
         self.loading: str | None = None  # the model the engine is loading now: only its queues are read meanwhile
         self.beside = False  # the load runs beside the engine: the resident models' hot queues are read too
@@ -67,6 +68,7 @@ class QueueSubscriptions:
             self.resident = list(resident)
             for model in self.resident:  # a model assisted with that has loaded: a holder like any other
                 self.adopted.pop(model, None)
+                self.warming.pop(model, None)
             if self.consumer is None:
                 return
             wanted = ({hot_queue(m) for m in self.resident} | {cold_queue(m) for m in self.served}
@@ -92,7 +94,8 @@ class QueueSubscriptions:
         models, so their hot queues are read too; :meth:`loading_enough` then stops taking the loading model's
         jobs, so that task slots stay free for them."""
         with self._lock:
-            self.loading, self.beside, self.loading_full = model, beside, False
+            # a model loaded first to assist with it: none of its jobs until it is resident
+            self.loading, self.beside, self.loading_full = model, beside, beside and model in self.warming
             resident = list(self.resident)
         self.sync(resident)
         try:
@@ -100,6 +103,7 @@ class QueueSubscriptions:
         finally:
             with self._lock:
                 self.loading, self.beside, self.loading_full = None, False, False
+                self.warming.pop(model, None)  # loaded (its report adds its hot queue) or failed: over either way
                 resident = list(self.resident)
             self.sync(resident)
 
@@ -138,6 +142,17 @@ class QueueSubscriptions:
             self.adopted[model] = time.monotonic()
             resident = list(self.resident)
         self.sync(resident)
+
+    def warm(self, model: str) -> None:
+        """``model`` is about to load beside the engine to assist with it: read none of its queues during the
+        load (its jobs stay in the broker for workers that can run them now), its hot queue once it is resident."""
+        with self._lock:
+            self.warming[model] = time.monotonic()
+
+    def cool(self, model: str) -> None:
+        """The load :meth:`warm` announced did not start."""
+        with self._lock:
+            self.warming.pop(model, None)
 
     def drop_stale(self, hold_seconds: float) -> list[str]:
         """Stop consuming the hot queues of models assisted with more than ``hold_seconds`` ago and still not

@@ -99,6 +99,7 @@ class JobRunner:
         )
         ctx.state.watch_engine(lambda: self.engine.busy_since)
         loads = self.engine.loads
+        ctx.state.loads = loads  # assist loads a model first through them (darkroom.worker.assist)
         if loads is not None:
             ctx.state.watch_loads(lambda: loads.loading_since)
         self._local = threading.local()  # per task thread: the delivery's lease

@@ -85,6 +85,12 @@ class WorkerSettings(Settings):
     assist_interval_seconds: float = Field(
         2.0, gt=0, le=600, description="How often an idle worker looks for a model to assist with.",
     )
+    assist_load_first: bool = Field(
+        True, description="A worker that comes to help with a model loads it first, beside its engine, and takes "
+                          "the model's jobs only once it is resident, so the jobs stay in the broker for workers "
+                          "that can run them meanwhile. False: it takes jobs at once and its first job loads the "
+                          "model. Only with load_beside (eager workers); compiled workers always take jobs first.",
+    )
     assist_hold_seconds: float = Field(
         30.0, gt=0, le=3600, description="How long a worker helping with a model it does not hold yet consumes "
                                          "the model's hot queue without receiving a job before it stops.",

@@ -214,6 +214,9 @@ class Engine:
                 self._thread.start()
 
     def _wake(self) -> None:
+        """A load beside the engine ended: the engine reports it (its thread starts here if no job came yet,
+        as for a model an idle worker loads first to assist with it)."""
+        self._ensure_started()
         with self._cond:
             self._cond.notify_all()
 
