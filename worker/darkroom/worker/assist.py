@@ -45,6 +45,10 @@ class Assist:
             return None  # busy: only idle capacity helps elsewhere
         queues.drop_stale(self.hold)
         report = self.ctx.state.report
+        loads = self.ctx.state.loads
+        if queues.warming and (loads is None or not loads.busy):  # its load ended without the load hook (the model
+            for model in list(queues.warming):  # was resident already): nothing to wait for
+                queues.cool(model)
         if queues.adopted or queues.warming or report is None:
             return None  # one model at a time, until it loads (or goes stale)
         others = [m for m in report.models if m not in report.resident_models]
@@ -55,8 +59,7 @@ class Assist:
         for candidate in candidates(backlogs, self.fleet.workers(), me=self.ctx.name, free_bytes=free,
                                     queue_depth=self.queue_depth, work_per_load=self.work_per_load):
             if claim(self.ctx.redis, candidate, ttl_seconds=2 * self.interval):
-                loads = self.ctx.state.loads if self.load_first else None
-                if loads is not None:
+                if self.load_first and loads is not None:
                     queues.warm(candidate.model)
                     if not loads.start(candidate.model):  # another load runs: look again next time
                         queues.cool(candidate.model)
@@ -65,7 +68,8 @@ class Assist:
                 else:
                     queues.adopt(candidate.model)
                 log.info("assisting with model %s%s: %d messages wait for %d holder(s)", candidate.model,
-                         " (loading it first)" if loads is not None else "", candidate.backlog, candidate.holders)
+                         " (loading it first)" if self.load_first and loads is not None else "", candidate.backlog,
+                         candidate.holders)
                 self.assisted += 1
                 return candidate.model
         return None
