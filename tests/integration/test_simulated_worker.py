@@ -142,6 +142,9 @@ def test_a_worker_serves_the_model_it_holds_while_another_loads_beside_its_engin
         while client.status(cold.job_id).status.value == "queued":
             assert time.monotonic() < deadline, "b's job was never taken"
             time.sleep(0.05)
+        # (the worker announces the load at once: idle workers count it as a coming holder of b)
+        during = _report(client, worker.name, lambda r: r.loading_model == b, timeout=3)
+        assert during.loading_model == b and during.resident_models == [a]
         # When a job for a arrives while b loads
         hot = client.submit({"model": a, "image": uri, **PARAMS})
         first, second = hot.wait(timeout=60), cold.wait(timeout=60)
@@ -152,6 +155,7 @@ def test_a_worker_serves_the_model_it_holds_while_another_loads_beside_its_engin
         # And both models stay resident within the budget: one load, no eviction
         report = _report(client, worker.name, lambda r: r.jobs_done == 2 and len(r.resident_models) == 2)
         assert sorted(report.resident_models) == sorted([a, b]) and report.cache.evictions == 0
+        assert report.loading_model is None
         assert report.cache.misses == 2 and report.cache.hits == 1  # a at start-up, b beside; a's job a hit
     finally:
         worker.stop()

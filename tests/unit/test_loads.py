@@ -225,8 +225,12 @@ def test_a_worker_loads_beside_its_engine_unless_it_compiles_or_is_told_not_to()
     from darkroom.worker.settings import WorkerSettings
 
     models, queues = SimpleNamespace(on_load=None, on_load_beside=None), QueueSubscriptions(["m"])
-    WorkerContext(*([None] * 7), models, None, queues=queues)  # type: ignore[arg-type]
-    assert models.on_load_beside == queues.loading_beside
+    ctx = WorkerContext(*([None] * 7), models, None, queues=queues)  # type: ignore[arg-type]
+    # a load beside the engine pauses the subscriptions' other models and wakes the heartbeat to announce it
+    assert not ctx.state.wake.is_set()
+    with models.on_load_beside("m"):
+        assert queues.loading == "m" and queues.beside and ctx.state.wake.is_set()
+    assert queues.loading is None
     cache = GatedModels()
     assert ModelLoads.for_worker(WorkerSettings(), cache, queues) is not None
     assert ModelLoads.for_worker(WorkerSettings(load_beside=False), cache, queues) is None

@@ -425,8 +425,9 @@ def workers(as_json: bool) -> None:
         click.echo(f"{w.name}  {d.get('device')} ({d.get('device_name')}, {d.get('dtype')}{memory})  "
                    f"jobs done {d.get('jobs_done', 0)}")
         used, budget = d.get("resident_bytes", 0), d.get("memory_budget", 0)
+        loading = f"; loading {d['loading_model']}" if d.get("loading_model") else ""
         click.echo(f"  resident: {', '.join(w.resident_models) or '-'}  ({used / 2**20:.0f} of "
-                   f"{budget / 2**20:.0f} MiB budget)")
+                   f"{budget / 2**20:.0f} MiB budget{loading})")
         click.echo(f"  serves:   {', '.join(w.models)}")
         tuning = d.get("tuning") or {}
         if tuning:  # e.g. attention=sdpa, cpu_offload=none, vae_tiling, fuse_qkv

@@ -64,7 +64,6 @@ class Assist:
                     if not loads.start(candidate.model):  # another load runs: look again next time
                         queues.cool(candidate.model)
                         return None
-                    self.ctx.state.wake.set()  # announce the load now: other idle workers count this helper
                 else:
                     queues.adopt(candidate.model)
                 log.info("assisting with model %s%s: %d messages wait for %d holder(s)", candidate.model,

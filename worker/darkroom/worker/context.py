@@ -185,7 +185,13 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.models.on_load = self.queues.loading_model  # a loading worker takes no other model's work
-        self.models.on_load_beside = self.queues.loading_beside  # ... but the resident models' hot work
+        self.models.on_load_beside = self._loading_beside  # ... but the resident models' hot work
+
+    @contextlib.contextmanager
+    def _loading_beside(self, model: str) -> Iterator[None]:
+        with self.queues.loading_beside(model):
+            self.state.wake.set()  # announce the load now (loading_model): idle workers count it as a coming holder
+            yield
 
     @functools.cached_property
     def lifecycle(self) -> Lifecycle:
