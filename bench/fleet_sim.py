@@ -20,8 +20,9 @@ offered at ``--load`` x the fleet's batch-1 capacity. Policies:
               holders), i.e. hot/cold routing alone.
 ``nohold``    darkroom with ``DARKROOM_INTERACTIVE_HOLD_MS=0``: after a call, a ready bulk batch never waits for
               interactive jobs that wait in the broker.
-``adopt``     darkroom with ``DARKROOM_ASSIST_LOAD_FIRST=false``: a worker that comes to help with a flood takes
-              its jobs at once and its first job loads the model (they wait out the load in its task slots).
+``loadfirst`` darkroom with ``DARKROOM_ASSIST_LOAD_FIRST=true``: a worker that comes to help with a flood loads
+              its model first and takes its jobs once it is resident (by default it takes a call's worth at
+              once, and they wait out the load in its task slots).
 ``inline``    darkroom with ``DARKROOM_LOAD_BESIDE=false``: a model loads on the engine thread, which serves
               nothing else meanwhile.
 ``assist=R``  darkroom with ``DARKROOM_ASSIST_WORK_PER_LOAD=R`` (default 1.0): idle workers keep joining a
@@ -319,8 +320,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Workload, env: d
         env = {**env, "DARKROOM_ASSIST": "false"}
     if policy == "nohold":
         env = {**env, "DARKROOM_INTERACTIVE_HOLD_MS": "0"}
-    if policy == "adopt":
-        env = {**env, "DARKROOM_ASSIST_LOAD_FIRST": "false"}
+    if policy == "loadfirst":
+        env = {**env, "DARKROOM_ASSIST_LOAD_FIRST": "true"}
     if policy in ("inline", "baseline"):
         env = {**env, "DARKROOM_LOAD_BESIDE": "false"}
     if policy.startswith("slots="):
@@ -627,8 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=16.8, help="model memory per worker (70%% of 24 GB)")
     parser.add_argument("--policies", default="darkroom,baseline",
                         help="comma-separated: darkroom, baseline, static (darkroom without assist), nohold (darkroom "
-                             "without the interactive hold), inline (darkroom loading models on the engine thread), adopt "
-                             "(darkroom whose helpers take a flood's jobs before loading its model), "
+                             "without the interactive hold), inline (darkroom loading models on the engine thread), "
+                             "loadfirst (darkroom whose helpers load a flood's model before taking its jobs), "
                              "spill (darkroom, "
                              "but a hot queue deeper than --spill jobs per holder overflows to the model's cold "
                              "queue), assist=R or assist=R/D (darkroom with DARKROOM_ASSIST_WORK_PER_LOAD=R and "
@@ -646,10 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
-        if policy not in ("darkroom", "baseline", "static", "spill", "nohold", "inline", "adopt") \
+        if policy not in ("darkroom", "baseline", "static", "spill", "nohold", "inline", "loadfirst") \
                 and not _assist_policy(policy) \
                 and not _slots_policy(policy):
-            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, inline, adopt, spill, "
+            parser.error(f"--policies: unknown policy {policy!r}; use darkroom, baseline, static, nohold, inline, loadfirst, spill, "
                          "assist=R or assist=R/D with R > 0 and D >= 1 (e.g. assist=0.25/1), slots=N with N >= 1")
     args.flood = args.flood or 2 * args.workers
     args.keda_time = args.keda_time or 1 / args.time_scale

@@ -25,8 +25,8 @@ PARAMS = {"prompt": "a boat", "strength": 1.0, "num_inference_steps": 8, "guidan
           "priority": "bulk"}
 
 
-@pytest.fixture()
-def pair(tmp_path: Any, services: Any, settings: Settings) -> Iterator[dict[str, Any]]:
+@pytest.fixture(params=[False, True], ids=["takes-jobs-first", "loads-first"])
+def pair(request: Any, tmp_path: Any, services: Any, settings: Settings) -> Iterator[dict[str, Any]]:
     a, b = f"ta{uuid.uuid4().hex[:6]}", f"tb{uuid.uuid4().hex[:6]}"
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({
@@ -37,9 +37,10 @@ def pair(tmp_path: Any, services: Any, settings: Settings) -> Iterator[dict[str,
     # one job at a time per worker, so that a flood stays in the broker; an assist look every 0.2 s
     workers = simulated_workers(services, settings, profile, "to", [a, b], DARKROOM_TASK_SLOTS="2",
                                 DARKROOM_BATCH_MAX_IMAGES="1", DARKROOM_ASSIST_QUEUE_DEPTH="4",
-                                DARKROOM_ASSIST_INTERVAL_SECONDS="0.2")
+                                DARKROOM_ASSIST_INTERVAL_SECONDS="0.2",
+                                DARKROOM_ASSIST_LOAD_FIRST=str(request.param).lower())
     try:
-        yield {"a": a, "b": b, "workers": workers}
+        yield {"a": a, "b": b, "workers": workers, "load_first": request.param}
     finally:
         for worker in workers:
             worker.stop()
@@ -68,12 +69,17 @@ def test_an_idle_worker_assists_with_a_flood_for_a_model_it_did_not_hold(client:
     assert by_worker[idle] > 0 and by_worker[holder] > 0
     loads = sum(r.parameters["sim"]["model_loads"] for r in results if r.worker == idle)
     assert loads == 1
-    # loading a first, beside its engine: it took a's jobs only once a was resident, so none of them waited for
-    # the load in its task slots (the flood's jobs stayed in the broker for the holder meanwhile)
-    assert all((r.timings.model_load or 0.0) == 0.0 for r in results if r.worker == idle)
+    waited = [r.timings.model_load or 0.0 for r in results if r.worker == idle]
+    if pair["load_first"]:
+        # loading a first, beside its engine: it took a's jobs only once a was resident, so none of them waited
+        # for the load in its task slots (the flood's jobs stayed in the broker for the holder meanwhile)
+        assert all(wait == 0.0 for wait in waited)
+    else:  # it took jobs at once: its first ones waited for the load
+        assert max(waited) >= 0.1
     # and it now holds both models (a fitted beside b: nothing was evicted), so it reads a's hot queue for good
     _wait_for(client, lambda r: sorted(r[idle].resident_models) == sorted([a, b]) and r[idle].cache.evictions == 0)
-    assert f"assisting with model {a} (loading it first)" in pair["workers"][1].tail(4000)
+    first = " (loading it first)" if pair["load_first"] else ":"
+    assert f"assisting with model {a}{first}" in pair["workers"][1].tail(4000)
 
 
 def test_helper_places_are_bounded_by_the_backlog(client: Client) -> None:

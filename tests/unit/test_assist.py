@@ -62,12 +62,15 @@ def test_workers_loading_the_model_to_help_count_against_the_places() -> None:
     assert helper_places("sd", 60, [holder], queue_depth=4, loading=2) == 7
     assert helper_places("sd", 60, [holder], queue_depth=16, loading=2) == 1
     loaders = [WorkerInfo(n, WorkerReport(name=n, resident_models=["x"], resident_bytes=GB, memory_budget=16 * GB,
-                                          loading_model="sd")) for n in ("h1", "h2")]
-    found = candidates({"sd": 60}, [holder, *loaders], me="me", free_bytes=10 * GB, queue_depth=4)
+                                          assist_loading="sd")) for n in ("h1", "h2")]
+    # a worker loading sd for jobs of its own has taken them from the backlog already: not counted again
+    own = WorkerInfo("h3", WorkerReport(name="h3", resident_models=["x"], resident_bytes=GB, memory_budget=16 * GB,
+                                        loading_model="sd"))
+    found = candidates({"sd": 60}, [holder, *loaders, own], me="me", free_bytes=10 * GB, queue_depth=4)
     assert found == [Candidate("sd", 60, 1, 7)]
     # a report from an older worker (no loading_model field) reads as loading nothing
     old = WorkerReport.read("w9", '{"resident_models": ["x"], "resident_bytes": 1}')
-    assert old.loading_model is None
+    assert old.assist_loading is None
 
 
 def test_less_work_per_load_sends_more_helpers() -> None:

@@ -10,11 +10,11 @@ of a worker holding it) is a candidate; the deepest candidate first. The worker 
 place in Redis: a model has ``backlog // assist_queue_depth`` places at a time, and no more than keep the
 backlog's drain at least one model load long (from the load and per-image seconds its holders report), so
 a fleet of idle workers does not stampede onto a flood it would drain before their loads end; workers
-loading the model already (``WorkerReport.loading_model``) count against both bounds. With a place, an
-eager worker loads the model first, beside its engine, and consumes its hot queue once it is resident
-(the jobs stay in the broker meanwhile, for workers that can run them); a compiled one consumes the hot
-queue at once and its first job cold-loads the model (if no job comes within ``assist_hold_seconds``, it
-stops). From then on it is a holder like any other.
+loading it first (``WorkerReport.assist_loading``) count against both bounds. With a place, the worker
+consumes the model's hot queue at once and its first job cold-loads the model (if no job comes within
+``assist_hold_seconds``, it stops); with ``assist_load_first`` an eager worker loads the model first,
+beside its engine, and consumes its hot queue once it is resident (the jobs stay in the broker meanwhile).
+From then on it is a holder like any other.
 
 The policy knows nothing of model families: only queue depths, memory bytes and the fleet's reports.
 """
@@ -89,8 +89,8 @@ def candidates(backlogs: dict[str, int], workers: list[WorkerInfo], *, me: str, 
         size = min(w.report.resident_bytes for w in holders)
         if size <= 0 or size > free_bytes:
             continue  # size unknown, or it would evict a model of ours: leave it to the holders
-        # helpers loading it now take none of the backlog until they hold it, but they will: count them in
-        loading = sum(1 for w in workers if w.report.loading_model == model and model not in w.resident_models)
+        # helpers loading it first take none of the backlog until they hold it, but they will: count them in
+        loading = sum(1 for w in workers if w.report.assist_loading == model and model not in w.resident_models)
         places = helper_places(model, depth, holders, queue_depth, work_per_load, loading=loading)
         if places > 0:
             found.append(Candidate(model, depth, len(holders), places))
@@ -108,7 +108,7 @@ def helper_places(model: str, backlog: int, holders: list[WorkerInfo], queue_dep
     model, which drains a flood sooner (while the holders alone would take longer than a load, every
     helper shortens it) at the price of more loads per job.
 
-    ``loading``: workers loading the model now to help with it (they read its queue once it is resident, so
+    ``loading``: workers loading the model first to help with it (they read its queue once it is resident, so
     the backlog does not shrink for them yet); they count against both bounds.
     """
     places = backlog // queue_depth - loading

@@ -86,6 +86,8 @@ class WorkerReport(BaseModel):
     cache: CacheCounts = Field(default_factory=CacheCounts)
     model_times: dict[str, ModelTimes] = Field(default_factory=dict, description="Per resident model.")
     loading_model: str | None = Field(None, description="The model loading beside its engine now (a holder soon).")
+    assist_loading: str | None = Field(None, description="The model it loads first to help with (none of its "
+                                                         "jobs taken yet: DARKROOM_ASSIST_LOAD_FIRST).")
     adapter_switches: int = 0
     jobs_done: int = 0
     started_at: float = 0.0

@@ -1,11 +1,12 @@
 """The worker's side of assist (policy: :mod:`darkroom.common.assist`): a daemon thread that, while the
 worker is idle, looks for a model whose hot queue its holders cannot keep up with and joins them.
 
-With loads beside the engine (eager workers, ``DARKROOM_ASSIST_LOAD_FIRST``, the default) it loads the model
-first and reads its hot queue only once the model is resident: the jobs stay in the broker meanwhile, where
-the holders and the helpers that have loaded already take them, instead of waiting out this worker's load in
-its task slots while those workers idle. Otherwise (compiled workers, or the setting off) it reads the hot
-queue at once and its first job loads the model."""
+By default it reads the model's hot queue at once and its first job loads the model. With
+``DARKROOM_ASSIST_LOAD_FIRST`` (and loads beside the engine: eager workers) it loads the model first and reads
+its hot queue only once the model is resident: the jobs stay in the broker meanwhile, where the holders and
+the helpers that have loaded already take them, instead of waiting out this worker's load in its task slots;
+it reports the model it is loading for that (``WorkerReport.assist_loading``), so that other idle workers
+count it against the model's helper places."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Assist:
     """Every ``interval`` seconds, while no job runs here: drop a stale assist, else start one if due."""
 
     def __init__(self, ctx: WorkerContext, *, queue_depth: int, interval: float, hold: float,
-                 work_per_load: float = 1.0, load_first: bool = True) -> None:
+                 work_per_load: float = 1.0, load_first: bool = False) -> None:
         self.ctx = ctx
         self.load_first = load_first
         self.fleet = Fleet(ctx.redis)

@@ -266,7 +266,8 @@ class WorkerContext:
         return report.model_copy(update={"free_memory": self.device.free_memory(), "heartbeat_at": time.time(),
                                          "current_jobs": self.state.current_jobs(),
                                          "jobs_done": self.state.jobs_done,
-                                         "loading_model": loads.loading if (loads := self.state.loads) is not None else None})
+                                         "loading_model": loads.loading if (loads := self.state.loads) is not None else None,
+                                         "assist_loading": next(iter(self.queues.warming), None)})
 
 
 class Heartbeat:

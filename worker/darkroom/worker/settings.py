@@ -86,10 +86,11 @@ class WorkerSettings(Settings):
         2.0, gt=0, le=600, description="How often an idle worker looks for a model to assist with.",
     )
     assist_load_first: bool = Field(
-        True, description="A worker that comes to help with a model loads it first, beside its engine, and takes "
-                          "the model's jobs only once it is resident, so the jobs stay in the broker for workers "
-                          "that can run them meanwhile. False: it takes jobs at once and its first job loads the "
-                          "model. Only with load_beside (eager workers); compiled workers always take jobs first.",
+        False, description="A worker that comes to help with a model loads it first, beside its engine, and takes "
+                           "the model's jobs only once it is resident: almost no job waits for a load, but small "
+                           "floods drain more slowly, since the holders reserve what the helpers would have taken "
+                           "(docs: Scaling). False: it takes a call's worth of jobs at once and its first job loads "
+                           "the model. Only with load_beside (eager workers).",
     )
     assist_hold_seconds: float = Field(
         30.0, gt=0, le=3600, description="How long a worker helping with a model it does not hold yet consumes "
