@@ -91,10 +91,9 @@ def backlog_split(waits: Iterable[Interval], queued: Iterable[Interval], busy: M
     waiting bulk job had already been taken by a worker (reserved in a task slot or waiting in its engine), so an
     idle worker had nothing it could take."""
     backlog, broker = merge(waits), merge(queued)
-    in_broker = [(max(s, b0), min(e, b1)) for s, e in backlog for b0, b1 in broker if min(e, b1) > max(s, b0)]
-    taken = subtract(backlog, merge(in_broker))
+    taken = subtract(backlog, broker)
     split = []
-    for part in (merge(in_broker), taken):
+    for part in (subtract(backlog, taken), taken):  # backlog within the broker's seconds, and the rest
         span = sum(end - start for start, end in part)
         used = sum(overlap(merge(calls), part) for calls in busy.values())
         split.append(BacklogUtilization(span, used, workers * span))

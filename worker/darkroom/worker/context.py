@@ -190,7 +190,7 @@ class WorkerContext:
     @contextlib.contextmanager
     def _loading_beside(self, model: str) -> Iterator[None]:
         with self.queues.loading_beside(model):
-            self.state.wake.set()  # announce the load now (loading_model): idle workers count it as a coming holder
+            self.state.wake.set()  # announce the load now (loading_model, assist_loading: helper places count it)
             yield
 
     @functools.cached_property
@@ -267,7 +267,7 @@ class WorkerContext:
                                          "current_jobs": self.state.current_jobs(),
                                          "jobs_done": self.state.jobs_done,
                                          "loading_model": loads.loading if (loads := self.state.loads) is not None else None,
-                                         "assist_loading": next(iter(self.queues.warming), None)})
+                                         "assist_loading": self.queues.warming_model()})
 
 
 class Heartbeat:

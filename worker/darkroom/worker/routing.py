@@ -149,6 +149,11 @@ class QueueSubscriptions:
         with self._lock:
             self.warming[model] = time.monotonic()
 
+    def warming_model(self) -> str | None:
+        """The model loading first to assist with it, if any (for the worker's report)."""
+        with self._lock:
+            return next(iter(self.warming), None)
+
     def cool(self, model: str) -> None:
         """The load :meth:`warm` announced did not start."""
         with self._lock:
