@@ -114,7 +114,7 @@ def test_bulk_work_of_two_producers_completes_in_turns_on_a_real_worker(
 def test_a_held_message_is_not_taken_for_a_lost_one(services: Any, settings: Settings, rdb: redis.Redis) -> None:
     from darkroom.common.jobs import validate_job
     from darkroom.common.lifecycle import Lifecycle
-    from darkroom.worker.recovery import RECONCILER_LOCK, Reconciler
+    from darkroom.worker.recovery import RECONCILER_LAST, Reconciler
 
     # Given a bulk job held for fair share (no worker serves its model), and an open job whose message was lost
     model = f"held{uuid.uuid4().hex[:6]}"
@@ -125,7 +125,7 @@ def test_a_held_message_is_not_taken_for_a_lost_one(services: Any, settings: Set
         client.jobs.create(lost)
     assert rdb.llen(held_queue(model, "default")) == 1 and backlog(rdb, model) == 1
     # When the reconciler looks for open jobs without a message, past its grace period
-    rdb.delete(RECONCILER_LOCK)
+    rdb.delete(RECONCILER_LAST)
     requeued = Reconciler(rdb, Lifecycle(rdb), grace_seconds=0, interval_seconds=5, owner="test").run_once()
     # Then it enqueues the lost one again and leaves the held one held
     assert lost.job_id in requeued and held.job_id not in requeued

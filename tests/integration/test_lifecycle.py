@@ -179,6 +179,28 @@ def test_a_lost_message_is_recovered_by_the_reconciler(client: Client, pool: Poo
     assert "reconciled" in events(client, client.handle(job.job_id))
 
 
+def test_a_worker_with_a_long_reconcile_interval_does_not_hold_off_one_with_a_short_one(client: Client) -> None:
+    from darkroom.common.lifecycle import Lifecycle
+    from darkroom.worker.recovery import RECONCILER_LAST, Reconciler
+
+    rdb = client.jobs.redis
+    rdb.delete(RECONCILER_LAST)
+    slow = Reconciler(rdb, Lifecycle(rdb), grace_seconds=3600, interval_seconds=3600, owner="slow")
+    quick = Reconciler(rdb, Lifecycle(rdb), grace_seconds=3600, interval_seconds=2, owner="quick")
+    swept = lambda reconciler: rdb.get(RECONCILER_LAST)  # noqa: E731
+    # Given the worker with an hour's interval has just swept
+    slow.run_once()
+    first = swept(slow)
+    assert first is not None
+    # Then within 2 s nobody sweeps again, and after it the quick one does, while the slow one still waits
+    quick.run_once()
+    assert swept(quick) == first
+    wait_until(lambda: (quick.run_once(), swept(quick) != first)[1], timeout=10, what="the quick worker's sweep")
+    second = swept(quick)
+    slow.run_once()
+    assert swept(slow) == second
+
+
 def test_a_plain_celery_message_that_fails_validation_is_a_failed_job(client: Client, pool: Pool) -> None:
     pool.start()
     submit(client, pool).wait(timeout=120)  # the queue exists and the worker serves it

@@ -85,7 +85,9 @@ DEAD_LETTERS_KEY = "darkroom:dead-letters"
 DEAD_LETTERS_INDEX_KEY = "darkroom:dead-letters:index"
 JOBS_INDEX_KEY = "darkroom:jobs"
 OPEN_JOBS_KEY = "darkroom:jobs:open"
-RECONCILER_LOCK = "darkroom:reconciler:lock"  # one reconciler sweep at a time across the fleet
+RECONCILER_LOCK = "darkroom:reconciler:lock"  # read by workers before 2026-12-08 (one sweep per the taker's interval)
+#: Redis-clock milliseconds when the fleet's last reconciler sweep began (claimed atomically, see worker/recovery.py)
+RECONCILER_LAST = "darkroom:reconciler:last"
 
 
 def history_key(job_id: str) -> str:

@@ -12,7 +12,8 @@ worker that died: :func:`reclaim_abandoned` pushes it back now, as kombu would.
 **Lost messages.** A job can also be ``queued`` or ``started`` with no message anywhere: lost in
 kombu's window between BRPOP and the unacked write when a worker is SIGKILLed, or in the last second
 before a Redis crash under ``appendfsync everysec``. :class:`Reconciler` (one at a time across the
-fleet: a Redis lock) takes open jobs unchanged for a grace period, with no lease and no message in
+fleet and interval: a sweep is claimed atomically when the fleet's last one began at least this
+worker's interval ago) takes open jobs unchanged for a grace period, with no lease and no message in
 any queue or in ``unacked``, and enqueues a fresh message for each. That is safe by construction:
 a duplicate delivery finds the lease or the ended record, and the fence keeps results single.
 """
@@ -37,7 +38,7 @@ from darkroom.common.broker import (
 )
 from darkroom.common.fleet import Fleet
 from darkroom.common.jobs import MESSAGE_SCHEMA_VERSION
-from darkroom.common.jobstore import OPEN_JOBS_KEY, RECONCILER_LOCK, JobRecord, UnreadableRecord
+from darkroom.common.jobstore import OPEN_JOBS_KEY, RECONCILER_LAST, JobRecord, UnreadableRecord
 from darkroom.common.lifecycle import Lifecycle, lease_key
 from darkroom.common.queues import TASK_IMG2IMG
 
@@ -46,7 +47,20 @@ from .routing import sweep_orphaned_queues
 if TYPE_CHECKING:
     from .context import WorkerContext
 
-__all__ = ["reclaim_abandoned", "Reconciler", "Rescue", "RescueReport", "RECONCILER_LOCK"]
+__all__ = ["reclaim_abandoned", "Reconciler", "Rescue", "RescueReport", "RECONCILER_LAST"]
+
+# Claim the fleet's next sweep: when the last one began at least ARGV[1] ms ago (Redis's clock), mark
+# this one. A lock held for the taker's interval would let a worker with a long interval hold off
+# one configured with a short one (a rolling change of the setting, or mixed pools) for its whole
+# interval; the mark lets each worker sweep once its own interval has passed since anyone's sweep.
+_CLAIM_SWEEP = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local last = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if now_ms - last < tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], now_ms, 'PX', ARGV[2])
+return 1
+"""
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +120,17 @@ class Reconciler:
         self.owner = owner
         self.limit = limit
         self._next = 0.0
+        self._claim = client.register_script(_CLAIM_SWEEP)
 
     def due(self, now: float) -> bool:
         return now >= self._next
 
     def run_once(self, now: float | None = None) -> list[str]:
-        """One sweep if this process gets the fleet-wide lock (else nothing); the job ids enqueued again."""
+        """One sweep if the fleet's last began at least this interval ago (else nothing); the job ids enqueued again."""
         now = time.time() if now is None else now
         self._next = now + self.interval
-        if not self.redis.set(RECONCILER_LOCK, self.owner, px=int(self.interval * 1000), nx=True):
+        interval_ms = max(1, int(self.interval * 1000))
+        if not self._claim(keys=[RECONCILER_LAST], args=[interval_ms, max(interval_ms, 86_400_000)]):
             return []
         candidates = self._stale_open_jobs()
         if not candidates:
@@ -128,7 +144,7 @@ class Reconciler:
             if self._enqueue(job_id):
                 requeued.append(job_id)
         if requeued:
-            log.warning("reconciler: enqueued %d job(s) whose message was lost: %s", len(requeued),
+            log.warning("reconciler %s: enqueued %d job(s) whose message was lost: %s", self.owner, len(requeued),
                         ", ".join(requeued[:20]))
         return requeued
 

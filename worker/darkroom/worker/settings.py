@@ -175,8 +175,9 @@ class WorkerSettings(Settings):
                     "to the dead-letter store.",
     )
     reconcile_interval_seconds: float = Field(
-        30.0, gt=0, description="How often one worker of the fleet (a Redis lock) looks for queued or started jobs "
-                                "whose message is gone, and enqueues them again.",
+        30.0, gt=0, description="How often the fleet looks for queued or started jobs whose message is gone, and "
+                                "enqueues them again: one worker sweeps when the fleet's last sweep began at least "
+                                "this long ago (its own setting).",
     )
     reconcile_grace_seconds: float = Field(
         60.0, gt=0, description="How long a queued or started job may go unchanged, with no lease and no message, "
