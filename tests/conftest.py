@@ -4,6 +4,8 @@ server and `darkroom worker` subprocesses. A service that cannot start fails the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,3 +49,46 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from darkroom.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+# The demo's trained model (.darkroom/models/demo, the cache `make demo` uses) takes 2-3 minutes of one core to
+# train. When a selected test needs it and it is not there yet, a low-priority process trains it from the start
+# of the session, on the core the other tests leave idle while they wait on their workers; `demo_model` waits.
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / ".darkroom" / "models" / "demo"
+_TRAINING: list[subprocess.Popen[bytes]] = []
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = any("demo_model" in getattr(item, "fixturenames", ()) for item in items)
+    if not wanted or config.getoption("collectonly"):
+        return
+    from darkroom.dev.trained import is_demo_model_dir
+
+    if is_demo_model_dir(DEMO_MODEL_DIR):
+        return
+    DEMO_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+    log = (DEMO_MODEL_DIR.parent / "demo-training.log").open("wb")
+    code = "import sys; from pathlib import Path; from darkroom.dev.trained import make_demo_model; " \
+           "make_demo_model(Path(sys.argv[1]), log=print)"
+    _TRAINING.append(subprocess.Popen([sys.executable, "-c", code, str(DEMO_MODEL_DIR)], stdout=log,
+                                      stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for process in _TRAINING:
+        if process.poll() is None:  # a selection that ended first: the model folder is only ever renamed in whole
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The trained demo model (see above): waits for the background training, or trains here."""
+    from darkroom.dev.trained import make_demo_model
+
+    for process in _TRAINING:
+        if process.wait(timeout=1800) != 0:
+            log = DEMO_MODEL_DIR.parent / "demo-training.log"
+            raise RuntimeError(f"training the demo model failed (exit {process.returncode}): "
+                               f"{log.read_text(errors='replace')[-3000:]}")
+    return make_demo_model(DEMO_MODEL_DIR)

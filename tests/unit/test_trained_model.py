@@ -1,7 +1,8 @@
 """The demo's trained tiny model does what the demo shows: low strength keeps the input's
 composition, high strength moves the picture towards the prompt's colour.
 
-The model is trained once into .darkroom/models/demo (the same cache `make demo` uses), then reused.
+The model is trained once into .darkroom/models/demo (the same cache `make demo` uses), then reused; the
+``demo_model`` fixture (tests/conftest.py) trains it in the background from the session's start.
 """
 
 from __future__ import annotations
@@ -13,19 +14,15 @@ import numpy as np
 import pytest
 
 from darkroom.dev.demo import DEMO_MODEL_GUIDANCE, DEMO_MODEL_SIZE, sample_image
-from darkroom.dev.trained import COLOURS, build_pooling_vae, make_demo_model, scene_batch
+from darkroom.dev.trained import COLOURS, build_pooling_vae, scene_batch
 
 pytestmark = pytest.mark.slow  # trains the demo model
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 @pytest.fixture(scope="module")
-def pipe() -> Any:
+def pipe(demo_model: Path) -> Any:
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    model = make_demo_model(ROOT / ".darkroom" / "models" / "demo")
-    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(str(model), safety_checker=None,
+    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(str(demo_model), safety_checker=None,
                                                               requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
