@@ -201,6 +201,33 @@ def test_a_worker_with_a_long_reconcile_interval_does_not_hold_off_one_with_a_sh
     assert swept(slow) == second
 
 
+def test_the_reconciler_finds_messages_in_queues_and_unacked_whoever_wrote_them(client: Client) -> None:
+    from darkroom.common.broker import UNACKED, origin, task_message
+    from darkroom.common.lifecycle import Lifecycle
+    from darkroom.worker.recovery import Reconciler
+
+    rdb = client.jobs.redis
+    queue = f"darkroom.img2img.cold.probe{uuid.uuid4().hex[:6]}"
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    messages = [task_message(TASK_IMG2IMG, job_id, [{"job_id": job_id, "prompt": f'"id": "{ids[4]}"'}],
+                             queue=queue, priority=6, sender=origin()) for job_id in ids]
+    # Given a compact message (the SDK's) and a kombu-style one (spaces after separators) in a queue list, one in
+    # kombu's unacked hash, one nowhere, and one whose id only appears inside another's prompt
+    rdb.lpush(messages[0][0], messages[0][1])
+    rdb.lpush(messages[1][0], json.dumps(json.loads(messages[1][1])))
+    tag = uuid.uuid4().hex
+    rdb.hset(UNACKED, tag, json.dumps([json.loads(messages[2][1]), "", queue]))
+    try:
+        # When the reconciler looks for their messages
+        found = Reconciler(rdb, Lifecycle(rdb), grace_seconds=60, interval_seconds=30,
+                           owner="test")._jobs_with_messages(set(ids))
+        # Then it finds exactly the three that have one
+        assert found == set(ids[:3])
+    finally:
+        rdb.delete(messages[0][0])
+        rdb.hdel(UNACKED, tag)
+
+
 def test_a_plain_celery_message_that_fails_validation_is_a_failed_job(client: Client, pool: Pool) -> None:
     pool.start()
     submit(client, pool).wait(timeout=120)  # the queue exists and the worker serves it

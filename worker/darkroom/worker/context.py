@@ -271,8 +271,9 @@ class WorkerContext:
 
 
 class Heartbeat:
-    """Announces the worker in Redis (``darkroom:worker:{name}``, short TTL) from a daemon thread, runs the
-    recovery sweeps (:class:`~.recovery.Rescue`) and the engine-stall watchdog.
+    """Announces the worker in Redis (``darkroom:worker:{name}``, short TTL) and runs the engine-stall watchdog
+    from a daemon thread; the recovery sweeps (:class:`~.recovery.Rescue`) run at the same cadence from a
+    second one, so a long sweep (a large backlog to look through) never lets the announcement expire.
 
     It only does I/O; it never touches a pipeline.
     """
@@ -281,6 +282,7 @@ class Heartbeat:
         self.ctx = ctx
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="darkroom-heartbeat", daemon=True)
+        self._rescuer = threading.Thread(target=self._rescue, name="darkroom-rescue", daemon=True)
         self.rescue = Rescue.for_worker(ctx)
 
     def start(self) -> None:
@@ -288,6 +290,7 @@ class Heartbeat:
         Fleet(self.ctx.redis).register_models(registry.ids, registry.families())
         self.beat()
         self._thread.start()
+        self._rescuer.start()
 
     def engine_stalled(self, now: float | None = None) -> float | None:
         """Seconds the engine has been in one call with no denoising step, or a model load beside it has run, when
@@ -331,6 +334,12 @@ class Heartbeat:
                 os._exit(75)
             try:
                 self.beat()
-                self.ctx.metrics.reconciled.inc(len(self.rescue.run_once().reconciled))
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive Redis blips
                 log.warning("heartbeat failed: %s", exc)
+
+    def _rescue(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
+            try:
+                self.ctx.metrics.reconciled.inc(len(self.rescue.run_once().reconciled))
+            except Exception as exc:  # noqa: BLE001 - the sweeps must outlive Redis blips
+                log.warning("recovery sweep failed: %s", exc)

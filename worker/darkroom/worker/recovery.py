@@ -21,6 +21,7 @@ a duplicate delivery finds the lease or the ended record, and the fence keeps re
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -181,13 +182,21 @@ class Reconciler:
         return True
 
 
+# A task message's id as its headers carry it (``"id":"…"``; kombu writes ``"id": "…"``). The body is base64, so
+# nothing a producer wrote matches; a match only selects the messages worth parsing.
+_HEADER_ID = re.compile(rb'"id": ?"([^"\\]{1,256})"')
+
+
 def _named(raws: Iterable[Any], wanted: set[str], *, unacked: bool = False) -> set[str]:
+    """Which of ``wanted`` these raw messages carry: one regex pass per message, whatever the number wanted
+    (a substring test per wanted id made a sweep of 500 candidates over a 20,000-job backlog take 4.3 s)."""
+    keys = {job_id.encode() for job_id in wanted}
     found = set()
     for raw in raws:
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        if not any(job_id in text for job_id in wanted):  # cheap filter before parsing
+        data = raw if isinstance(raw, bytes) else str(raw).encode()
+        if keys.isdisjoint(_HEADER_ID.findall(data)):
             continue
-        job_id = queued_task_id(text, unacked=unacked)
+        job_id = queued_task_id(data, unacked=unacked)
         if job_id in wanted:
             found.add(job_id)
     return found
