@@ -1,4 +1,4 @@
-"""Bringing back jobs whose message is gone or stuck with a dead worker (:class:`Rescue`, run by the heartbeat).
+"""Bringing back jobs whose message is gone or stuck with a dead worker (:class:`Rescue`, on its own thread).
 
 **Orphaned hot queues.** Jobs routed to a model's hot queue when the workers holding it resident have
 gone: moved to the model's cold queue (:func:`~.routing.sweep_orphaned_queues`).
@@ -216,7 +216,7 @@ class RescueReport(NamedTuple):
 
 
 class Rescue:
-    """Every way jobs come back, in one sweep (the heartbeat runs it): orphaned hot queues, dead
+    """Every way jobs come back, in one sweep (a thread beside the heartbeat runs it): orphaned hot queues, dead
     workers' unacknowledged messages, then (when due, one worker at a time) lost messages."""
 
     def __init__(self, client: redis.Redis, reconciler: Reconciler, *, model_ids: list[str],
