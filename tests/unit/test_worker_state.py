@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 from darkroom.common.fleet import CurrentJob, WorkerReport, parse_workers, worker_key
 from darkroom.worker.context import WorkerState
@@ -89,3 +90,46 @@ def test_liveness_follows_the_heartbeat_loop_not_redis() -> None:
     state.still_alive(before + 5)
     assert state.alive_at == before + 5
     assert state.last_heartbeat == 0.0  # no announcement reached Redis: liveness does not depend on it
+
+
+def test_a_long_recovery_sweep_does_not_hold_up_the_heartbeat() -> None:
+    from types import SimpleNamespace
+
+    from darkroom.worker.context import Heartbeat
+
+    # Given a worker whose recovery sweep blocks (a large backlog to look through, a slow Redis)
+    release, sweeping = threading.Event(), threading.Event()
+    beats: list[float] = []
+
+    def sweep() -> Any:
+        sweeping.set()
+        release.wait(30)
+        return SimpleNamespace(reconciled=[])
+
+    state = WorkerState()
+    heartbeat = Heartbeat.__new__(Heartbeat)
+    settings = SimpleNamespace(heartbeat_seconds=0.02, engine_stall_seconds=600.0)
+    heartbeat.ctx = SimpleNamespace(state=state, settings=settings,  # type: ignore[assignment]
+                                    metrics=SimpleNamespace(reconciled=SimpleNamespace(inc=lambda n: None)))
+    heartbeat._stop = threading.Event()
+    heartbeat.rescue = SimpleNamespace(run_once=sweep)  # type: ignore[assignment]
+    heartbeat.beat = lambda: beats.append(time.monotonic())  # type: ignore[method-assign]
+    threads = [threading.Thread(target=heartbeat._run, daemon=True),
+               threading.Thread(target=heartbeat._rescue, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        # When the sweep has begun and is still running
+        assert sweeping.wait(10)
+        counted = len(beats)
+        deadline = time.monotonic() + 10
+        while len(beats) < counted + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Then the worker keeps announcing itself meanwhile
+        assert len(beats) >= counted + 5 and not release.is_set()
+    finally:
+        release.set()
+        heartbeat._stop.set()
+        state.wake.set()
+        for thread in threads:
+            thread.join(5)
