@@ -58,6 +58,7 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / ".darkroom" / "models" / 
 _TRAINING: list[subprocess.Popen[bytes]] = []
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` have deselected: only a selected test starts the training
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     wanted = any("demo_model" in getattr(item, "fixturenames", ()) for item in items)
     if not wanted or config.getoption("collectonly"):
