@@ -68,11 +68,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if is_demo_model_dir(DEMO_MODEL_DIR):
         return
     DEMO_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
-    log = (DEMO_MODEL_DIR.parent / "demo-training.log").open("wb")
     code = "import sys; from pathlib import Path; from darkroom.dev.trained import make_demo_model; " \
            "make_demo_model(Path(sys.argv[1]), log=print)"
-    _TRAINING.append(subprocess.Popen([sys.executable, "-c", code, str(DEMO_MODEL_DIR)], stdout=log,
-                                      stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)))
+    with (DEMO_MODEL_DIR.parent / "demo-training.log").open("wb") as log:  # the child keeps its own copy
+        _TRAINING.append(subprocess.Popen([sys.executable, "-u", "-c", code, str(DEMO_MODEL_DIR)], stdout=log,
+                                          stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
